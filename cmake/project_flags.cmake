@@ -1,0 +1,33 @@
+# Flags for this project's own tests, examples and benchmarks. Nothing here reaches a parent project
+# or an installed consumer: the installed target carries only its include path, C++17 and Eigen.
+
+add_library(tensor_adapters_project_flags INTERFACE)
+target_link_libraries(tensor_adapters_project_flags INTERFACE tensor_adapters::tensor_adapters)
+target_compile_options(tensor_adapters_project_flags INTERFACE -Wall -Wextra -Wpedantic -Werror)
+
+if(TENSOR_ADAPTERS_NATIVE)
+  target_compile_options(tensor_adapters_project_flags INTERFACE -march=native)
+  if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+    # g++ 12 reports false -Wmaybe-uninitialized warnings from avx512fintrin.h inside Eigen's Tensor
+    # module when AVX-512 is enabled; under -Werror they would stop the build. Only that warning is
+    # silenced, and only for these targets.
+    target_compile_options(tensor_adapters_project_flags INTERFACE -Wno-maybe-uninitialized)
+  endif()
+endif()
+
+if(TENSOR_ADAPTERS_SANITIZE)
+  target_compile_options(tensor_adapters_project_flags INTERFACE
+    -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
+  target_link_options(tensor_adapters_project_flags INTERFACE -fsanitize=address,undefined)
+endif()
+
+if(TENSOR_ADAPTERS_FORCE_SCALAR)
+  target_compile_definitions(tensor_adapters_project_flags INTERFACE TA_FORCE_SCALAR=1)
+endif()
+
+if(TENSOR_ADAPTERS_OPENMP)
+  find_package(OpenMP)
+  if(OpenMP_CXX_FOUND)
+    target_link_libraries(tensor_adapters_project_flags INTERFACE OpenMP::OpenMP_CXX)
+  endif()
+endif()

@@ -1,0 +1,48 @@
+// Argument checking shared by the public entry points.
+#pragma once
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "../error.hpp"
+#include "../tensor.hpp"
+
+namespace tensor_adapters::detail {
+
+// "(4, 7, 3)" for any Eigen tensor, map or std::array of extents.
+template <class Dims>
+std::string dims_string(const Dims& dims, int rank) {
+  std::ostringstream os;
+  os << '(';
+  for (int d = 0; d < rank; ++d) os << (d ? ", " : "") << dims[static_cast<std::size_t>(d)];
+  os << ')';
+  return os.str();
+}
+
+template <class Tensor>
+std::string shape_string(const Tensor& t) {
+  return dims_string(t.dimensions(), Tensor::NumIndices);
+}
+
+// Throws argument_error("<function>: <message>") when the condition does not hold.
+inline void check(bool ok, const char* function, const std::string& message) {
+  if (!ok) throw argument_error(std::string(function) + ": " + message);
+}
+
+template <class T>
+bool all_finite(const T* data, index n) {
+  for (index i = 0; i < n; ++i)
+    if (!std::isfinite(data[i])) return false;
+  return true;
+}
+
+// The number of elements of a tensor of these extents.
+template <std::size_t N>
+index product(const std::array<index, N>& dims) {
+  index p = 1;
+  for (index d : dims) p *= d;
+  return p;
+}
+
+}  // namespace tensor_adapters::detail

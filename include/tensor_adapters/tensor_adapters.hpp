@@ -1,0 +1,9 @@
+// Everything tensor_adapters offers, in one include.
+#pragma once
+
+#include "error.hpp"
+#include "init.hpp"
+#include "lora.hpp"
+#include "optim.hpp"
+#include "parameters.hpp"
+#include "tensor.hpp"

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Set up, build and run tensor_adapters on Debian 12.
+#
+#   ./run.sh demo             build and run the demo (the main job)
+#   ./run.sh test             build everything and run the whole test suite
+#   ./run.sh test --sanitize  the same under AddressSanitizer + UndefinedBehaviorSanitizer
+#   ./run.sh bench [filter]   build and run the microbenchmarks
+#
+# Missing Debian packages are installed with apt-get when run as root; otherwise the exact install
+# line is printed and nothing else happens.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+packages=(g++ cmake make libeigen3-dev catch2 libbenchmark-dev libomp-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "run.sh: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+  else
+    echo "run.sh: missing Debian packages. Install them with:"
+    echo "  sudo apt-get install -y --no-install-recommends ${missing[*]}"
+    exit 1
+  fi
+fi
+
+jobs=$(nproc 2>/dev/null || echo 2)
+configure() {  # configure <build dir> [cmake args...]
+  local dir=$1
+  shift
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DTENSOR_ADAPTERS_NATIVE=ON "$@" >/dev/null
+  cmake --build "$dir" -j "$jobs"
+}
+
+case "${1:-}" in
+  demo)
+    configure build/release -DTENSOR_ADAPTERS_BUILD_TESTS=OFF -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=OFF
+    ./build/release/examples/lora_demo
+    ;;
+  test)
+    if [ "${2:-}" = "--sanitize" ]; then
+      dir=build/sanitize
+      configure "$dir" -DTENSOR_ADAPTERS_SANITIZE=ON -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=OFF
+    else
+      dir=build/release
+      configure "$dir"
+    fi
+    ctest --test-dir "$dir" --output-on-failure -j "$jobs"
+    ;;
+  bench)
+    configure build/release
+    for b in build/release/benchmarks/bench_*; do
+      [ -x "$b" ] || continue
+      "$b" --benchmark_filter="${2:-.}" --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+    done
+    ;;
+  *)
+    sed -n '2,10p' "$0"
+    exit 2
+    ;;
+esac

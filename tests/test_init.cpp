@@ -1,0 +1,63 @@
+#include <tensor_adapters/init.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+namespace ta = tensor_adapters;
+
+TEMPLATE_TEST_CASE("same seed, same bytes", "[init]", float, double) {
+  std::mt19937_64 g1(7), g2(7), g3(8);
+  ta::tensor<TestType, 2> a(13, 17), b(13, 17), c(13, 17);
+  ta::fill_normal<TestType, 2>(ta::view(a), 0.0, 1.0, g1);
+  ta::fill_normal<TestType, 2>(ta::view(b), 0.0, 1.0, g2);
+  ta::fill_normal<TestType, 2>(ta::view(c), 0.0, 1.0, g3);
+  CHECK(std::memcmp(a.data(), b.data(), sizeof(TestType) * 13 * 17) == 0);
+  CHECK(std::memcmp(a.data(), c.data(), sizeof(TestType) * 13 * 17) != 0);
+}
+
+TEST_CASE("32-bit and 64-bit generators both work", "[init]") {
+  std::mt19937 g32(3);
+  std::mt19937_64 g64(3);
+  for (int i = 0; i < 1000; ++i) {
+    const double a = ta::detail::uniform01(g32), b = ta::detail::uniform01(g64);
+    REQUIRE(a >= 0.0);
+    REQUIRE(a < 1.0);
+    REQUIRE(b >= 0.0);
+    REQUIRE(b < 1.0);
+  }
+}
+
+TEMPLATE_TEST_CASE("distributions have the moments they promise", "[init]", float, double) {
+  std::mt19937_64 gen(11);
+  const ta::index n = 200000;
+  ta::tensor<TestType, 1> t(n);
+
+  ta::fill_normal<TestType, 1>(ta::view(t), 0.5, 2.0, gen);
+  double sum = 0, sq = 0;
+  for (ta::index i = 0; i < n; ++i) sum += t(i), sq += double(t(i)) * t(i);
+  const double mean = sum / n, var = sq / n - mean * mean;
+  CHECK(mean == Approx(0.5).margin(0.03));
+  CHECK(std::sqrt(var) == Approx(2.0).epsilon(0.01));
+
+  // kaiming-uniform with a = sqrt(5) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)): variance bound^2 / 3.
+  const ta::index fan_in = 64;
+  ta::fill_kaiming_uniform<TestType, 1>(ta::view(t), fan_in, std::sqrt(5.0), gen);
+  const double bound = 1.0 / std::sqrt(double(fan_in));
+  sum = sq = 0;
+  for (ta::index i = 0; i < n; ++i) {
+    REQUIRE(std::abs(double(t(i))) <= bound);
+    sum += t(i), sq += double(t(i)) * t(i);
+  }
+  CHECK(sum / n == Approx(0.0).margin(0.002));
+  CHECK(sq / n == Approx(bound * bound / 3).epsilon(0.02));
+
+  // xavier-uniform: bound sqrt(6 / (fan_in + fan_out)).
+  ta::fill_xavier_uniform<TestType, 1>(ta::view(t), 10, 30, gen);
+  TestType biggest = 0;
+  for (ta::index i = 0; i < n; ++i) biggest = std::max(biggest, std::abs(t(i)));
+  CHECK(double(biggest) <= std::sqrt(6.0 / 40.0));
+  CHECK(double(biggest) > 0.99 * std::sqrt(6.0 / 40.0));
+}
