@@ -4,6 +4,7 @@
 #include "error.hpp"
 #include "init.hpp"
 #include "lora.hpp"
+#include "mode_product.hpp"
 #include "optim.hpp"
 #include "parameters.hpp"
 #include "tensor.hpp"

@@ -1,0 +1,107 @@
+// The mode-n product of a row-major tensor with a matrix.
+//
+//   (x ×n u)[i0 … j … i(N-1)] = Σ_k u[j, k] · x[i0 … k … i(N-1)],   u: (J, I_n)
+//
+// x (I0, …, I(N-1)) is viewed as (P, I_n, Q) with P the product of the extents before mode n and Q of
+// those after it; then y (P, J, Q) is P matrix products u · x_p, or a single one when P = 1 or Q = 1.
+// No tensor is transposed or copied.
+#pragma once
+
+#include <string>
+
+#include "detail/check.hpp"
+#include "detail/gemm.hpp"
+#include "tensor.hpp"
+
+namespace tensor_adapters {
+
+namespace detail {
+
+template <class X, class Y>
+void check_mode_product(const X& x, index u_rows, index u_cols, bool transposed, int mode, const Y& y,
+                        const char* function) {
+  constexpr int N = X::NumIndices;
+  check(mode >= 0 && mode < N, function, "mode " + std::to_string(mode) + " is out of range for x " + shape_string(x));
+  const index j = transposed ? u_cols : u_rows;
+  const index k = transposed ? u_rows : u_cols;
+  const std::string u_name = transposed ? "ut" : "u";
+  check(k == x.dimension(mode), function,
+        u_name + " (" + std::to_string(u_rows) + ", " + std::to_string(u_cols) + ") does not contract mode " +
+            std::to_string(mode) + " of x " + shape_string(x));
+  bool fits = true;
+  for (int d = 0; d < N; ++d) fits = fits && y.dimension(d) == (d == mode ? j : x.dimension(d));
+  check(fits, function,
+        "y has shape " + shape_string(y) + " but x " + shape_string(x) + " ×" + std::to_string(mode) + " " + u_name +
+            " (" + std::to_string(u_rows) + ", " + std::to_string(u_cols) + ") has extent " + std::to_string(j) +
+            " in mode " + std::to_string(mode));
+}
+
+// y (P, J, Q) = alpha · op(u) · x_p (I, Q) + beta · y for every p; op(u) is u (J, I) or, transposed,
+// the transpose of u stored as (I, J).
+template <class T>
+void mode_product_kernel(const T* x, index p, index i, index q, const T* u, bool transposed, index j, T alpha,
+                         T beta, T* y) {
+  const index ldu = transposed ? j : i;
+  if (q == 1) {
+    // y (P, J) = x (P, I) · op(u)ᵀ
+    gemm<T>(false, !transposed, p, j, i, alpha, x, i, u, ldu, beta, y, j);
+    return;
+  }
+  for (index s = 0; s < p; ++s) gemm<T>(transposed, false, j, q, i, alpha, u, ldu, x + s * i * q, q, beta, y + s * j * q, q);
+}
+
+template <class T, int N>
+void mode_product(const_tensor_view<T, N> x, const T* u, index u_rows, index u_cols, bool transposed, int mode,
+                  tensor_view<T, N> y, T alpha, T beta, const char* function) {
+  check_mode_product(x, u_rows, u_cols, transposed, mode, y, function);
+  index p = 1, q = 1;
+  for (int d = 0; d < mode; ++d) p *= x.dimension(d);
+  for (int d = mode + 1; d < N; ++d) q *= x.dimension(d);
+  mode_product_kernel<T>(x.data(), p, x.dimension(mode), q, u, transposed, y.dimension(mode), alpha, beta, y.data());
+}
+
+}  // namespace detail
+
+// y = alpha · (x ×mode u) + beta · y.
+//   x: (I0, …, I(N-1)), u: (J, I_mode), y: x's shape with J in place of I_mode.
+// With beta == 0, y's old contents are ignored. Throws argument_error, before writing, if the mode is
+// out of range or a shape does not fit.
+template <class T, int N>
+void mode_product(const_tensor_view<T, N> x, nondeduced<const_tensor_view<T, 2>> u, int mode,
+                  nondeduced<tensor_view<T, N>> y, T alpha = T(1), T beta = T(0)) {
+  detail::mode_product<T, N>(x, u.data(), u.dimension(0), u.dimension(1), false, mode, y, alpha, beta,
+                             "mode_product");
+}
+
+// The same with the factor given transposed, without copying it: y = alpha · (x ×mode utᵀ) + beta · y.
+//   ut: (I_mode, J).
+template <class T, int N>
+void mode_product_transposed(const_tensor_view<T, N> x, nondeduced<const_tensor_view<T, 2>> ut, int mode,
+                             nondeduced<tensor_view<T, N>> y, T alpha = T(1), T beta = T(0)) {
+  detail::mode_product<T, N>(x, ut.data(), ut.dimension(0), ut.dimension(1), true, mode, y, alpha, beta,
+                             "mode_product_transposed");
+}
+
+// Value-returning forms.
+template <class T, int N>
+tensor<T, N> mode_product(const tensor<T, N>& x, const tensor<T, 2>& u, int mode) {
+  detail::check(mode >= 0 && mode < N, "mode_product",
+                "mode " + std::to_string(mode) + " is out of range for x " + detail::shape_string(x));
+  auto dims = x.dimensions();
+  dims[mode] = u.dimension(0);
+  tensor<T, N> y(dims);
+  mode_product<T, N>(view(x), u, mode, view(y));
+  return y;
+}
+template <class T, int N>
+tensor<T, N> mode_product_transposed(const tensor<T, N>& x, const tensor<T, 2>& ut, int mode) {
+  detail::check(mode >= 0 && mode < N, "mode_product_transposed",
+                "mode " + std::to_string(mode) + " is out of range for x " + detail::shape_string(x));
+  auto dims = x.dimensions();
+  dims[mode] = ut.dimension(1);
+  tensor<T, N> y(dims);
+  mode_product_transposed<T, N>(view(x), ut, mode, view(y));
+  return y;
+}
+
+}  // namespace tensor_adapters
