@@ -61,7 +61,12 @@ class file {
     return t;
   }
 
-  double scalar(const std::string& name) const { return get<double, 1>(name)(0); }
+  // A one-element record (of any rank) as a number.
+  double scalar(const std::string& name) const {
+    auto it = records_.find(name);
+    if (it == records_.end() || it->second.values.size() != 1) throw std::runtime_error("no reference scalar " + name);
+    return it->second.values[0];
+  }
 
  private:
   std::map<std::string, record> records_;
