@@ -23,12 +23,12 @@ struct problem {
       : n(state.range(0)), in(state.range(1)), out(state.range(2)), r(state.range(3)) {
     std::mt19937_64 gen(0);
     x.resize(n, in), w0.resize(out, in), y.resize(n, out), dy.resize(n, out), dx.resize(n, in), b0.resize(out);
-    ta::fill_normal<float, 2>(ta::view(x), 0, 1, gen);
-    ta::fill_normal<float, 2>(ta::view(w0), 0, 0.05, gen);
-    ta::fill_normal<float, 2>(ta::view(dy), 0, 1, gen);
-    ta::fill_normal<float, 1>(ta::view(b0), 0, 1, gen);
+    ta::fill_normal(x, 0, 1, gen);
+    ta::fill_normal(w0, 0, 0.05, gen);
+    ta::fill_normal(dy, 0, 1, gen);
+    ta::fill_normal(b0, 0, 1, gen);
     adapter = ta::make_lora<float>(out, in, {r, 2.0 * r}, gen);
-    ta::fill_normal<float, 2>(ta::view(adapter.B), 0, 0.05, gen);
+    ta::fill_normal(adapter.B, 0, 0.05, gen);
   }
   double base_flops() const { return 2.0 * n * in * out; }
   double lora_flops() const { return 2.0 * n * r * (in + out); }

@@ -26,9 +26,9 @@ int main() {
   std::mt19937_64 gen(2026);
 
   ta::tensor<double, 2> w0(out, in), u(out, true_rank), v(true_rank, in);
-  ta::fill_normal<double, 2>(ta::view(w0), 0.0, 1.0 / std::sqrt(double(in)), gen);
-  ta::fill_normal<double, 2>(ta::view(u), 0.0, 0.5, gen);
-  ta::fill_normal<double, 2>(ta::view(v), 0.0, 1.0 / std::sqrt(double(in)), gen);
+  ta::fill_normal(w0, 0.0, 1.0 / std::sqrt(double(in)), gen);
+  ta::fill_normal(u, 0.0, 0.5, gen);
+  ta::fill_normal(v, 0.0, 1.0 / std::sqrt(double(in)), gen);
   const Eigen::array<Eigen::IndexPair<int>, 1> inner{Eigen::IndexPair<int>(1, 0)};
   const ta::tensor<double, 2> target_delta = u.contract(v, inner);  // ΔW*, rank 4
   const ta::tensor<double, 2> w_task = w0 + target_delta;
@@ -46,7 +46,7 @@ int main() {
               long(out), long(in), long(true_rank), long(ta::rank(adapter)), long(ta::parameter_count(adapter)),
               long(out * in));
   // The loss of the frozen layer on the new task, before any adaptation.
-  ta::fill_normal<double, 2>(ta::view(x), 0.0, 1.0, gen);
+  ta::fill_normal(x, 0.0, 1.0, gen);
   ta::forward(no_adapter, x, w0, b0, y, ws);
   ta::forward(no_adapter, x, w_task, b0, target, ws);
   std::printf("  frozen layer alone: mse %.5f\n", mean_square(y - target));
@@ -56,8 +56,8 @@ int main() {
   for (ta::index epoch = 1; epoch <= epochs; ++epoch) {
     loss = 0;
     for (ta::index s = 0; s < steps_per_epoch; ++s) {
-      ta::fill_normal<double, 2>(ta::view(x), 0.0, 1.0, gen);
-      ta::fill_normal<double, 2>(ta::view(label_noise), 0.0, noise, gen);
+      ta::fill_normal(x, 0.0, 1.0, gen);
+      ta::fill_normal(label_noise, 0.0, noise, gen);
       ta::forward(no_adapter, x, w_task, b0, target, ws);
       target += label_noise;
       ta::forward(adapter, x, w0, b0, y, ws);

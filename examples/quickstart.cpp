@@ -11,13 +11,13 @@ int main() {
   // A frozen linear layer (out 16, in 32) and a batch of 4 inputs.
   ta::tensor<float, 2> w0(16, 32), x(4, 32);
   ta::tensor<float, 1> b0(16);
-  ta::fill_normal<float, 2>(ta::view(w0), 0.0, 0.1, gen);
-  ta::fill_normal<float, 2>(ta::view(x), 0.0, 1.0, gen);
+  ta::fill_normal(w0, 0.0, 0.1, gen);
+  ta::fill_normal(x, 0.0, 1.0, gen);
   b0.setConstant(0.01f);
 
   // Rank 4, alpha 8: scale = 2. B starts at zero, so the adapter starts as a no-op.
   ta::lora<float> adapter = ta::make_lora<float>(16, 32, {/*rank=*/4, /*alpha=*/8.0}, gen);
-  ta::fill_normal<float, 2>(ta::view(adapter.B), 0.0, 0.1, gen);  // as if trained a little
+  ta::fill_normal(adapter.B, 0.0, 0.1, gen);  // as if trained a little
 
   ta::tensor<float, 2> y = ta::forward(adapter, x, w0, b0);       // (4, 16)
   ta::tensor<float, 2> dy = y.constant(1.0f);                      // dL/dy for L = sum(y)

@@ -11,9 +11,9 @@ namespace ta = tensor_adapters;
 TEMPLATE_TEST_CASE("same seed, same bytes", "[init]", float, double) {
   std::mt19937_64 g1(7), g2(7), g3(8);
   ta::tensor<TestType, 2> a(13, 17), b(13, 17), c(13, 17);
-  ta::fill_normal<TestType, 2>(ta::view(a), 0.0, 1.0, g1);
-  ta::fill_normal<TestType, 2>(ta::view(b), 0.0, 1.0, g2);
-  ta::fill_normal<TestType, 2>(ta::view(c), 0.0, 1.0, g3);
+  ta::fill_normal(a, 0.0, 1.0, g1);
+  ta::fill_normal(b, 0.0, 1.0, g2);
+  ta::fill_normal(c, 0.0, 1.0, g3);
   CHECK(std::memcmp(a.data(), b.data(), sizeof(TestType) * 13 * 17) == 0);
   CHECK(std::memcmp(a.data(), c.data(), sizeof(TestType) * 13 * 17) != 0);
 }
@@ -35,7 +35,7 @@ TEMPLATE_TEST_CASE("distributions have the moments they promise", "[init]", floa
   const ta::index n = 200000;
   ta::tensor<TestType, 1> t(n);
 
-  ta::fill_normal<TestType, 1>(ta::view(t), 0.5, 2.0, gen);
+  ta::fill_normal(t, 0.5, 2.0, gen);
   double sum = 0, sq = 0;
   for (ta::index i = 0; i < n; ++i) sum += t(i), sq += double(t(i)) * t(i);
   const double mean = sum / n, var = sq / n - mean * mean;
@@ -44,7 +44,7 @@ TEMPLATE_TEST_CASE("distributions have the moments they promise", "[init]", floa
 
   // kaiming-uniform with a = sqrt(5) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)): variance bound^2 / 3.
   const ta::index fan_in = 64;
-  ta::fill_kaiming_uniform<TestType, 1>(ta::view(t), fan_in, std::sqrt(5.0), gen);
+  ta::fill_kaiming_uniform(t, fan_in, std::sqrt(5.0), gen);
   const double bound = 1.0 / std::sqrt(double(fan_in));
   sum = sq = 0;
   for (ta::index i = 0; i < n; ++i) {
@@ -55,7 +55,7 @@ TEMPLATE_TEST_CASE("distributions have the moments they promise", "[init]", floa
   CHECK(sq / n == Approx(bound * bound / 3).epsilon(0.02));
 
   // xavier-uniform: bound sqrt(6 / (fan_in + fan_out)).
-  ta::fill_xavier_uniform<TestType, 1>(ta::view(t), 10, 30, gen);
+  ta::fill_xavier_uniform(t, 10, 30, gen);
   TestType biggest = 0;
   for (ta::index i = 0; i < n; ++i) biggest = std::max(biggest, std::abs(t(i)));
   CHECK(double(biggest) <= std::sqrt(6.0 / 40.0));

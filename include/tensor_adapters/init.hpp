@@ -49,31 +49,57 @@ double standard_normal(Generator& gen) {
 
 }  // namespace detail
 
+namespace detail {
+
+template <class T, class Generator>
+void fill_uniform(T* data, index n, double bound, Generator& gen) {
+  for (index i = 0; i < n; ++i) data[i] = static_cast<T>((2.0 * uniform01(gen) - 1.0) * bound);
+}
+
+template <class T, class Generator>
+void fill_normal(T* data, index n, double mean, double stddev, Generator& gen) {
+  for (index i = 0; i < n; ++i) data[i] = static_cast<T>(mean + stddev * standard_normal(gen));
+}
+
+}  // namespace detail
+
 // Fills t with values uniform on [-bound, bound).
 template <class T, int N, class Generator>
 void fill_uniform(tensor_view<T, N> t, double bound, Generator& gen) {
-  for (index i = 0; i < t.size(); ++i)
-    t.data()[i] = static_cast<T>((2.0 * detail::uniform01(gen) - 1.0) * bound);
+  detail::fill_uniform(t.data(), t.size(), bound, gen);
+}
+template <class T, int N, class Generator>
+void fill_uniform(tensor<T, N>& t, double bound, Generator& gen) {
+  detail::fill_uniform(t.data(), t.size(), bound, gen);
 }
 
 // Fills t with normal values of the given mean and standard deviation.
 template <class T, int N, class Generator>
 void fill_normal(tensor_view<T, N> t, double mean, double stddev, Generator& gen) {
-  for (index i = 0; i < t.size(); ++i)
-    t.data()[i] = static_cast<T>(mean + stddev * detail::standard_normal(gen));
+  detail::fill_normal(t.data(), t.size(), mean, stddev, gen);
+}
+template <class T, int N, class Generator>
+void fill_normal(tensor<T, N>& t, double mean, double stddev, Generator& gen) {
+  detail::fill_normal(t.data(), t.size(), mean, stddev, gen);
 }
 
 // PyTorch's kaiming_uniform_(w, a) for a weight whose fan-in is `fan_in`:
 // bound = sqrt(6 / ((1 + a^2) * fan_in)); with a = sqrt(5) that is 1 / sqrt(fan_in).
+inline double kaiming_uniform_bound(index fan_in, double a) {
+  return std::sqrt(6.0 / ((1.0 + a * a) * static_cast<double>(fan_in)));
+}
 template <class T, int N, class Generator>
-void fill_kaiming_uniform(tensor_view<T, N> t, index fan_in, double a, Generator& gen) {
-  fill_uniform<T, N>(t, std::sqrt(6.0 / ((1.0 + a * a) * static_cast<double>(fan_in))), gen);
+void fill_kaiming_uniform(tensor<T, N>& t, index fan_in, double a, Generator& gen) {
+  fill_uniform(t, kaiming_uniform_bound(fan_in, a), gen);
 }
 
 // PyTorch's xavier_uniform_(w): bound = sqrt(6 / (fan_in + fan_out)).
+inline double xavier_uniform_bound(index fan_in, index fan_out) {
+  return std::sqrt(6.0 / static_cast<double>(fan_in + fan_out));
+}
 template <class T, int N, class Generator>
-void fill_xavier_uniform(tensor_view<T, N> t, index fan_in, index fan_out, Generator& gen) {
-  fill_uniform<T, N>(t, std::sqrt(6.0 / static_cast<double>(fan_in + fan_out)), gen);
+void fill_xavier_uniform(tensor<T, N>& t, index fan_in, index fan_out, Generator& gen) {
+  fill_uniform(t, xavier_uniform_bound(fan_in, fan_out), gen);
 }
 
 }  // namespace tensor_adapters

@@ -71,9 +71,9 @@ lora<T> make_lora(index out, index fan_in, const lora_options& options, Generato
   a.B.setZero();
   a.scale = static_cast<T>(lora_scale(options.alpha, r, options.use_rslora));
   if (options.init == lora_init::kaiming_uniform) {
-    fill_kaiming_uniform<T, 2>(view(a.A), fan_in, std::sqrt(5.0), gen);
+    fill_kaiming_uniform(a.A, fan_in, std::sqrt(5.0), gen);
   } else {
-    fill_normal<T, 2>(view(a.A), 0.0, 1.0 / static_cast<double>(r), gen);
+    fill_normal(a.A, 0.0, 1.0 / static_cast<double>(r), gen);
   }
   return a;
 }
@@ -153,7 +153,7 @@ template <class T>
 tensor<T, 2> delta_weight(const lora<T>& a) {
   detail::check_lora(a, "lora delta_weight");
   tensor<T, 2> dw(a.B.dimension(0), a.A.dimension(1));
-  delta_weight<T, 2>(a, view(dw));
+  delta_weight<T, 2>(a, writable_view(dw));
   return dw;
 }
 
@@ -161,7 +161,7 @@ tensor<T, 2> delta_weight(const lora<T>& a) {
 template <class T, int N>
 tensor<T, N> delta_weight(const lora<T>& a, const shape<N>& weight_shape) {
   tensor<T, N> dw(weight_shape);
-  delta_weight<T, N>(a, view(dw));
+  delta_weight<T, N>(a, writable_view(dw));
   return dw;
 }
 
@@ -195,7 +195,7 @@ void merge(const lora<T>& a, tensor_view<T, N> w) {
 }
 template <class T, int N>
 void merge(const lora<T>& a, tensor<T, N>& w) {
-  merge<T, N>(a, view(w));
+  merge<T, N>(a, writable_view(w));
 }
 
 // w ← w − ΔW.  Restores a merged weight up to rounding.
@@ -206,7 +206,7 @@ void unmerge(const lora<T>& a, tensor_view<T, N> w) {
 }
 template <class T, int N>
 void unmerge(const lora<T>& a, tensor<T, N>& w) {
-  unmerge<T, N>(a, view(w));
+  unmerge<T, N>(a, writable_view(w));
 }
 
 // w ← w + ΔW, computed into a copy first; only if every merged value is finite is it committed.
@@ -223,7 +223,7 @@ void safe_merge(const lora<T>& a, tensor_view<T, N> w) {
 }
 template <class T, int N>
 void safe_merge(const lora<T>& a, tensor<T, N>& w) {
-  safe_merge<T, N>(a, view(w));
+  safe_merge<T, N>(a, writable_view(w));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -311,14 +311,14 @@ template <class T>
 tensor<T, 2> forward(const lora<T>& a, const tensor<T, 2>& x, const tensor<T, 2>& w0, const tensor<T, 1>& b0) {
   tensor<T, 2> y(x.dimension(0), w0.dimension(0));
   lora_workspace<T> ws;
-  forward(a, view(x), view(w0), view(b0), view(y), ws);
+  forward(a, x, w0, b0, y, ws);
   return y;
 }
 template <class T>
 tensor<T, 2> forward(const lora<T>& a, const tensor<T, 2>& x, const tensor<T, 2>& w0) {
   tensor<T, 2> y(x.dimension(0), w0.dimension(0));
   lora_workspace<T> ws;
-  forward(a, view(x), view(w0), view(y), ws);
+  forward(a, x, w0, y, ws);
   return y;
 }
 
@@ -364,7 +364,7 @@ lora_gradients<T> backward(const lora<T>& a, const tensor<T, 2>& x, const tensor
   lora_gradients<T> g;
   g.dx.resize(x.dimension(0), x.dimension(1));
   lora_workspace<T> ws;
-  backward(a, view(x), view(w0), view(dy), view(g.dx), g.grad, ws);
+  backward(a, x, w0, dy, g.dx, g.grad, ws);
   return g;
 }
 

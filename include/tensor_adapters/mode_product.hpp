@@ -82,6 +82,39 @@ void mode_product_transposed(const_tensor_view<T, N> x, nondeduced<const_tensor_
                              "mode_product_transposed");
 }
 
+// The contraction of two tensors over every mode but one:
+//   out (Jx, Jy) = alpha · unfold_n(x) · unfold_n(y)ᵀ + beta · out,
+//   i.e. out[a, b] = Σ x[i0 … a … i(N-1)] · y[i0 … b … i(N-1)].
+// x and y agree on every extent but that of mode n (Jx and Jy). This is the gradient of a mode-n
+// factor: for z = x ×n u, ∂L/∂u = mode_inner_product(∂L/∂z, x, n).
+template <class T, int N>
+void mode_inner_product(const_tensor_view<T, N> x, nondeduced<const_tensor_view<T, N>> y, int mode,
+                        nondeduced<tensor_view<T, 2>> out, T alpha = T(1), T beta = T(0)) {
+  const char* fn = "mode_inner_product";
+  detail::check(mode >= 0 && mode < N, fn,
+                "mode " + std::to_string(mode) + " is out of range for x " + detail::shape_string(x));
+  bool fits = true;
+  for (int d = 0; d < N; ++d) fits = fits && (d == mode || x.dimension(d) == y.dimension(d));
+  detail::check(fits, fn,
+                "x " + detail::shape_string(x) + " and y " + detail::shape_string(y) +
+                    " must agree on every mode but " + std::to_string(mode));
+  const index jx = x.dimension(mode), jy = y.dimension(mode);
+  detail::check(out.dimension(0) == jx && out.dimension(1) == jy, fn,
+                "out has shape " + detail::shape_string(out) + " but must be (" + std::to_string(jx) + ", " +
+                    std::to_string(jy) + ")");
+  index p = 1, q = 1;
+  for (int d = 0; d < mode; ++d) p *= x.dimension(d);
+  for (int d = mode + 1; d < N; ++d) q *= x.dimension(d);
+  if (q == 1) {
+    // out (Jx, Jy) = x (P, Jx)ᵀ · y (P, Jy)
+    detail::gemm<T>(true, false, jx, jy, p, alpha, x.data(), jx, y.data(), jy, beta, out.data(), jy);
+    return;
+  }
+  for (index s = 0; s < p; ++s)
+    detail::gemm<T>(false, true, jx, jy, q, alpha, x.data() + s * jx * q, q, y.data() + s * jy * q, q,
+                    s == 0 ? beta : T(1), out.data(), jy);
+}
+
 // Value-returning forms.
 template <class T, int N>
 tensor<T, N> mode_product(const tensor<T, N>& x, const tensor<T, 2>& u, int mode) {
@@ -90,7 +123,7 @@ tensor<T, N> mode_product(const tensor<T, N>& x, const tensor<T, 2>& u, int mode
   auto dims = x.dimensions();
   dims[mode] = u.dimension(0);
   tensor<T, N> y(dims);
-  mode_product<T, N>(view(x), u, mode, view(y));
+  mode_product<T, N>(view(x), u, mode, y);
   return y;
 }
 template <class T, int N>
@@ -100,7 +133,7 @@ tensor<T, N> mode_product_transposed(const tensor<T, N>& x, const tensor<T, 2>& 
   auto dims = x.dimensions();
   dims[mode] = ut.dimension(1);
   tensor<T, N> y(dims);
-  mode_product_transposed<T, N>(view(x), ut, mode, view(y));
+  mode_product_transposed<T, N>(view(x), ut, mode, y);
   return y;
 }
 

@@ -31,13 +31,15 @@ using const_tensor_view = Eigen::TensorMap<const tensor<T, N>>;
 template <int N>
 using shape = std::array<index, N>;
 
-// Views of an owning tensor or of another view; these make template deduction work at call sites.
+// view(t): a read-only view of an owning tensor or of another view. writable_view(t): a writable one.
+// Functions that take views accept owning tensors where their element type is fixed by another
+// argument; these make the type explicit where it is not (e.g. mode_product(view(x), u, 1, y)).
 template <class T, int N>
 const_tensor_view<T, N> view(const tensor<T, N>& t) {
   return const_tensor_view<T, N>(t.data(), t.dimensions());
 }
 template <class T, int N>
-tensor_view<T, N> view(tensor<T, N>& t) {
+tensor_view<T, N> writable_view(tensor<T, N>& t) {
   return tensor_view<T, N>(t.data(), t.dimensions());
 }
 template <class T, int N>
