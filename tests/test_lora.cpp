@@ -1,14 +1,376 @@
+// LoRA invariants: backward ≡ finite differences (double), merged ≡ unmerged, merge/unmerge round trip,
+// safe_merge atomicity, PEFT's initialisation, parameter visiting, no allocation on the hot path, and
+// every bad-input path. PyTorch references are compared in test_lora_pytorch.cpp.
+#include "allocation_counter.hpp"
+
 #include <tensor_adapters/lora.hpp>
 
 #include <catch2/catch.hpp>
 
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <random>
+#include <string>
+#include <vector>
 
 namespace ta = tensor_adapters;
 
-TEMPLATE_TEST_CASE("a new LoRA adapter is a no-op", "[lora]", float, double) {
-  std::mt19937_64 gen(1);
-  auto a = ta::make_lora<TestType>(8, 12, {2, 4.0}, gen);
-  ta::tensor<TestType, 2> dw = ta::delta_weight(a);
-  for (ta::index i = 0; i < dw.size(); ++i) REQUIRE(dw.data()[i] == TestType(0));
+namespace {
+
+template <class T>
+T tolerance(double size) {
+  return static_cast<T>(64 * std::numeric_limits<T>::epsilon() * size);
+}
+
+template <class T, int N>
+T max_abs_diff(const ta::tensor<T, N>& a, const ta::tensor<T, N>& b) {
+  REQUIRE(a.dimensions() == b.dimensions());
+  T m = 0;
+  for (ta::index i = 0; i < a.size(); ++i) m = std::max(m, std::abs(a.data()[i] - b.data()[i]));
+  return m;
+}
+
+template <class T, int N>
+T max_abs(const ta::tensor<T, N>& a) {
+  T m = 0;
+  for (ta::index i = 0; i < a.size(); ++i) m = std::max(m, std::abs(a.data()[i]));
+  return m;
+}
+
+// An adapter with every parameter random, as if trained.
+template <class T>
+ta::lora<T> trained_lora(ta::index out, ta::index fan_in, ta::index r, std::mt19937_64& gen, bool rslora = false) {
+  ta::lora<T> a = ta::make_lora<T>(out, fan_in, {r, 2.5 * double(r), rslora}, gen);
+  ta::fill_normal(a.B, 0.0, 0.3, gen);
+  return a;
+}
+
+// Plain nested loops: y = x·W0ᵀ + b0 + scale·(x·Aᵀ)·Bᵀ in long double.
+template <class T>
+ta::tensor<T, 2> loop_forward(const ta::lora<T>& a, const ta::tensor<T, 2>& x, const ta::tensor<T, 2>& w0,
+                              const ta::tensor<T, 1>* b0) {
+  const ta::index n = x.dimension(0), in = x.dimension(1), out = w0.dimension(0), r = a.A.dimension(0);
+  ta::tensor<T, 2> y(n, out);
+  for (ta::index i = 0; i < n; ++i)
+    for (ta::index o = 0; o < out; ++o) {
+      long double s = b0 ? (*b0)(o) : 0;
+      for (ta::index k = 0; k < in; ++k) {
+        long double w = w0(o, k);
+        for (ta::index j = 0; j < r; ++j) w += static_cast<long double>(a.scale) * a.B(o, j) * a.A(j, k);
+        s += w * x(i, k);
+      }
+      y(i, o) = static_cast<T>(s);
+    }
+  return y;
+}
+
+struct linear_shape {
+  ta::index n, in, out, r;
+};
+const linear_shape linear_shapes[] = {
+    {5, 7, 6, 1},  // rank 1
+    {4, 7, 6, 6},  // rank = the smaller dimension
+    {1, 9, 4, 2},  // batch 1
+    {3, 1, 5, 1},  // fan-in 1
+    {6, 12, 3, 3},
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("make_lora follows PEFT's initialisation and scale", "[lora]", float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(1), same(1);
+  const ta::index out = 40, in = 300, r = 6;
+  auto a = ta::make_lora<T>(out, in, {r, 12.0}, gen);
+  auto b = ta::make_lora<T>(out, in, {r, 12.0}, same);
+  CHECK(ta::rank(a) == r);
+  CHECK(a.A.dimension(0) == r);
+  CHECK(a.A.dimension(1) == in);
+  CHECK(a.B.dimension(0) == out);
+  CHECK(a.B.dimension(1) == r);
+  CHECK(a.scale == T(2));
+  CHECK(std::memcmp(a.A.data(), b.A.data(), sizeof(T) * std::size_t(a.A.size())) == 0);
+  CHECK(max_abs(a.B) == T(0));
+  const double bound = 1.0 / std::sqrt(double(in));
+  CHECK(double(max_abs(a.A)) <= bound);
+  CHECK(double(max_abs(a.A)) > 0.95 * bound);
+
+  auto rs = ta::make_lora<T>(out, in, {r, 12.0, /*use_rslora=*/true}, gen);
+  CHECK(double(rs.scale) == Approx(12.0 / std::sqrt(6.0)));
+
+  auto g = ta::make_lora<T>(out, in, {r, 12.0, false, ta::lora_init::gaussian}, gen);
+  double sq = 0;
+  for (ta::index i = 0; i < g.A.size(); ++i) sq += double(g.A.data()[i]) * g.A.data()[i];
+  CHECK(std::sqrt(sq / double(g.A.size())) == Approx(1.0 / double(r)).epsilon(0.05));
+  CHECK(max_abs(g.B) == T(0));
+
+  // A conv weight (O, I, kh, kw) has fan-in I·kh·kw.
+  auto c = ta::make_lora<T, 4>(ta::shape<4>{8, 3, 3, 3}, {2, 2.0}, gen);
+  CHECK(c.A.dimension(1) == 27);
+  CHECK(c.B.dimension(0) == 8);
+}
+
+TEMPLATE_TEST_CASE("a new LoRA adapter is an exact no-op", "[lora]", float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(2);
+  auto a = ta::make_lora<T>(8, 12, {2, 4.0}, gen);
+  CHECK(max_abs(ta::delta_weight(a)) == T(0));
+  ta::tensor<T, 2> x(3, 12), w0(8, 12);
+  ta::fill_normal(x, 0, 1, gen);
+  ta::fill_normal(w0, 0, 1, gen);
+  ta::lora<T> none = ta::zeros_like(a);
+  CHECK(max_abs_diff(ta::forward(a, x, w0), ta::forward(none, x, w0)) == T(0));
+}
+
+TEMPLATE_TEST_CASE("linear forward matches nested loops, with and without bias", "[lora]", float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(3);
+  for (const auto& s : linear_shapes) {
+    auto a = trained_lora<T>(s.out, s.in, s.r, gen);
+    ta::tensor<T, 2> x(s.n, s.in), w0(s.out, s.in);
+    ta::tensor<T, 1> b0(s.out);
+    ta::fill_normal(x, 0, 1, gen);
+    ta::fill_normal(w0, 0, 1, gen);
+    ta::fill_normal(b0, 0, 1, gen);
+    const T tol = tolerance<T>(double(s.in) * 4);
+    CHECK(max_abs_diff(ta::forward(a, x, w0, b0), loop_forward(a, x, w0, &b0)) <= tol);
+    CHECK(max_abs_diff(ta::forward(a, x, w0), loop_forward<T>(a, x, w0, nullptr)) <= tol);
+  }
+}
+
+TEST_CASE("linear backward matches central finite differences", "[lora]") {
+  std::mt19937_64 gen(4);
+  const double h = 1e-6;
+  for (const auto& s : linear_shapes) {
+    auto a = trained_lora<double>(s.out, s.in, s.r, gen);
+    ta::tensor<double, 2> x(s.n, s.in), w0(s.out, s.in), dy(s.n, s.out);
+    ta::tensor<double, 1> b0(s.out);
+    ta::fill_normal(x, 0, 1, gen);
+    ta::fill_normal(w0, 0, 1, gen);
+    ta::fill_normal(b0, 0, 1, gen);
+    ta::fill_normal(dy, 0, 1, gen);
+    // L = Σ dy ⊙ y
+    auto loss = [&](const ta::lora<double>& p, const ta::tensor<double, 2>& xx) {
+      ta::tensor<double, 0> l = (ta::forward(p, xx, w0, b0) * dy).sum();
+      return l();
+    };
+    ta::lora_gradients<double> g = ta::backward(a, x, w0, dy);
+    for_each_parameter(a, g.grad, [&](const char* name, auto& p, const auto& grad) {
+      for (ta::index i = 0; i < p.size(); ++i) {
+        const double keep = p.data()[i];
+        p.data()[i] = keep + h;
+        const double up = loss(a, x);
+        p.data()[i] = keep - h;
+        const double down = loss(a, x);
+        p.data()[i] = keep;
+        INFO(name << "[" << i << "] shape n=" << s.n << " in=" << s.in << " out=" << s.out << " r=" << s.r);
+        CHECK(grad.data()[i] == Approx((up - down) / (2 * h)).margin(1e-6).epsilon(1e-6));
+      }
+    });
+    for (ta::index i = 0; i < x.size(); ++i) {
+      ta::tensor<double, 2> xp = x, xm = x;
+      xp.data()[i] += h;
+      xm.data()[i] -= h;
+      CHECK(g.dx.data()[i] == Approx((loss(a, xp) - loss(a, xm)) / (2 * h)).margin(1e-6).epsilon(1e-6));
+    }
+  }
+}
+
+namespace {
+
+// Finite-difference check of delta_weight_vjp for a weight of shape `dims`: L = Σ gW ⊙ ΔW(θ).
+template <int N>
+void check_vjp_by_finite_differences(const ta::shape<N>& dims, ta::index r, std::mt19937_64& gen) {
+  ta::index fan_in = 1;
+  for (int d = 1; d < N; ++d) fan_in *= dims[std::size_t(d)];
+  auto a = trained_lora<double>(dims[0], fan_in, r, gen);
+  ta::tensor<double, N> gw(dims);
+  ta::fill_normal(gw, 0, 1, gen);
+  auto loss = [&](const ta::lora<double>& p) {
+    ta::tensor<double, 0> l = (ta::delta_weight<double, N>(p, dims) * gw).sum();
+    return l();
+  };
+  ta::lora<double> grad = ta::delta_weight_vjp(a, gw);
+  const double h = 1e-6;
+  for_each_parameter(a, grad, [&](const char* name, auto& p, const auto& g) {
+    for (ta::index i = 0; i < p.size(); ++i) {
+      const double keep = p.data()[i];
+      p.data()[i] = keep + h;
+      const double up = loss(a);
+      p.data()[i] = keep - h;
+      const double down = loss(a);
+      p.data()[i] = keep;
+      INFO(name << "[" << i << "] weight rank " << N << " r=" << r);
+      CHECK(g.data()[i] == Approx((up - down) / (2 * h)).margin(1e-6).epsilon(1e-6));
+    }
+  });
+}
+
+}  // namespace
+
+TEST_CASE("delta_weight_vjp matches central finite differences for every weight rank", "[lora]") {
+  std::mt19937_64 gen(5);
+  check_vjp_by_finite_differences<2>({6, 5}, 1, gen);
+  check_vjp_by_finite_differences<2>({6, 5}, 5, gen);
+  check_vjp_by_finite_differences<3>({4, 3, 3}, 2, gen);            // conv1d
+  check_vjp_by_finite_differences<4>({5, 2, 3, 3}, 3, gen);         // conv2d
+  check_vjp_by_finite_differences<4>({3, 4, 1, 1}, 3, gen);         // 1x1 conv, rank = min
+  check_vjp_by_finite_differences<5>({3, 2, 2, 2, 2}, 2, gen);      // conv3d
+}
+
+TEMPLATE_TEST_CASE("delta_weight is scale·B·A reshaped, for every weight rank", "[lora]", float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(6);
+  const ta::shape<4> dims{7, 3, 2, 3};
+  auto a = trained_lora<T>(7, 18, 4, gen);
+  ta::tensor<T, 4> dw = ta::delta_weight<T, 4>(a, dims);
+  for (ta::index o = 0; o < 7; ++o)
+    for (ta::index f = 0; f < 18; ++f) {
+      long double s = 0;
+      for (ta::index j = 0; j < 4; ++j) s += static_cast<long double>(a.B(o, j)) * a.A(j, f);
+      CHECK(double(dw.data()[o * 18 + f]) == Approx(double(a.scale * s)).margin(double(tolerance<T>(8))));
+    }
+}
+
+TEMPLATE_TEST_CASE("merged forward equals unmerged forward; merge then unmerge restores the weight", "[lora]", float,
+                   double) {
+  using T = TestType;
+  std::mt19937_64 gen(7);
+  for (const auto& s : linear_shapes) {
+    auto a = trained_lora<T>(s.out, s.in, s.r, gen, /*rslora=*/s.r % 2 == 0);
+    ta::tensor<T, 2> x(s.n, s.in), w0(s.out, s.in);
+    ta::tensor<T, 1> b0(s.out);
+    ta::fill_normal(x, 0, 1, gen);
+    ta::fill_normal(w0, 0, 1, gen);
+    ta::fill_normal(b0, 0, 1, gen);
+    ta::tensor<T, 2> merged = w0;
+    ta::merge(a, merged);
+    const ta::lora<T> none = ta::zeros_like(a);
+    CHECK(max_abs_diff(ta::forward(a, x, w0, b0), ta::forward(none, x, merged, b0)) <= tolerance<T>(double(s.in) * 8));
+    ta::unmerge(a, merged);
+    CHECK(max_abs_diff(merged, w0) <= tolerance<T>(double(s.r) * 4));
+  }
+  // A conv weight.
+  auto c = trained_lora<T>(6, 4 * 3 * 3, 3, gen);
+  ta::tensor<T, 4> w(6, 4, 3, 3);
+  ta::fill_normal(w, 0, 1, gen);
+  ta::tensor<T, 4> m = w;
+  ta::merge(c, m);
+  ta::tensor<T, 4> expected = w + ta::delta_weight<T, 4>(c, ta::shape_of(w));
+  CHECK(max_abs_diff(m, expected) <= tolerance<T>(4));
+  ta::unmerge(c, m);
+  CHECK(max_abs_diff(m, w) <= tolerance<T>(12));
+}
+
+TEMPLATE_TEST_CASE("safe_merge commits finite results and leaves the weight untouched otherwise", "[lora]", float,
+                   double) {
+  using T = TestType;
+  std::mt19937_64 gen(8);
+  auto a = trained_lora<T>(5, 6, 2, gen);
+  ta::tensor<T, 2> w(5, 6);
+  ta::fill_normal(w, 0, 1, gen);
+  ta::tensor<T, 2> merged = w, expected = w;
+  ta::safe_merge(a, merged);
+  ta::merge(a, expected);
+  CHECK(max_abs_diff(merged, expected) == T(0));
+
+  for (T bad : {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity()}) {
+    ta::lora<T> broken = a;
+    broken.B(3, 1) = bad;
+    ta::tensor<T, 2> target = w;
+    CHECK_THROWS_AS(ta::safe_merge(broken, target), ta::argument_error);
+    CHECK(std::memcmp(target.data(), w.data(), sizeof(T) * std::size_t(w.size())) == 0);
+  }
+  // Finite parameters whose product overflows are caught too.
+  ta::lora<T> huge = a;
+  huge.A.setConstant(std::numeric_limits<T>::max() / 2);
+  huge.B.setConstant(T(4));
+  ta::tensor<T, 2> target = w;
+  CHECK_THROWS_WITH(ta::safe_merge(huge, target), Catch::Contains("non-finite"));
+  CHECK(std::memcmp(target.data(), w.data(), sizeof(T) * std::size_t(w.size())) == 0);
+}
+
+TEMPLATE_TEST_CASE("parameters are visited under PEFT's names", "[lora]", float, double) {
+  std::mt19937_64 gen(9);
+  auto a = ta::make_lora<TestType>(10, 20, {3, 6.0}, gen);
+  std::vector<std::string> names;
+  for_each_parameter(a, [&](const char* name, const auto&) { names.emplace_back(name); });
+  CHECK(names == std::vector<std::string>{"lora_A.weight", "lora_B.weight"});
+  CHECK(ta::parameter_count(a) == 3 * (10 + 20));
+}
+
+TEMPLATE_TEST_CASE("forward and backward make no allocation with a warm workspace", "[lora]", float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(10);
+  const ta::index n = 48, in = 96, out = 80, r = 8;
+  auto a = trained_lora<T>(out, in, r, gen);
+  ta::tensor<T, 2> x(n, in), w0(out, in), y(n, out), dy(n, out), dx(n, in);
+  ta::tensor<T, 1> b0(out);
+  ta::fill_normal(x, 0, 1, gen);
+  ta::fill_normal(w0, 0, 1, gen);
+  ta::fill_normal(dy, 0, 1, gen);
+  ta::fill_normal(b0, 0, 1, gen);
+  ta::lora_workspace<T> ws;
+  ta::lora<T> grad = ta::zeros_like(a);
+  ta::forward(a, x, w0, b0, y, ws);  // warms the workspace
+  ta::backward(a, x, w0, dy, dx, grad, ws);
+  const ta::tensor<T, 2> y_first = y, dx_first = dx;
+  {
+    allocation_counter::scope counting;
+    ta::forward(a, x, w0, b0, y, ws);
+    ta::forward(a, x, w0, y, ws);
+    ta::backward(a, x, w0, dy, dx, grad, ws);
+    ta::delta_weight_vjp<T, 2>(a, ta::view(w0), grad);
+    ta::merge(a, w0);
+    ta::unmerge(a, w0);
+    CHECK(counting.allocations() == 0);
+  }
+  CHECK(max_abs_diff(dx, dx_first) == T(0));
+}
+
+TEMPLATE_TEST_CASE("bad input throws argument_error naming the function and shapes, and writes nothing", "[lora]",
+                   float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(11);
+  CHECK_THROWS_AS(ta::make_lora<T>(4, 6, {0, 1.0}, gen), ta::argument_error);
+  CHECK_THROWS_AS(ta::make_lora<T>(4, 6, {5, 1.0}, gen), ta::argument_error);  // rank above min(out, fan_in)
+  CHECK_THROWS_AS(ta::make_lora<T>(0, 6, {1, 1.0}, gen), ta::argument_error);
+  CHECK_THROWS_WITH(ta::make_lora<T>(4, 6, {7, 1.0}, gen), Catch::Contains("make_lora") && Catch::Contains("rank 7"));
+  static_assert(std::is_base_of<std::invalid_argument, ta::argument_error>::value, "argument_error is invalid_argument");
+
+  auto a = trained_lora<T>(4, 6, 2, gen);
+  ta::tensor<T, 2> x(3, 6), w0(4, 6), y(3, 4), dy(3, 4), dx(3, 6);
+  ta::tensor<T, 1> b0(4);
+  for (auto* t : {&x, &w0, &y, &dy, &dx}) ta::fill_normal(*t, 0, 1, gen);
+  ta::fill_normal(b0, 0, 1, gen);
+  const ta::tensor<T, 2> y_before = y, dx_before = dx, w_before = w0;
+  ta::lora_workspace<T> ws;
+  ta::lora<T> grad;
+
+  ta::tensor<T, 2> x_bad(3, 5), w_bad(5, 6), y_bad(3, 5), dx_bad(2, 6);
+  ta::tensor<T, 1> b_bad(5);
+  CHECK_THROWS_WITH(ta::forward(a, x_bad, w0, b0, y, ws), Catch::Contains("lora forward") && Catch::Contains("(3, 5)"));
+  CHECK_THROWS_AS(ta::forward(a, x, w_bad, b0, y, ws), ta::argument_error);
+  CHECK_THROWS_WITH(ta::forward(a, x, w0, b_bad, y, ws), Catch::Contains("b0"));
+  CHECK_THROWS_WITH(ta::forward(a, x, w0, y_bad, ws), Catch::Contains("y has shape (3, 5)"));
+  CHECK_THROWS_AS(ta::backward(a, x, w0, y_bad, dx, grad, ws), ta::argument_error);
+  CHECK_THROWS_WITH(ta::backward(a, x, w0, dy, dx_bad, grad, ws), Catch::Contains("dx"));
+  CHECK(max_abs_diff(y, y_before) == T(0));
+  CHECK(max_abs_diff(dx, dx_before) == T(0));
+
+  // Weight space: a weight or gradient that does not fit, and an adapter whose A and B disagree.
+  ta::tensor<T, 4> conv_bad(4, 2, 2, 2);  // fan-in 8, adapter has 6
+  CHECK_THROWS_WITH(ta::merge(a, conv_bad), Catch::Contains("lora merge") && Catch::Contains("(4, 2, 2, 2)"));
+  CHECK_THROWS_AS(ta::unmerge(a, conv_bad), ta::argument_error);
+  CHECK_THROWS_AS(ta::safe_merge(a, conv_bad), ta::argument_error);
+  CHECK_THROWS_AS(ta::delta_weight_vjp(a, conv_bad), ta::argument_error);
+  const ta::shape<4> bad_dims{4, 2, 2, 2};
+  CHECK_THROWS_AS((ta::delta_weight<T, 4>(a, bad_dims)), ta::argument_error);
+  ta::lora<T> mismatched = a;
+  mismatched.B.resize(4, 3);
+  CHECK_THROWS_WITH(ta::merge(mismatched, w0), Catch::Contains("disagree on the rank"));
+  CHECK(max_abs_diff(w0, w_before) == T(0));
+  ta::lora<T> empty;
+  CHECK_THROWS_AS(ta::delta_weight(empty), ta::argument_error);
 }

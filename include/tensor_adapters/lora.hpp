@@ -60,9 +60,9 @@ inline double lora_scale(double alpha, index rank, bool use_rslora) {
 template <class T, class Generator>
 lora<T> make_lora(index out, index fan_in, const lora_options& options, Generator& gen) {
   const index r = options.rank;
-  detail::check(out >= 1 && fan_in >= 1, "make_lora",
+  TA_CHECK(out >= 1 && fan_in >= 1, "make_lora",
                 "weight (" + std::to_string(out) + ", " + std::to_string(fan_in) + ") must not be empty");
-  detail::check(r >= 1 && r <= std::min(out, fan_in), "make_lora",
+  TA_CHECK(r >= 1 && r <= std::min(out, fan_in), "make_lora",
                 "rank " + std::to_string(r) + " must be in [1, min(out, fan_in)] for a weight (" +
                     std::to_string(out) + ", " + std::to_string(fan_in) + ")");
   lora<T> a;
@@ -109,9 +109,9 @@ namespace detail {
 template <class T>
 void check_lora(const lora<T>& a, const char* function) {
   const index r = a.A.dimension(0);
-  check(r >= 1 && a.A.dimension(1) >= 1 && a.B.dimension(0) >= 1, function,
+  TA_CHECK(r >= 1 && a.A.dimension(1) >= 1 && a.B.dimension(0) >= 1, function,
         "adapter A " + shape_string(a.A) + " and B " + shape_string(a.B) + " must not be empty");
-  check(a.B.dimension(1) == r, function,
+  TA_CHECK(a.B.dimension(1) == r, function,
         "adapter A " + shape_string(a.A) + " and B " + shape_string(a.B) + " disagree on the rank");
 }
 
@@ -121,7 +121,7 @@ void check_weight(const lora<T>& a, const Weight& w, const char* function, const
   check_lora(a, function);
   index fan_in = 1;
   for (int d = 1; d < Weight::NumIndices; ++d) fan_in *= w.dimension(d);
-  check(w.dimension(0) == a.B.dimension(0) && fan_in == a.A.dimension(1), function,
+  TA_CHECK(w.dimension(0) == a.B.dimension(0) && fan_in == a.A.dimension(1), function,
         std::string(name) + " has shape " + shape_string(w) + " but the adapter (A " + shape_string(a.A) +
             ", B " + shape_string(a.B) + ") needs (" + std::to_string(a.B.dimension(0)) +
             ", …) with fan-in " + std::to_string(a.A.dimension(1)));
@@ -216,7 +216,7 @@ void safe_merge(const lora<T>& a, tensor_view<T, N> w) {
   detail::check_weight(a, w, "lora safe_merge", "w");
   std::vector<T> merged(w.data(), w.data() + w.size());
   detail::add_scaled_delta(a, a.scale, merged.data());
-  detail::check(detail::all_finite(merged.data(), static_cast<index>(merged.size())), "lora safe_merge",
+  TA_CHECK(detail::all_finite(merged.data(), static_cast<index>(merged.size())), "lora safe_merge",
                 "the merged weight " + detail::shape_string(w) +
                     " would hold a non-finite value; the weight was left unchanged");
   std::copy(merged.begin(), merged.end(), w.data());
@@ -243,7 +243,7 @@ template <class T>
 void check_linear(const lora<T>& a, const const_tensor_view<T, 2>& x, const const_tensor_view<T, 2>& w0,
                   const char* function) {
   check_weight(a, w0, function, "w0");
-  check(x.dimension(1) == w0.dimension(1), function,
+  TA_CHECK(x.dimension(1) == w0.dimension(1), function,
         "x has shape " + shape_string(x) + " but w0 " + shape_string(w0) + " needs (n, " +
             std::to_string(w0.dimension(1)) + ")");
 }
@@ -251,7 +251,7 @@ void check_linear(const lora<T>& a, const const_tensor_view<T, 2>& x, const cons
 template <class T>
 void check_same_shape(const char* function, const char* name, const Eigen::DSizes<index, 2>& dims, index rows,
                       index cols) {
-  check(dims[0] == rows && dims[1] == cols, function,
+  TA_CHECK(dims[0] == rows && dims[1] == cols, function,
         std::string(name) + " has shape " + dims_string(dims, 2) + " but must be (" + std::to_string(rows) +
             ", " + std::to_string(cols) + ")");
 }
@@ -289,7 +289,7 @@ void forward(const lora<T>& a, nondeduced<const_tensor_view<T, 2>> x, nondeduced
              lora_workspace<T>& ws) {
   const char* fn = "lora forward";
   detail::check_linear(a, x, w0, fn);
-  detail::check(b0.dimension(0) == w0.dimension(0), fn,
+  TA_CHECK(b0.dimension(0) == w0.dimension(0), fn,
                 "b0 has shape " + detail::shape_string(b0) + " but w0 " + detail::shape_string(w0) + " needs (" +
                     std::to_string(w0.dimension(0)) + ")");
   detail::check_same_shape<T>(fn, "y", y.dimensions(), x.dimension(0), w0.dimension(0));

@@ -41,7 +41,7 @@ class adamw {
   void step(Adapter& params, const Adapter& grads) {
     std::size_t k = 0;
     for_each_parameter(params, grads, [&](const char* name, auto& p, const auto& g) {
-      detail::check(k < m_.size() && p.size() == static_cast<index>(m_[k].size()) && g.dimensions() == p.dimensions(),
+      TA_CHECK(k < m_.size() && p.size() == static_cast<index>(m_[k].size()) && g.dimensions() == p.dimensions(),
                     "adamw step", std::string("parameter ") + name + " " + detail::shape_string(p) +
                                       " or its gradient " + detail::shape_string(g) + " changed shape");
       ++k;

@@ -8,6 +8,13 @@
 #include "../error.hpp"
 #include "../tensor.hpp"
 
+// TA_CHECK(condition, function, message): throws argument_error("<function>: <message>") when the
+// condition does not hold; the message expression is evaluated only then.
+#define TA_CHECK(condition, function, message)                                  \
+  do {                                                                          \
+    if (!(condition)) ::tensor_adapters::detail::fail((function), (message));   \
+  } while (false)
+
 namespace tensor_adapters::detail {
 
 // "(4, 7, 3)" for any Eigen tensor, map or std::array of extents.
@@ -25,9 +32,14 @@ std::string shape_string(const Tensor& t) {
   return dims_string(t.dimensions(), Tensor::NumIndices);
 }
 
-// Throws argument_error("<function>: <message>") when the condition does not hold.
+[[noreturn]] inline void fail(const char* function, const std::string& message) {
+  throw argument_error(std::string(function) + ": " + message);
+}
+
+// Throws argument_error("<function>: <message>") when the condition does not hold. Prefer TA_CHECK,
+// which builds the message only on failure (so a passing check never allocates).
 inline void check(bool ok, const char* function, const std::string& message) {
-  if (!ok) throw argument_error(std::string(function) + ": " + message);
+  if (!ok) fail(function, message);
 }
 
 template <class T>

@@ -1,0 +1,66 @@
+// Counts heap allocations, to prove that a hot path makes none.
+//
+// Include this first in a test file (before any Eigen header): it replaces the global operator new
+// for the whole test program and turns on Eigen's runtime malloc check, which reports Eigen's own
+// aligned allocations (they bypass operator new). Use:
+//
+//   allocation_counter::scope counting;
+//   hot_path();
+//   CHECK(counting.allocations() == 0);
+#pragma once
+
+#define EIGEN_RUNTIME_NO_MALLOC
+#ifndef eigen_assert
+#define eigen_assert(x) ((x) ? (void)0 : ::allocation_counter::eigen_assert_failed())
+#endif
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+
+namespace allocation_counter {
+
+inline std::atomic<long>& count() {
+  static std::atomic<long> n{0};
+  return n;
+}
+inline std::atomic<bool>& counting() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+
+// Eigen's checks, including "malloc is not allowed here", land here while a scope is open.
+inline void eigen_assert_failed() { ++count(); }
+
+}  // namespace allocation_counter
+
+#include <Eigen/Core>
+
+namespace allocation_counter {
+
+// While a scope lives, operator new calls and Eigen heap allocations are counted.
+class scope {
+ public:
+  scope() {
+    count() = 0;
+    counting() = true;
+    Eigen::internal::set_is_malloc_allowed(false);
+  }
+  ~scope() {
+    Eigen::internal::set_is_malloc_allowed(true);
+    counting() = false;
+  }
+  scope(const scope&) = delete;
+  scope& operator=(const scope&) = delete;
+  long allocations() const { return count(); }
+};
+
+}  // namespace allocation_counter
+
+void* operator new(std::size_t size) {
+  if (allocation_counter::counting()) ++allocation_counter::count();
+  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
