@@ -24,7 +24,7 @@ class Writer:
         self.names.add(name)
         t = torch.as_tensor(t).detach().to(torch.float64).contiguous()
         dims = list(t.shape)
-        self.lines.append("tensor %s %d %s" % (name, len(dims), " ".join(str(d) for d in dims)).rstrip())
+        self.lines.append(("tensor %s %d %s" % (name, len(dims), " ".join(str(d) for d in dims))).rstrip())
         self.lines.append(" ".join("%.17g" % v for v in t.reshape(-1).tolist()))
 
     def close(self):
