@@ -8,3 +8,4 @@
 #include "optim.hpp"
 #include "parameters.hpp"
 #include "tensor.hpp"
+#include "tucker.hpp"
