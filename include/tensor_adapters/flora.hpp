@@ -1,0 +1,501 @@
+// FLoRA: a Tucker core with one factor per mode of the weight (Si et al.).
+//
+//   ΔW = scale · G ×0 U0 ×1 U1 … ×(N-1) U(N-1),
+//   ΔW[i0 … i(N-1)] = scale · Σ G[a0 … a(N-1)] · Π_n U_n[i_n, a_n]
+//
+// A weight W0 of shape (I0, …, I(N-1)), N = 2 … 5, is adapted in its own layout: a linear weight
+// (out, in), a conv weight (out, in/groups, k…). Grouped and depthwise convolutions are adapted as the
+// tensor they are. The adapter holds the core G (r0, …, r(N-1)) and the factors U_n (I_n, r_n), with
+// 1 ≤ r_n ≤ I_n, and a fixed scale (the official ConvNeXt example uses 4.0). For N = 2,
+// ΔW = scale · U0 · G · U1ᵀ.
+//
+// Weight space (any N):             delta_weight, delta_weight_vjp, merge, unmerge, safe_merge.
+// Activation space (linear, N = 2): forward, backward — ΔW is never materialised.
+// Checkpoints of the official code:  flora_from_official, flora_to_official.
+//
+// Chains of mode products run through tucker.hpp in the flop-minimal order; the gradient shares its
+// partial products between modes.
+//
+// Example:
+//   std::mt19937_64 gen(0);
+//   auto adapter = tensor_adapters::make_flora<float, 4>({256, 256, 3, 3}, {16, 16, 2, 2}, 4.0, gen);
+//   tensor_adapters::tensor<float, 4> dw = tensor_adapters::delta_weight(adapter);   // zero at init
+//   auto grad = tensor_adapters::delta_weight_vjp(adapter, gw);                       // gw = ∂L/∂W
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "detail/check.hpp"
+#include "detail/gemm.hpp"
+#include "init.hpp"
+#include "mode_product.hpp"
+#include "parameters.hpp"
+#include "tensor.hpp"
+#include "tucker.hpp"
+
+namespace tensor_adapters {
+
+template <class T, int N>
+struct flora {
+  static_assert(N >= 2 && N <= 5, "FLoRA adapts weights of rank 2 (linear) to 5 (conv3d)");
+  tensor<T, N> G;                 // (r0, …, r(N-1))  the core
+  std::array<tensor<T, 2>, N> U;  // U[n]: (I_n, r_n) the factor of mode n
+  T scale = T(1);
+};
+
+// The ranks (r0, …, r(N-1)): the extents of the core.
+template <class T, int N>
+shape<N> ranks(const flora<T, N>& a) {
+  return shape_of(a.G);
+}
+
+// The shape (I0, …, I(N-1)) of the weight the adapter fits: the rows of the factors.
+template <class T, int N>
+shape<N> weight_shape(const flora<T, N>& a) {
+  shape<N> s{};
+  for (int n = 0; n < N; ++n) s[static_cast<std::size_t>(n)] = a.U[static_cast<std::size_t>(n)].dimension(0);
+  return s;
+}
+
+// Π r_n + Σ I_n · r_n: the number of trainable scalars of an adapter with these extents and ranks
+// (parameter_count(adapter) gives the same for an existing adapter).
+template <int N>
+index flora_parameter_count(const shape<N>& weight_extents, const shape<N>& rank_extents) {
+  index n = detail::product(rank_extents);
+  for (std::size_t d = 0; d < static_cast<std::size_t>(N); ++d) n += weight_extents[d] * rank_extents[d];
+  return n;
+}
+
+namespace detail {
+
+template <int N>
+void check_flora_shapes(const shape<N>& weight_extents, const shape<N>& rank_extents, const char* function) {
+  for (std::size_t n = 0; n < static_cast<std::size_t>(N); ++n) {
+    TA_CHECK(weight_extents[n] >= 1, function,
+          "weight shape " + dims_string(weight_extents, N) + " has an empty mode " + std::to_string(n));
+    TA_CHECK(rank_extents[n] >= 1 && rank_extents[n] <= weight_extents[n], function,
+          "rank " + std::to_string(rank_extents[n]) + " of mode " + std::to_string(n) + " must be in [1, " +
+              std::to_string(weight_extents[n]) + "] for a weight " + dims_string(weight_extents, N) +
+              " (ranks " + dims_string(rank_extents, N) + ")");
+  }
+}
+
+// "G (2, 3), U0 (8, 2), U1 (5, 3)"
+template <class T, int N>
+std::string flora_shapes_string(const flora<T, N>& a) {
+  std::string s = "G " + shape_string(a.G);
+  for (int n = 0; n < N; ++n)
+    s += ", U" + std::to_string(n) + " " + shape_string(a.U[static_cast<std::size_t>(n)]);
+  return s;
+}
+
+// The factors agree with the core and every rank is in [1, I_n].
+template <class T, int N>
+void check_flora(const flora<T, N>& a, const char* function) {
+  for (int n = 0; n < N; ++n) {
+    const tensor<T, 2>& u = a.U[static_cast<std::size_t>(n)];
+    TA_CHECK(u.dimension(1) == a.G.dimension(n), function,
+          "factor U" + std::to_string(n) + " " + shape_string(u) + " must have as many columns as mode " +
+              std::to_string(n) + " of the core (" + flora_shapes_string(a) + ")");
+  }
+  check_flora_shapes<N>(weight_shape(a), ranks(a), function);
+}
+
+template <class T, class Weight>
+void check_flora_weight(const flora<T, Weight::NumIndices>& a, const Weight& w, const char* function,
+                        const char* name) {
+  constexpr int N = Weight::NumIndices;
+  check_flora(a, function);
+  const shape<N> expected = weight_shape(a);
+  TA_CHECK(shape_of(w) == expected, function,
+        std::string(name) + " has shape " + shape_string(w) + " but the adapter (" + flora_shapes_string(a) +
+            ") fits a weight " + dims_string(expected, N));
+}
+
+template <class T, int N>
+std::array<const_tensor_view<T, 2>, N> factor_views(const flora<T, N>& a) {
+  return factor_views<T, N>(a.U);
+}
+
+// w ← alpha · G ×0 U0 … ×(N-1) U(N-1) + w
+template <class T, int N>
+void add_scaled_delta(const flora<T, N>& a, T alpha, tensor_view<T, N> w) {
+  tucker_expand<T, N>(view(a.G), factor_views(a), w, alpha, T(1));
+}
+
+// Resizes each tensor of `grad` to the adapter's shapes where it differs.
+template <class T, int N>
+void shape_like(const flora<T, N>& a, flora<T, N>& grad) {
+  if (grad.G.dimensions() != a.G.dimensions()) grad.G.resize(a.G.dimensions());
+  for (std::size_t n = 0; n < static_cast<std::size_t>(N); ++n)
+    if (grad.U[n].dimensions() != a.U[n].dimensions()) grad.U[n].resize(a.U[n].dimensions());
+  grad.scale = a.scale;
+}
+
+// The core with its first two modes exchanged: out[b, a, …] = in[a, b, …].
+template <class T, int N>
+tensor<T, N> swap_first_two_modes(const tensor<T, N>& in) {
+  auto dims = in.dimensions();
+  const index d0 = dims[0], d1 = dims[1];
+  const index rest = in.size() / std::max<index>(d0 * d1, 1);
+  std::swap(dims[0], dims[1]);
+  tensor<T, N> out(dims);
+  for (index i = 0; i < d0; ++i)
+    for (index j = 0; j < d1; ++j)
+      std::copy(in.data() + (i * d1 + j) * rest, in.data() + (i * d1 + j + 1) * rest, out.data() + (j * d0 + i) * rest);
+  return out;
+}
+
+}  // namespace detail
+
+// A new adapter for a weight of shape (I0, …, I(N-1)) with ranks (r0, …, r(N-1)), initialised as the
+// official code does: G = 0 and every U_n ~ N(0, 1/(2·r_n)) (kaiming-normal with a = √3 and fan-in
+// r_n), drawn from `gen` in the order U0, U1, …; ΔW = 0. Same generator state, same bytes.
+// Throws argument_error if an extent is < 1 or a rank is outside [1, I_n].
+template <class T, int N, class Generator>
+flora<T, N> make_flora(const shape<N>& weight_extents, const shape<N>& rank_extents, double scale, Generator& gen) {
+  detail::check_flora_shapes<N>(weight_extents, rank_extents, "make_flora");
+  flora<T, N> a;
+  a.G.resize(rank_extents);
+  a.G.setZero();
+  for (std::size_t n = 0; n < static_cast<std::size_t>(N); ++n) {
+    a.U[n].resize(weight_extents[n], rank_extents[n]);
+    fill_normal(a.U[n], 0.0, 1.0 / std::sqrt(2.0 * static_cast<double>(rank_extents[n])), gen);
+  }
+  a.scale = static_cast<T>(scale);
+  return a;
+}
+
+// Visits flora_G, then flora_U0, …, flora_U(N-1).
+namespace detail {
+inline const char* flora_factor_name(int n) {
+  static const char* const names[] = {"flora_U0", "flora_U1", "flora_U2", "flora_U3", "flora_U4"};
+  return names[n];
+}
+}  // namespace detail
+
+template <class T, int N, class F>
+void for_each_parameter(flora<T, N>& a, F&& fn) {
+  fn("flora_G", a.G);
+  for (int n = 0; n < N; ++n) fn(detail::flora_factor_name(n), a.U[static_cast<std::size_t>(n)]);
+}
+template <class T, int N, class F>
+void for_each_parameter(const flora<T, N>& a, F&& fn) {
+  fn("flora_G", a.G);
+  for (int n = 0; n < N; ++n) fn(detail::flora_factor_name(n), a.U[static_cast<std::size_t>(n)]);
+}
+template <class T, int N, class F>
+void for_each_parameter(flora<T, N>& params, const flora<T, N>& grads, F&& fn) {
+  fn("flora_G", params.G, grads.G);
+  for (int n = 0; n < N; ++n) {
+    const std::size_t k = static_cast<std::size_t>(n);
+    fn(detail::flora_factor_name(n), params.U[k], grads.U[k]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Checkpoints of the official code
+//
+// The official code orders a weight's modes (in, out, k…): param_0 (in, r_in), param_1 (out, r_out),
+// param_2 … the kernel modes, param_G (r_in, r_out, r_k…); it expands the core in that order and
+// transposes the first two modes of the result. Ours is ordered as the weight is (out, in, k…), so the
+// conversion exchanges the first two factors and the first two modes of the core; nothing else changes.
+
+// Our adapter from the official tensors.  param_G: (r_in, r_out, r_k…), params[n]: (dims[n], r_n) with
+// dims = (in, out, k…).  Throws argument_error if a factor does not match the core or a rank is outside
+// [1, extent].
+template <class T, int N>
+flora<T, N> flora_from_official(const tensor<T, N>& param_G, const nondeduced<std::array<tensor<T, 2>, N>>& params,
+                                nondeduced<T> scale) {
+  flora<T, N> official{param_G, params, scale};
+  detail::check_flora(official, "flora_from_official");
+  flora<T, N> a;
+  a.G = detail::swap_first_two_modes(param_G);
+  a.U = params;
+  std::swap(a.U[0], a.U[1]);
+  a.scale = scale;
+  return a;
+}
+
+// The official tensors of our adapter (the inverse of flora_from_official): param_G (r_in, r_out, r_k…),
+// params[n] (dims[n], r_n) with dims = (in, out, k…). Also converts a gradient to the official names.
+// Throws argument_error if the adapter's shapes are inconsistent.
+template <class T, int N>
+void flora_to_official(const flora<T, N>& a, tensor<T, N>& param_G, nondeduced<std::array<tensor<T, 2>, N>>& params) {
+  detail::check_flora(a, "flora_to_official");
+  param_G = detail::swap_first_two_modes(a.G);
+  params = a.U;
+  std::swap(params[0], params[1]);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Weight space
+
+// dw = scale · G ×0 U0 … ×(N-1) U(N-1).  dw: (I0, …, I(N-1)).
+// Throws argument_error, before writing, if the adapter is inconsistent or dw does not fit it.
+// The workspace form makes no allocation once the workspace has served an adapter of the same shapes.
+template <class T, int N>
+void delta_weight(const flora<T, N>& a, nondeduced<tensor_view<T, N>> dw, tucker_workspace<T>& ws) {
+  detail::check_flora_weight(a, dw, "flora delta_weight", "dw");
+  tucker_expand<T, N>(view(a.G), detail::factor_views(a), dw, ws, a.scale, T(0));
+}
+template <class T, int N>
+void delta_weight(const flora<T, N>& a, nondeduced<tensor_view<T, N>> dw) {
+  tucker_workspace<T> ws;
+  delta_weight<T, N>(a, dw, ws);
+}
+
+template <class T, int N>
+tensor<T, N> delta_weight(const flora<T, N>& a) {
+  detail::check_flora(a, "flora delta_weight");
+  tensor<T, N> dw(weight_shape(a));
+  delta_weight<T, N>(a, writable_view(dw));
+  return dw;
+}
+
+// Scratch for delta_weight_vjp: the partial compressions z[n] (r0, …, I_n, …, r(N-1)).
+template <class T, int N>
+struct flora_vjp_workspace {
+  std::array<tensor<T, N>, N> z;
+};
+
+// Given gW = ∂L/∂W (I0, …, I(N-1)), the gradient of L(ΔW(θ)) with respect to the adapter:
+//   z_n     = gW ×_{m≠n} U_mᵀ                    (r0, …, I_n, …, r(N-1)), partial products shared
+//   grad.U_n = scale · unfold_n(z_n) · unfold_n(G)ᵀ   (I_n, r_n)
+//   grad.G   = scale · z_k ×k U_kᵀ = scale · gW ×0 U0ᵀ … ×(N-1) U(N-1)ᵀ   (k the mode of least extent)
+// gW is read by the shared compression only. grad is resized to the adapter's shapes if needed and
+// overwritten; it must not be the adapter itself. Throws argument_error, before writing, if gW does
+// not have the weight's shape.
+template <class T, int N>
+void delta_weight_vjp(const flora<T, N>& a, nondeduced<const_tensor_view<T, N>> gw, flora<T, N>& grad,
+                      flora_vjp_workspace<T, N>& ws) {
+  detail::check_flora_weight(a, gw, "flora delta_weight_vjp", "gW");
+  detail::shape_like(a, grad);
+  const auto factors = detail::factor_views(a);
+  tucker_compress_all_but_one<T, N>(gw, factors, ws.z);
+  int k = 0;
+  for (int n = 1; n < N; ++n)
+    if (a.U[static_cast<std::size_t>(n)].dimension(0) < a.U[static_cast<std::size_t>(k)].dimension(0)) k = n;
+  mode_product_transposed<T, N>(view(ws.z[static_cast<std::size_t>(k)]), factors[static_cast<std::size_t>(k)], k,
+                                writable_view(grad.G), a.scale, T(0));
+  for (int n = 0; n < N; ++n) {
+    const std::size_t s = static_cast<std::size_t>(n);
+    mode_inner_product<T, N>(view(ws.z[s]), view(a.G), n, writable_view(grad.U[s]), a.scale, T(0));
+  }
+}
+
+template <class T, int N>
+void delta_weight_vjp(const flora<T, N>& a, nondeduced<const_tensor_view<T, N>> gw, flora<T, N>& grad) {
+  flora_vjp_workspace<T, N> ws;
+  delta_weight_vjp<T, N>(a, gw, grad, ws);
+}
+
+template <class T, int N>
+flora<T, N> delta_weight_vjp(const flora<T, N>& a, const tensor<T, N>& gw) {
+  flora<T, N> grad;
+  delta_weight_vjp<T, N>(a, view(gw), grad);
+  return grad;
+}
+
+// w ← w + ΔW.  w: (I0, …, I(N-1)).  Throws (and leaves w untouched) if w does not fit the adapter.
+template <class T, int N>
+void merge(const flora<T, N>& a, nondeduced<tensor_view<T, N>> w) {
+  detail::check_flora_weight(a, w, "flora merge", "w");
+  detail::add_scaled_delta<T, N>(a, a.scale, w);
+}
+template <class T, int N>
+void merge(const flora<T, N>& a, tensor<T, N>& w) {
+  merge<T, N>(a, writable_view(w));
+}
+
+// w ← w − ΔW.  Restores a merged weight up to rounding.
+template <class T, int N>
+void unmerge(const flora<T, N>& a, nondeduced<tensor_view<T, N>> w) {
+  detail::check_flora_weight(a, w, "flora unmerge", "w");
+  detail::add_scaled_delta<T, N>(a, static_cast<T>(-a.scale), w);
+}
+template <class T, int N>
+void unmerge(const flora<T, N>& a, tensor<T, N>& w) {
+  unmerge<T, N>(a, writable_view(w));
+}
+
+// w ← w + ΔW, computed into a copy first; only if every merged value is finite is it committed.
+// Throws argument_error otherwise, and then w is bit-identical to before.
+template <class T, int N>
+void safe_merge(const flora<T, N>& a, nondeduced<tensor_view<T, N>> w) {
+  detail::check_flora_weight(a, w, "flora safe_merge", "w");
+  tensor<T, N> merged(w.dimensions());
+  std::copy(w.data(), w.data() + w.size(), merged.data());
+  detail::add_scaled_delta<T, N>(a, a.scale, writable_view(merged));
+  TA_CHECK(detail::all_finite(merged.data(), merged.size()), "flora safe_merge",
+                "the merged weight " + detail::shape_string(w) +
+                    " would hold a non-finite value; the weight was left unchanged");
+  std::copy(merged.data(), merged.data() + merged.size(), w.data());
+}
+template <class T, int N>
+void safe_merge(const flora<T, N>& a, tensor<T, N>& w) {
+  safe_merge<T, N>(a, writable_view(w));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Linear layers in activation space (N = 2: W0 (O, I), U0 (O, r0), U1 (I, r1), G (r0, r1))
+
+// Scratch for forward and backward. Sized on first use; a workspace that has seen a batch of n rows
+// serves every batch of up to n rows without allocating.
+template <class T>
+struct flora_workspace {
+  std::vector<T> h1;   // (n, r1): x · U1
+  std::vector<T> h0;   // (n, r0): h1 · Gᵀ
+  std::vector<T> dh0;  // (n, r0): scale · dy · U0
+  std::vector<T> dh1;  // (n, r1): dh0 · G
+};
+
+namespace detail {
+
+template <class T>
+void check_flora_linear(const flora<T, 2>& a, const const_tensor_view<T, 2>& x, const const_tensor_view<T, 2>& w0,
+                        const char* function) {
+  check_flora_weight(a, w0, function, "w0");
+  TA_CHECK(x.dimension(1) == w0.dimension(1), function,
+        "x has shape " + shape_string(x) + " but w0 " + shape_string(w0) + " needs (n, " +
+            std::to_string(w0.dimension(1)) + ")");
+}
+
+template <class T>
+void check_flora_matrix(const char* function, const char* name, const Eigen::DSizes<index, 2>& dims, index rows,
+                        index cols) {
+  TA_CHECK(dims[0] == rows && dims[1] == cols, function,
+        std::string(name) + " has shape " + dims_string(dims, 2) + " but must be (" + std::to_string(rows) + ", " +
+            std::to_string(cols) + ")");
+}
+
+template <class T>
+void grow_buffer(std::vector<T>& buffer, index size) {
+  if (static_cast<index>(buffer.size()) < size) buffer.resize(static_cast<std::size_t>(size));
+}
+
+template <class T>
+void flora_linear_forward(const flora<T, 2>& a, const const_tensor_view<T, 2>& x, const const_tensor_view<T, 2>& w0,
+                          const T* b0, tensor_view<T, 2> y, flora_workspace<T>& ws) {
+  const index n = x.dimension(0), in = x.dimension(1), out = w0.dimension(0);
+  const index r0 = a.G.dimension(0), r1 = a.G.dimension(1);
+  grow_buffer(ws.h1, n * r1);
+  grow_buffer(ws.h0, n * r0);
+  gemm<T>(false, true, n, out, in, T(1), x.data(), in, w0.data(), in, T(0), y.data(), out);
+  if (b0 != nullptr) {
+    for (index i = 0; i < n; ++i) {
+      T* row = y.data() + i * out;
+      for (index o = 0; o < out; ++o) row[o] += b0[o];
+    }
+  }
+  gemm<T>(false, false, n, r1, in, T(1), x.data(), in, a.U[1].data(), r1, T(0), ws.h1.data(), r1);
+  gemm<T>(false, true, n, r0, r1, T(1), ws.h1.data(), r1, a.G.data(), r1, T(0), ws.h0.data(), r0);
+  gemm<T>(false, true, n, out, r0, a.scale, ws.h0.data(), r0, a.U[0].data(), r0, T(1), y.data(), out);
+}
+
+}  // namespace detail
+
+// y (n, O) = x · W0ᵀ + b0 + scale · ((x · U1) · Gᵀ) · U0ᵀ
+//   x: (n, I), w0: (O, I), b0: (O), y: (n, O).
+// Throws argument_error, before writing anything, if a shape does not fit. Makes no allocation when
+// the workspace has already served a batch of at least n rows.
+template <class T>
+void forward(const flora<T, 2>& a, nondeduced<const_tensor_view<T, 2>> x, nondeduced<const_tensor_view<T, 2>> w0,
+             nondeduced<const_tensor_view<T, 1>> b0, nondeduced<tensor_view<T, 2>> y, flora_workspace<T>& ws) {
+  const char* fn = "flora forward";
+  detail::check_flora_linear(a, x, w0, fn);
+  TA_CHECK(b0.dimension(0) == w0.dimension(0), fn,
+                "b0 has shape " + detail::shape_string(b0) + " but w0 " + detail::shape_string(w0) + " needs (" +
+                    std::to_string(w0.dimension(0)) + ")");
+  detail::check_flora_matrix<T>(fn, "y", y.dimensions(), x.dimension(0), w0.dimension(0));
+  detail::flora_linear_forward(a, x, w0, b0.data(), y, ws);
+}
+
+// The same without a bias: y = x · W0ᵀ + scale · ((x · U1) · Gᵀ) · U0ᵀ.
+template <class T>
+void forward(const flora<T, 2>& a, nondeduced<const_tensor_view<T, 2>> x, nondeduced<const_tensor_view<T, 2>> w0,
+             nondeduced<tensor_view<T, 2>> y, flora_workspace<T>& ws) {
+  const char* fn = "flora forward";
+  detail::check_flora_linear(a, x, w0, fn);
+  detail::check_flora_matrix<T>(fn, "y", y.dimensions(), x.dimension(0), w0.dimension(0));
+  detail::flora_linear_forward(a, x, w0, static_cast<const T*>(nullptr), y, ws);
+}
+
+// Value-returning forms.
+template <class T>
+tensor<T, 2> forward(const flora<T, 2>& a, const tensor<T, 2>& x, const tensor<T, 2>& w0, const tensor<T, 1>& b0) {
+  tensor<T, 2> y(x.dimension(0), w0.dimension(0));
+  flora_workspace<T> ws;
+  forward(a, x, w0, b0, y, ws);
+  return y;
+}
+template <class T>
+tensor<T, 2> forward(const flora<T, 2>& a, const tensor<T, 2>& x, const tensor<T, 2>& w0) {
+  tensor<T, 2> y(x.dimension(0), w0.dimension(0));
+  flora_workspace<T> ws;
+  forward(a, x, w0, y, ws);
+  return y;
+}
+
+// Backward of the linear forward with W0 and b0 frozen, given dy = ∂L/∂y (n, O):
+//   h1 = x · U1;  h0 = h1 · Gᵀ;  dh0 = scale · dy · U0;  dh1 = dh0 · G;
+//   grad.U0 = scale · dyᵀ · h0;  grad.G = dh0ᵀ · h1;  grad.U1 = xᵀ · dh1;  dx = dy · W0 + dh1 · U1ᵀ.
+//   x: (n, I), w0: (O, I), dy: (n, O), dx: (n, I).  grad is resized if needed and overwritten.
+// (The bias does not enter: ∂L/∂b0 would be Σ_rows dy, and b0 is frozen.)
+// Throws argument_error, before writing anything, if a shape does not fit. Makes no allocation when
+// the workspace has already served a batch of at least n rows and grad has the adapter's shapes.
+template <class T>
+void backward(const flora<T, 2>& a, nondeduced<const_tensor_view<T, 2>> x, nondeduced<const_tensor_view<T, 2>> w0,
+              nondeduced<const_tensor_view<T, 2>> dy, nondeduced<tensor_view<T, 2>> dx, flora<T, 2>& grad,
+              flora_workspace<T>& ws) {
+  const char* fn = "flora backward";
+  detail::check_flora_linear(a, x, w0, fn);
+  const index n = x.dimension(0), in = x.dimension(1), out = w0.dimension(0);
+  const index r0 = a.G.dimension(0), r1 = a.G.dimension(1);
+  detail::check_flora_matrix<T>(fn, "dy", dy.dimensions(), n, out);
+  detail::check_flora_matrix<T>(fn, "dx", dx.dimensions(), n, in);
+  detail::shape_like(a, grad);
+  detail::grow_buffer(ws.h1, n * r1);
+  detail::grow_buffer(ws.h0, n * r0);
+  detail::grow_buffer(ws.dh0, n * r0);
+  detail::grow_buffer(ws.dh1, n * r1);
+  T* h1 = ws.h1.data();
+  T* h0 = ws.h0.data();
+  T* dh0 = ws.dh0.data();
+  T* dh1 = ws.dh1.data();
+  const T* u0 = a.U[0].data();
+  const T* u1 = a.U[1].data();
+  detail::gemm<T>(false, false, n, r1, in, T(1), x.data(), in, u1, r1, T(0), h1, r1);
+  detail::gemm<T>(false, true, n, r0, r1, T(1), h1, r1, a.G.data(), r1, T(0), h0, r0);
+  detail::gemm<T>(false, false, n, r0, out, a.scale, dy.data(), out, u0, r0, T(0), dh0, r0);
+  detail::gemm<T>(false, false, n, r1, r0, T(1), dh0, r0, a.G.data(), r1, T(0), dh1, r1);
+  detail::gemm<T>(true, false, out, r0, n, a.scale, dy.data(), out, h0, r0, T(0), grad.U[0].data(), r0);
+  detail::gemm<T>(true, false, r0, r1, n, T(1), dh0, r0, h1, r1, T(0), grad.G.data(), r1);
+  detail::gemm<T>(true, false, in, r1, n, T(1), x.data(), in, dh1, r1, T(0), grad.U[1].data(), r1);
+  detail::gemm<T>(false, false, n, in, out, T(1), dy.data(), out, w0.data(), in, T(0), dx.data(), in);
+  detail::gemm<T>(false, true, n, in, r1, T(1), dh1, r1, u1, r1, T(1), dx.data(), in);
+}
+
+template <class T>
+struct flora_gradients {
+  tensor<T, 2> dx;    // (n, I)
+  flora<T, 2> grad;   // the adapter's shapes
+};
+
+// Value-returning form.
+template <class T>
+flora_gradients<T> backward(const flora<T, 2>& a, const tensor<T, 2>& x, const tensor<T, 2>& w0,
+                            const tensor<T, 2>& dy) {
+  flora_gradients<T> g;
+  g.dx.resize(x.dimension(0), x.dimension(1));
+  flora_workspace<T> ws;
+  backward(a, x, w0, dy, g.dx, g.grad, ws);
+  return g;
+}
+
+}  // namespace tensor_adapters

@@ -1,0 +1,545 @@
+// FLoRA invariants: the official init, ΔW ≡ the defining sum (N = 2 … 5), delta_weight_vjp and the
+// linear backward ≡ finite differences (double; ranks 1, full and mixed), merged forward ≡ unmerged
+// forward, merge/unmerge round trip, safe_merge atomicity, the official checkpoint conversion,
+// parameter visiting, no allocation on the linear hot path, and every bad-input path. PyTorch
+// references are compared in test_flora_pytorch.cpp.
+#include "allocation_counter.hpp"
+
+#include <tensor_adapters/flora.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace ta = tensor_adapters;
+
+namespace {
+
+template <class Tensor>
+double max_abs(const Tensor& t) {
+  double m = 0;
+  for (ta::index i = 0; i < t.size(); ++i) m = std::max(m, std::abs(static_cast<double>(t.data()[i])));
+  return m;
+}
+
+// max |a − b| / (1 + max |b|)
+template <class A, class B>
+double relative_error(const A& a, const B& b) {
+  REQUIRE(a.size() == b.size());
+  double e = 0;
+  for (ta::index i = 0; i < a.size(); ++i)
+    e = std::max(e, std::abs(static_cast<double>(a.data()[i]) - static_cast<double>(b.data()[i])));
+  return e / (1.0 + max_abs(b));
+}
+
+template <class T>
+double tolerance(double size) {
+  return 16.0 * std::numeric_limits<T>::epsilon() * std::max(1.0, size);
+}
+
+// An adapter with every parameter random (the core too), so that ΔW and every gradient are non-zero.
+template <class T, int N>
+ta::flora<T, N> random_flora(const ta::shape<N>& weight, const ta::shape<N>& ranks, double scale, std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  auto a = ta::make_flora<T, N>(weight, ranks, scale, gen);
+  ta::fill_normal(a.G, 0.0, 1.0, gen);
+  return a;
+}
+
+template <class T, int N>
+ta::tensor<T, N> random_tensor(const ta::shape<N>& s, std::uint64_t seed, double stddev = 1.0) {
+  std::mt19937_64 gen(seed);
+  ta::tensor<T, N> t(s);
+  ta::fill_normal(t, 0.0, stddev, gen);
+  return t;
+}
+
+// ΔW by the defining sum, ΔW[i] = scale · Σ_a G[a] · Π_n U_n[i_n, a_n], in double.
+template <class T, int N>
+ta::tensor<double, N> naive_delta(const ta::flora<T, N>& a) {
+  const ta::shape<N> ws = ta::weight_shape(a), rs = ta::ranks(a);
+  ta::tensor<double, N> dw(ws);
+  std::array<ta::index, N> i{}, r{};
+  for (ta::index fi = 0; fi < dw.size(); ++fi) {
+    ta::index rem = fi;
+    for (int n = N - 1; n >= 0; --n) i[n] = rem % ws[n], rem /= ws[n];
+    double sum = 0;
+    for (ta::index fr = 0; fr < a.G.size(); ++fr) {
+      ta::index rr = fr;
+      for (int n = N - 1; n >= 0; --n) r[n] = rr % rs[n], rr /= rs[n];
+      double term = static_cast<double>(a.G.data()[fr]);
+      for (int n = 0; n < N; ++n) term *= static_cast<double>(a.U[n](i[n], r[n]));
+      sum += term;
+    }
+    dw.data()[fi] = static_cast<double>(a.scale) * sum;
+  }
+  return dw;
+}
+
+template <class T, class Tensor>
+bool bit_identical(const Tensor& a, const Tensor& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// Construction, names, counts
+
+TEMPLATE_TEST_CASE("a new FLoRA adapter has the official init and is a no-op", "[flora]", float, double) {
+  std::mt19937_64 gen(3), same(3);
+  const ta::shape<4> w{64, 48, 3, 3}, r{16, 12, 2, 3};
+  auto a = ta::make_flora<TestType, 4>(w, r, 4.0, gen);
+  auto b = ta::make_flora<TestType, 4>(w, r, 4.0, same);
+  CHECK(ta::ranks(a) == r);
+  CHECK(ta::weight_shape(a) == w);
+  CHECK(a.scale == TestType(4));
+  for (ta::index i = 0; i < a.G.size(); ++i) REQUIRE(a.G.data()[i] == TestType(0));
+  for (std::size_t n = 0; n < 4; ++n) {
+    CHECK(a.U[n].dimension(0) == w[n]);
+    CHECK(a.U[n].dimension(1) == r[n]);
+    CHECK(bit_identical<TestType>(a.U[n], b.U[n]));
+  }
+  // ΔW of a zero core is exactly zero, whatever the factors.
+  ta::tensor<TestType, 4> dw = ta::delta_weight(a);
+  for (ta::index i = 0; i < dw.size(); ++i) REQUIRE(dw.data()[i] == TestType(0));
+  // Merging a zero ΔW leaves the weight bit-identical.
+  ta::tensor<TestType, 4> w0 = random_tensor<TestType, 4>(w, 5), w1 = w0;
+  ta::merge(a, w1);
+  CHECK(bit_identical<TestType>(w0, w1));
+}
+
+TEST_CASE("FLoRA factors are normal with variance 1/(2 r_n)", "[flora]") {
+  std::mt19937_64 gen(17);
+  auto a = ta::make_flora<double, 2>({4000, 3000}, {5, 40}, 1.0, gen);
+  for (std::size_t n = 0; n < 2; ++n) {
+    const ta::tensor<double, 2>& u = a.U[n];
+    double sum = 0, sq = 0;
+    for (ta::index i = 0; i < u.size(); ++i) sum += u.data()[i], sq += u.data()[i] * u.data()[i];
+    const double mean = sum / double(u.size()), var = sq / double(u.size()) - mean * mean;
+    const double expected = 1.0 / (2.0 * double(u.dimension(1)));
+    CHECK(std::abs(mean) < 5.0 * std::sqrt(expected / double(u.size())));
+    CHECK(var == Approx(expected).epsilon(0.02));
+  }
+}
+
+TEST_CASE("FLoRA visits its parameters under stable names and counts them", "[flora]") {
+  std::mt19937_64 gen(1);
+  auto a = ta::make_flora<float, 5>({8, 6, 3, 2, 3}, {3, 2, 2, 1, 3}, 0.5, gen);
+  std::vector<std::string> names;
+  std::vector<ta::index> sizes;
+  ta::for_each_parameter(a, [&](const char* name, const auto& p) {
+    names.emplace_back(name);
+    sizes.push_back(p.size());
+  });
+  CHECK(names == std::vector<std::string>{"flora_G", "flora_U0", "flora_U1", "flora_U2", "flora_U3", "flora_U4"});
+  CHECK(sizes == std::vector<ta::index>{3 * 2 * 2 * 1 * 3, 8 * 3, 6 * 2, 3 * 2, 2 * 1, 3 * 3});
+  const ta::index expected = 36 + 24 + 12 + 6 + 2 + 9;
+  CHECK(ta::parameter_count(a) == expected);
+  CHECK(ta::flora_parameter_count<5>({8, 6, 3, 2, 3}, {3, 2, 2, 1, 3}) == expected);
+  CHECK(ta::flora_parameter_count<4>({256, 256, 3, 3}, {16, 16, 2, 2}) == 16 * 16 * 2 * 2 + 2 * 256 * 16 + 2 * 3 * 2);
+
+  auto z = ta::zeros_like(a);
+  int visited = 0;
+  ta::for_each_parameter(a, z, [&](const char* name, auto& p, const auto& g) {
+    CHECK(p.dimensions() == g.dimensions());
+    CHECK(std::string(name) == names[static_cast<std::size_t>(visited++)]);
+  });
+  CHECK(visited == 6);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Weight space
+
+TEMPLATE_TEST_CASE("FLoRA N = 2 is scale · U0 · G · U1ᵀ", "[flora]", float, double) {
+  using T = TestType;
+  for (const ta::shape<2>& r : {ta::shape<2>{1, 1}, ta::shape<2>{3, 5}, ta::shape<2>{9, 7}}) {
+    auto a = random_flora<T, 2>({9, 7}, r, 1.75, 11);
+    ta::tensor<T, 2> dw = ta::delta_weight(a);
+    ta::tensor<double, 2> expected(9, 7);
+    for (ta::index i = 0; i < 9; ++i)
+      for (ta::index j = 0; j < 7; ++j) {
+        double s = 0;
+        for (ta::index p = 0; p < r[0]; ++p)
+          for (ta::index q = 0; q < r[1]; ++q) s += double(a.U[0](i, p)) * double(a.G(p, q)) * double(a.U[1](j, q));
+        expected(i, j) = 1.75 * s;
+      }
+    CHECK(relative_error(dw, expected) < tolerance<T>(double(r[0] * r[1])));
+  }
+}
+
+TEMPLATE_TEST_CASE("FLoRA delta_weight equals the defining sum for N = 3, 4, 5", "[flora]", float, double) {
+  using T = TestType;
+  {
+    auto a = random_flora<T, 3>({7, 5, 4}, {3, 5, 2}, 3.0, 21);
+    CHECK(relative_error(ta::delta_weight(a), naive_delta(a)) < tolerance<T>(30));
+  }
+  {
+    auto a = random_flora<T, 4>({12, 8, 3, 3}, {4, 2, 2, 3}, 4.0, 22);
+    CHECK(relative_error(ta::delta_weight(a), naive_delta(a)) < tolerance<T>(48));
+    // The output-view form writes the same values over whatever the view held.
+    ta::tensor<T, 4> dw(12, 8, 3, 3);
+    dw.setConstant(std::numeric_limits<T>::quiet_NaN());
+    ta::delta_weight(a, dw);
+    CHECK(relative_error(dw, naive_delta(a)) < tolerance<T>(48));
+  }
+  {
+    auto a = random_flora<T, 5>({6, 5, 3, 2, 3}, {2, 5, 1, 2, 2}, 0.5, 23);
+    CHECK(relative_error(ta::delta_weight(a), naive_delta(a)) < tolerance<T>(40));
+  }
+}
+
+namespace {
+
+// L(θ) = Σ ΔW(θ) · gW. Each parameter enters ΔW linearly, so central differences are exact up to
+// rounding; every entry of every parameter is checked.
+template <int N>
+void check_vjp_by_finite_differences(const ta::shape<N>& weight, const ta::shape<N>& ranks, std::uint64_t seed) {
+  INFO("weight " << ta::detail::dims_string(weight, N) << " ranks " << ta::detail::dims_string(ranks, N));
+  auto a = random_flora<double, N>(weight, ranks, 1.5, seed);
+  const ta::tensor<double, N> gw = random_tensor<double, N>(weight, seed + 1);
+  const auto grad = ta::delta_weight_vjp(a, gw);
+  CHECK(grad.scale == a.scale);
+
+  auto loss = [&](const ta::flora<double, N>& p) {
+    const ta::tensor<double, N> dw = ta::delta_weight(p);
+    double l = 0;
+    for (ta::index i = 0; i < dw.size(); ++i) l += dw.data()[i] * gw.data()[i];
+    return l;
+  };
+  const double h = 1e-3;
+  double worst = 0, largest = 0;
+  ta::flora<double, N> p = a;
+  ta::for_each_parameter(p, grad, [&](const char*, auto& param, const auto& g) {
+    for (ta::index i = 0; i < param.size(); ++i) {
+      const double keep = param.data()[i];
+      param.data()[i] = keep + h;
+      const double up = loss(p);
+      param.data()[i] = keep - h;
+      const double down = loss(p);
+      param.data()[i] = keep;
+      const double fd = (up - down) / (2 * h);
+      worst = std::max(worst, std::abs(fd - g.data()[i]));
+      largest = std::max(largest, std::abs(fd));
+    }
+  });
+  CHECK(largest > 0);
+  CHECK(worst <= 1e-9 * (1.0 + largest));
+}
+
+}  // namespace
+
+TEST_CASE("FLoRA delta_weight_vjp matches finite differences", "[flora][fd]") {
+  SECTION("N = 2") {
+    check_vjp_by_finite_differences<2>({7, 5}, {1, 1}, 31);
+    check_vjp_by_finite_differences<2>({7, 5}, {7, 5}, 32);
+    check_vjp_by_finite_differences<2>({7, 5}, {3, 2}, 33);
+  }
+  SECTION("N = 3") {
+    check_vjp_by_finite_differences<3>({5, 4, 3}, {1, 1, 1}, 34);
+    check_vjp_by_finite_differences<3>({5, 4, 3}, {5, 4, 3}, 35);
+    check_vjp_by_finite_differences<3>({5, 4, 3}, {2, 4, 1}, 36);
+  }
+  SECTION("N = 4") {
+    check_vjp_by_finite_differences<4>({6, 4, 3, 3}, {1, 1, 1, 1}, 37);
+    check_vjp_by_finite_differences<4>({6, 4, 3, 3}, {6, 4, 3, 3}, 38);
+    check_vjp_by_finite_differences<4>({6, 4, 3, 3}, {3, 2, 2, 1}, 39);
+  }
+  SECTION("N = 5") {
+    check_vjp_by_finite_differences<5>({4, 3, 3, 2, 3}, {1, 1, 1, 1, 1}, 40);
+    check_vjp_by_finite_differences<5>({4, 3, 3, 2, 3}, {4, 3, 3, 2, 3}, 41);
+    check_vjp_by_finite_differences<5>({4, 3, 3, 2, 3}, {2, 3, 1, 2, 2}, 42);
+  }
+}
+
+TEMPLATE_TEST_CASE("FLoRA delta_weight_vjp reuses its gradient and workspace", "[flora]", float, double) {
+  using T = TestType;
+  auto a = random_flora<T, 4>({10, 6, 3, 3}, {3, 4, 2, 1}, 2.0, 51);
+  auto b = random_flora<T, 4>({10, 6, 3, 3}, {2, 2, 3, 3}, 2.0, 52);
+  const auto gw = random_tensor<T, 4>({10, 6, 3, 3}, 53);
+  const auto expected_a = ta::delta_weight_vjp(a, gw);
+  const auto expected_b = ta::delta_weight_vjp(b, gw);
+  ta::flora<T, 4> grad;
+  ta::flora_vjp_workspace<T, 4> ws;
+  ta::delta_weight_vjp(a, gw, grad, ws);
+  ta::delta_weight_vjp(b, gw, grad, ws);  // other ranks: grad is resized
+  ta::for_each_parameter(grad, expected_b, [](const char*, auto& g, const auto& e) { CHECK(bit_identical<T>(g, e)); });
+  ta::delta_weight_vjp(a, gw, grad, ws);
+  ta::for_each_parameter(grad, expected_a, [](const char*, auto& g, const auto& e) { CHECK(bit_identical<T>(g, e)); });
+}
+
+TEMPLATE_TEST_CASE("FLoRA merge, unmerge and safe_merge", "[flora]", float, double) {
+  using T = TestType;
+  const ta::shape<4> s{16, 8, 3, 3};
+  auto a = random_flora<T, 4>(s, {4, 3, 2, 2}, 4.0, 61);
+  const ta::tensor<T, 4> w0 = random_tensor<T, 4>(s, 62);
+  const ta::tensor<T, 4> dw = ta::delta_weight(a);
+
+  ta::tensor<T, 4> w = w0;
+  ta::merge(a, w);
+  ta::tensor<T, 4> sum = w0 + dw;
+  CHECK(relative_error(w, sum) < tolerance<T>(48));
+
+  ta::tensor<T, 4> safe = w0;
+  ta::safe_merge(a, safe);
+  CHECK(bit_identical<T>(safe, w));
+
+  ta::unmerge(a, w);
+  CHECK(relative_error(w, w0) < tolerance<T>(48) * (1.0 + max_abs(dw)));
+
+  // A merge that would overflow or meet a NaN throws and leaves the weight bit-identical.
+  ta::flora<T, 4> huge = a;
+  huge.G.setConstant(std::numeric_limits<T>::max());
+  huge.scale = std::numeric_limits<T>::max();
+  ta::tensor<T, 4> kept = w0;
+  CHECK_THROWS_AS(ta::safe_merge(huge, kept), ta::argument_error);
+  CHECK(bit_identical<T>(kept, w0));
+  ta::flora<T, 4> nan = a;
+  nan.U[2](1, 0) = std::numeric_limits<T>::quiet_NaN();
+  CHECK_THROWS_AS(ta::safe_merge(nan, kept), ta::argument_error);
+  CHECK(bit_identical<T>(kept, w0));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The official code's tensors
+
+TEST_CASE("FLoRA converts the official tensors and back", "[flora]") {
+  // Official order (in 5, out 7, kh 3, kw 2), ranks (r_in 2, r_out 3, 2, 1).
+  const ta::tensor<double, 4> g = random_tensor<double, 4>({2, 3, 2, 1}, 71);
+  const std::array<ta::tensor<double, 2>, 4> p{random_tensor<double, 2>({5, 2}, 72), random_tensor<double, 2>({7, 3}, 73),
+                                               random_tensor<double, 2>({3, 2}, 74), random_tensor<double, 2>({2, 1}, 75)};
+  const auto a = ta::flora_from_official(g, p, 4.0);
+  CHECK(ta::weight_shape(a) == ta::shape<4>{7, 5, 3, 2});
+  CHECK(ta::ranks(a) == ta::shape<4>{3, 2, 2, 1});
+  CHECK(bit_identical<double>(a.U[0], p[1]));
+  CHECK(bit_identical<double>(a.U[1], p[0]));
+  CHECK(bit_identical<double>(a.U[2], p[2]));
+  for (ta::index i = 0; i < 2; ++i)
+    for (ta::index j = 0; j < 3; ++j)
+      for (ta::index k = 0; k < 2; ++k) CHECK(a.G(j, i, k, 0) == g(i, j, k, 0));
+
+  ta::tensor<double, 4> g2;
+  std::array<ta::tensor<double, 2>, 4> p2;
+  ta::flora_to_official(a, g2, p2);
+  CHECK(bit_identical<double>(g2, g));
+  for (std::size_t n = 0; n < 4; ++n) CHECK(bit_identical<double>(p2[n], p[n]));
+
+  // Wrong shapes: a factor whose columns do not match the core, a rank above its extent.
+  auto bad = p;
+  bad[1] = random_tensor<double, 2>({7, 2}, 76);
+  CHECK_THROWS_AS(ta::flora_from_official(g, bad, 1.0), ta::argument_error);
+  bad = p;
+  bad[3] = random_tensor<double, 2>({2, 1}, 77);
+  const ta::tensor<double, 4> g_wide = random_tensor<double, 4>({2, 3, 2, 3}, 78);
+  CHECK_THROWS_AS(ta::flora_from_official(g_wide, bad, 1.0), ta::argument_error);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Linear layers in activation space
+
+TEMPLATE_TEST_CASE("FLoRA merged forward equals the unmerged forward", "[flora]", float, double) {
+  using T = TestType;
+  const ta::index n = 9, in = 14, out = 11;
+  auto a = random_flora<T, 2>({out, in}, {4, 6}, 2.5, 81);
+  const auto x = random_tensor<T, 2>({n, in}, 82);
+  const auto w0 = random_tensor<T, 2>({out, in}, 83, 0.3);
+  const auto b0 = random_tensor<T, 1>({out}, 84);
+
+  ta::tensor<T, 2> merged = w0;
+  ta::merge(a, merged);
+  ta::tensor<T, 2> expected(n, out), expected_nobias(n, out);
+  for (ta::index i = 0; i < n; ++i)
+    for (ta::index o = 0; o < out; ++o) {
+      double s = 0;
+      for (ta::index k = 0; k < in; ++k) s += double(x(i, k)) * double(merged(o, k));
+      expected(i, o) = static_cast<T>(s + double(b0(o)));
+      expected_nobias(i, o) = static_cast<T>(s);
+    }
+  CHECK(relative_error(ta::forward(a, x, w0, b0), expected) < tolerance<T>(in * 6));
+  CHECK(relative_error(ta::forward(a, x, w0), expected_nobias) < tolerance<T>(in * 6));
+}
+
+namespace {
+
+// L = Σ y · dy with y = forward(a, x, w0, b0); W0 and b0 are frozen.
+void check_linear_backward_by_finite_differences(ta::index out, ta::index in, const ta::shape<2>& ranks,
+                                                 std::uint64_t seed) {
+  INFO("weight (" << out << ", " << in << ") ranks " << ta::detail::dims_string(ranks, 2));
+  const ta::index n = 4;
+  auto a = random_flora<double, 2>({out, in}, ranks, 1.25, seed);
+  ta::tensor<double, 2> x = random_tensor<double, 2>({n, in}, seed + 1);
+  const auto w0 = random_tensor<double, 2>({out, in}, seed + 2);
+  const auto b0 = random_tensor<double, 1>({out}, seed + 3);
+  const auto dy = random_tensor<double, 2>({n, out}, seed + 4);
+  const auto back = ta::backward(a, x, w0, dy);
+
+  auto loss = [&](const ta::flora<double, 2>& p, const ta::tensor<double, 2>& xx) {
+    const auto y = ta::forward(p, xx, w0, b0);
+    double l = 0;
+    for (ta::index i = 0; i < y.size(); ++i) l += y.data()[i] * dy.data()[i];
+    return l;
+  };
+  const double h = 1e-3;
+  double worst = 0, largest = 0;
+  auto probe = [&](double& value, double analytic, const ta::flora<double, 2>& p) {
+    const double keep = value;
+    value = keep + h;
+    const double up = loss(p, x);
+    value = keep - h;
+    const double down = loss(p, x);
+    value = keep;
+    const double fd = (up - down) / (2 * h);
+    worst = std::max(worst, std::abs(fd - analytic));
+    largest = std::max(largest, std::abs(fd));
+  };
+  ta::flora<double, 2> p = a;
+  ta::for_each_parameter(p, back.grad, [&](const char*, auto& param, const auto& g) {
+    for (ta::index i = 0; i < param.size(); ++i) probe(param.data()[i], g.data()[i], p);
+  });
+  for (ta::index i = 0; i < x.size(); ++i) probe(x.data()[i], back.dx.data()[i], a);
+  CHECK(largest > 0);
+  CHECK(worst <= 1e-8 * (1.0 + largest));
+}
+
+}  // namespace
+
+TEST_CASE("FLoRA linear backward matches finite differences", "[flora][fd]") {
+  check_linear_backward_by_finite_differences(6, 5, {1, 1}, 91);
+  check_linear_backward_by_finite_differences(6, 5, {6, 5}, 92);
+  check_linear_backward_by_finite_differences(6, 5, {2, 4}, 93);
+  check_linear_backward_by_finite_differences(3, 8, {3, 2}, 94);
+}
+
+TEMPLATE_TEST_CASE("FLoRA linear path makes no allocation once its workspace is warm", "[flora]", float, double) {
+  using T = TestType;
+  const ta::index n = 16, in = 24, out = 20;
+  auto a = random_flora<T, 2>({out, in}, {4, 3}, 2.0, 101);
+  const auto x = random_tensor<T, 2>({n, in}, 102);
+  const auto w0 = random_tensor<T, 2>({out, in}, 103);
+  const auto b0 = random_tensor<T, 1>({out}, 104);
+  const auto dy = random_tensor<T, 2>({n, out}, 105);
+  ta::tensor<T, 2> y(n, out), dx(n, in);
+  ta::flora<T, 2> grad;
+  ta::flora_workspace<T> ws;
+  ta::forward(a, x, w0, b0, y, ws);
+  ta::backward(a, x, w0, dy, dx, grad, ws);
+  const ta::tensor<T, 2> y_first = y, dx_first = dx;
+
+  const ta::const_tensor_view<T, 2> x_half(x.data(), n / 2, in);
+  const ta::tensor_view<T, 2> y_half(y.data(), n / 2, out);
+  long allocations = 0;
+  {
+    allocation_counter::scope counting;
+    ta::forward(a, x, w0, b0, y, ws);
+    ta::forward(a, x_half, w0, b0, y_half, ws);  // a smaller batch fits the same workspace
+    ta::forward(a, x, w0, b0, y, ws);
+    ta::backward(a, x, w0, dy, dx, grad, ws);
+    allocations = counting.allocations();
+  }
+  CHECK(allocations == 0);
+  CHECK(bit_identical<T>(y, y_first));
+  CHECK(bit_identical<T>(dx, dx_first));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Bad input
+
+TEST_CASE("FLoRA rejects bad input before writing anything", "[flora][errors]") {
+  std::mt19937_64 gen(111);
+  using ta::argument_error;
+
+  SECTION("construction") {
+    CHECK_THROWS_AS((ta::make_flora<float, 2>({8, 6}, {0, 2}, 1.0, gen)), argument_error);
+    CHECK_THROWS_AS((ta::make_flora<float, 2>({8, 6}, {2, 7}, 1.0, gen)), argument_error);
+    CHECK_THROWS_AS((ta::make_flora<float, 4>({8, 6, 3, 3}, {2, 2, 4, 1}, 1.0, gen)), argument_error);
+    CHECK_THROWS_AS((ta::make_flora<float, 3>({8, 0, 3}, {2, 1, 1}, 1.0, gen)), argument_error);
+    CHECK_THROWS_AS((ta::make_flora<float, 3>({8, 4, 3}, {2, -1, 1}, 1.0, gen)), argument_error);
+    try {
+      ta::make_flora<float, 2>({8, 6}, {2, 7}, 1.0, gen);
+    } catch (const argument_error& e) {
+      const std::string what = e.what();
+      CHECK(what.find("make_flora") != std::string::npos);
+      CHECK(what.find("(8, 6)") != std::string::npos);
+      CHECK(what.find("rank 7") != std::string::npos);
+    }
+  }
+
+  auto a = random_flora<double, 4>({8, 6, 3, 3}, {2, 3, 2, 1}, 2.0, 112);
+  const ta::tensor<double, 4> w0 = random_tensor<double, 4>({8, 6, 3, 3}, 113);
+
+  SECTION("weights and gradients of the wrong shape") {
+    ta::tensor<double, 4> w = random_tensor<double, 4>({8, 6, 3, 2}, 114);
+    const ta::tensor<double, 4> w_before = w;
+    CHECK_THROWS_AS(ta::merge(a, w), argument_error);
+    CHECK_THROWS_AS(ta::unmerge(a, w), argument_error);
+    CHECK_THROWS_AS(ta::safe_merge(a, w), argument_error);
+    CHECK_THROWS_AS(ta::delta_weight(a, w), argument_error);
+    CHECK(bit_identical<double>(w, w_before));
+
+    ta::flora<double, 4> grad = zeros_like(a);
+    grad.G.setConstant(7.0);
+    const ta::flora<double, 4> grad_before = grad;
+    CHECK_THROWS_AS(ta::delta_weight_vjp(a, ta::view(w), grad), argument_error);
+    CHECK_THROWS_AS(ta::delta_weight_vjp(a, w), argument_error);
+    ta::for_each_parameter(grad, grad_before, [](const char*, auto& g, const auto& e) { CHECK(bit_identical<double>(g, e)); });
+    const ta::tensor<double, 4> transposed = random_tensor<double, 4>({6, 8, 3, 3}, 115);
+    CHECK_THROWS_AS(ta::delta_weight_vjp(a, transposed), argument_error);
+  }
+
+  SECTION("adapters of inconsistent shapes") {
+    ta::tensor<double, 4> w = w0;
+    auto wrong_cols = a;
+    wrong_cols.U[2] = random_tensor<double, 2>({3, 3}, 116);  // the core has rank 2 in mode 2
+    auto rank_above = a;
+    rank_above.U[3] = random_tensor<double, 2>({3, 1}, 117);
+    rank_above.G = random_tensor<double, 4>({2, 3, 2, 1}, 118);
+    rank_above.U[1] = random_tensor<double, 2>({2, 3}, 119);  // rank 3 of an extent 2
+    auto empty = a;
+    empty.G = ta::tensor<double, 4>(2, 0, 2, 1);
+    empty.U[1] = ta::tensor<double, 2>(6, 0);
+    for (const auto* bad : {&wrong_cols, &rank_above, &empty}) {
+      CHECK_THROWS_AS(ta::merge(*bad, w), argument_error);
+      CHECK_THROWS_AS(ta::delta_weight(*bad), argument_error);
+      CHECK_THROWS_AS(ta::delta_weight_vjp(*bad, w0), argument_error);
+    }
+    CHECK(bit_identical<double>(w, w0));
+  }
+
+  SECTION("linear path") {
+    auto l = random_flora<double, 2>({5, 4}, {2, 3}, 1.0, 120);
+    const auto x = random_tensor<double, 2>({3, 4}, 121);
+    const auto w = random_tensor<double, 2>({5, 4}, 122);
+    const auto b = random_tensor<double, 1>({5}, 123);
+    const auto dy = random_tensor<double, 2>({3, 5}, 124);
+    ta::flora_workspace<double> ws;
+    ta::tensor<double, 2> y(3, 5), dx(3, 4);
+    y.setConstant(9.0);
+    dx.setConstant(9.0);
+    const ta::tensor<double, 2> y_before = y, dx_before = dx;
+    ta::flora<double, 2> grad;
+
+    const auto x_wrong = random_tensor<double, 2>({3, 5}, 125);
+    const auto w_wrong = random_tensor<double, 2>({4, 5}, 126);
+    const auto b_wrong = random_tensor<double, 1>({4}, 127);
+    const auto dy_wrong = random_tensor<double, 2>({3, 4}, 128);
+    ta::tensor<double, 2> y_wrong(3, 4), dx_wrong(2, 4);
+    CHECK_THROWS_AS(ta::forward(l, x_wrong, w, b, y, ws), argument_error);
+    CHECK_THROWS_AS(ta::forward(l, x, w_wrong, b, y, ws), argument_error);
+    CHECK_THROWS_AS(ta::forward(l, x, w, b_wrong, y, ws), argument_error);
+    CHECK_THROWS_AS(ta::forward(l, x, w, b, y_wrong, ws), argument_error);
+    CHECK_THROWS_AS(ta::forward(l, x, w, y_wrong, ws), argument_error);
+    CHECK_THROWS_AS(ta::backward(l, x, w, dy_wrong, dx, grad, ws), argument_error);
+    CHECK_THROWS_AS(ta::backward(l, x, w, dy, dx_wrong, grad, ws), argument_error);
+    CHECK_THROWS_AS(ta::backward(l, x_wrong, w, dy, dx, grad, ws), argument_error);
+    CHECK(bit_identical<double>(y, y_before));
+    CHECK(bit_identical<double>(dx, dx_before));
+    CHECK(grad.G.size() == 0);
+    CHECK(ws.h1.empty());
+  }
+}
