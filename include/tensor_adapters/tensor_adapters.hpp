@@ -2,6 +2,7 @@
 #pragma once
 
 #include "error.hpp"
+#include "flora.hpp"
 #include "init.hpp"
 #include "lora.hpp"
 #include "mode_product.hpp"
