@@ -1,0 +1,1099 @@
+// GLoRA (generalized LoRA; Chavan et al.), exactly as its official code computes it.
+//
+// A linear weight W0 (O, I) with an optional bias b0 (O) gets five support tensors A–E, all read from
+// one store per layer (the supernet's weight entanglement) with maximum rank R:
+//
+//   store   shape    name          init (default)
+//   Ad, Bd  (O, R)   glora_Ad/Bd   zeros
+//   Au, Bu  (R, I)   glora_Au/Bu   kaiming-uniform (a = √5), or xavier-uniform
+//   Cd      (I, R)   glora_Cd      zeros
+//   Cu      (R, 1)   glora_Cu      kaiming-uniform, or xavier-uniform
+//   D, E    (O)      glora_D/E     zeros
+//
+// A configuration (glora_config) picks one kind per support tensor, and each kind reads the store so:
+//   lora(r), r ≤ R:  X = Xd[:, :r] · Xu[:r, :]   (A, B: (O, I); C: (I, 1))
+//   vector:          Xd[:, 0], a column broadcast along the input dimension (C: (I, 1)); D, E: the whole (O)
+//   scalar:          Xd[0, 0] (D, E: element 0)
+//   none:            zero
+// with A, B ∈ {lora, vector, scalar, none}, C ∈ {lora, vector, none}, D, E ∈ {vector, scalar, none}. Then
+//   W_eff = W0 + W0 ⊙ A + B
+//   b_eff = b0 + b0 ⊙ D + E + W0 · C        (without a bias: b_eff = E + W0 · C)
+//   y     = x · W_effᵀ + b_eff
+// The prompt term W0 · C always uses the frozen W0, and merge computes (W_eff, b_eff) from the original
+// W0 and b0.
+//
+// The store's gradient has the store's type: backward fills the entries the configuration reads and
+// sets every other entry to exactly zero (lora(r) touches only the first r columns of Xd and the first r
+// rows of Xu; vector only column 0; scalar only element (0, 0)).
+//
+// Weight space (any weight rank 2..5, viewed as (O, F)):  delta_weight, delta_bias, delta_weight_vjp,
+// delta_bias_vjp, merge.  Linear layers:  forward, backward (ΔW and the low-rank factors are formed once
+// per call; the batch sees one GEMM against W_eff).
+//
+// Configuration space: glora_space (the choices per support tensor), make_glora_space(ranks) (the
+// official search space), enumerate_glora_configs, random_glora_config (supernet training draws one per
+// layer at every step), parameter_count(config, out, in) (the official search's rule), and a text form:
+//   "A=lora_4,B=vector,C=none,D=scalar,E=vector"   (to_string / parse_glora_config; layers joined by ';')
+//
+// Example:
+//   std::mt19937_64 gen(0);
+//   auto store = tensor_adapters::make_glora<float>(768, 768, {/*max_rank=*/8}, gen);
+//   auto space = tensor_adapters::make_glora_space(8);
+//   tensor_adapters::glora_config config = tensor_adapters::random_glora_config(space, gen);
+//   tensor_adapters::tensor<float, 2> y = tensor_adapters::forward(store, config, x, w0, b0);
+#pragma once
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "detail/check.hpp"
+#include "detail/gemm.hpp"
+#include "init.hpp"
+#include "parameters.hpp"
+#include "tensor.hpp"
+
+namespace tensor_adapters {
+
+// ---------------------------------------------------------------------------------------------------
+// Configuration
+
+enum class glora_kind { none, scalar, vector, lora };
+
+// One support tensor's kind; rank is read only for lora.
+struct glora_choice {
+  glora_kind kind = glora_kind::none;
+  index rank = 0;
+
+  static glora_choice lora(index r) { return {glora_kind::lora, r}; }
+  static glora_choice vector() { return {glora_kind::vector, 0}; }
+  static glora_choice scalar() { return {glora_kind::scalar, 0}; }
+  static glora_choice none() { return {glora_kind::none, 0}; }
+};
+
+inline bool operator==(const glora_choice& a, const glora_choice& b) {
+  return a.kind == b.kind && (a.kind != glora_kind::lora || a.rank == b.rank);
+}
+inline bool operator!=(const glora_choice& a, const glora_choice& b) { return !(a == b); }
+
+// A layer's configuration: one kind per support tensor. The default reads nothing (W_eff = W0).
+struct glora_config {
+  glora_choice A, B, C, D, E;
+};
+
+inline bool operator==(const glora_config& a, const glora_config& b) {
+  return a.A == b.A && a.B == b.B && a.C == b.C && a.D == b.D && a.E == b.E;
+}
+inline bool operator!=(const glora_config& a, const glora_config& b) { return !(a == b); }
+
+// The choices a search (or supernet training) draws from, per support tensor.
+struct glora_space {
+  std::vector<glora_choice> A, B, C, D, E;
+};
+
+namespace detail {
+
+inline bool glora_kind_known(glora_kind k) {
+  return k == glora_kind::none || k == glora_kind::scalar || k == glora_kind::vector || k == glora_kind::lora;
+}
+
+// Whether support tensor `tensor` ('A'..'E') may take this kind at all.
+inline bool glora_kind_allowed(char tensor, glora_kind k) {
+  if (tensor == 'C') return k != glora_kind::scalar;
+  if (tensor == 'D' || tensor == 'E') return k != glora_kind::lora;
+  return true;
+}
+
+inline std::string glora_choice_text(const glora_choice& c) {
+  switch (c.kind) {
+    case glora_kind::lora:
+      return "lora_" + std::to_string(c.rank);
+    case glora_kind::vector:
+      return "vector";
+    case glora_kind::scalar:
+      return "scalar";
+    case glora_kind::none:
+      return "none";
+  }
+  return "unknown(" + std::to_string(static_cast<int>(c.kind)) + ")";
+}
+
+// Checks one choice of support tensor `tensor` against the maximum rank R (R < 1: rank unchecked).
+inline void check_glora_choice(const glora_choice& c, char tensor, index max_rank, const char* function) {
+  TA_CHECK(glora_kind_known(c.kind), function,
+           std::string("support tensor ") + tensor + " has an unknown kind (" +
+               std::to_string(static_cast<int>(c.kind)) + ")");
+  TA_CHECK(glora_kind_allowed(tensor, c.kind), function,
+           std::string("support tensor ") + tensor + " cannot be " + glora_choice_text(c) +
+               (tensor == 'C' ? " (C is lora, vector or none)" : " (D and E are vector, scalar or none)"));
+  if (c.kind == glora_kind::lora) {
+    TA_CHECK(c.rank >= 1 && (max_rank < 1 || c.rank <= max_rank), function,
+             std::string("support tensor ") + tensor + " has lora rank " + std::to_string(c.rank) +
+                 (max_rank < 1 ? std::string(" below 1")
+                               : " outside [1, R] for the store's maximum rank R = " + std::to_string(max_rank)));
+  }
+}
+
+inline void check_glora_config(const glora_config& c, index max_rank, const char* function) {
+  check_glora_choice(c.A, 'A', max_rank, function);
+  check_glora_choice(c.B, 'B', max_rank, function);
+  check_glora_choice(c.C, 'C', max_rank, function);
+  check_glora_choice(c.D, 'D', max_rank, function);
+  check_glora_choice(c.E, 'E', max_rank, function);
+}
+
+}  // namespace detail
+
+// "lora_4", "vector", "scalar" or "none".
+inline std::string to_string(const glora_choice& c) { return detail::glora_choice_text(c); }
+
+// "A=lora_4,B=vector,C=none,D=scalar,E=vector".
+inline std::string to_string(const glora_config& c) {
+  return "A=" + to_string(c.A) + ",B=" + to_string(c.B) + ",C=" + to_string(c.C) + ",D=" + to_string(c.D) +
+         ",E=" + to_string(c.E);
+}
+
+// One configuration per layer, joined by ';'.
+inline std::string to_string(const std::vector<glora_config>& configs) {
+  std::string s;
+  for (std::size_t i = 0; i < configs.size(); ++i) s += (i ? ";" : "") + to_string(configs[i]);
+  return s;
+}
+
+namespace detail {
+
+inline std::string glora_trim(const std::string& s) {
+  std::size_t b = 0, e = s.size();
+  while (b < e && std::isspace(static_cast<unsigned char>(s[b]))) ++b;
+  while (e > b && std::isspace(static_cast<unsigned char>(s[e - 1]))) --e;
+  return s.substr(b, e - b);
+}
+
+inline std::vector<std::string> glora_split(const std::string& s, char sep) {
+  std::vector<std::string> parts;
+  std::size_t start = 0;
+  for (;;) {
+    const std::size_t p = s.find(sep, start);
+    parts.push_back(s.substr(start, p == std::string::npos ? std::string::npos : p - start));
+    if (p == std::string::npos) return parts;
+    start = p + 1;
+  }
+}
+
+inline glora_choice parse_glora_choice(const std::string& word, char tensor, const std::string& text) {
+  const char* fn = "parse_glora_config";
+  glora_choice c;
+  // The official code's spellings "LoRA_<r>" and "constant" are accepted as well.
+  if (word == "vector") {
+    c = glora_choice::vector();
+  } else if (word == "scalar" || word == "constant") {
+    c = glora_choice::scalar();
+  } else if (word == "none") {
+    c = glora_choice::none();
+  } else if (word.rfind("lora_", 0) == 0 || word.rfind("LoRA_", 0) == 0) {
+    const std::string digits = word.substr(5);
+    bool ok = !digits.empty() && digits.size() <= 9;
+    for (char ch : digits) ok = ok && std::isdigit(static_cast<unsigned char>(ch));
+    TA_CHECK(ok, fn, "\"" + word + "\" in \"" + text + "\" is not lora_<rank>");
+    c = glora_choice::lora(static_cast<index>(std::stol(digits)));
+  } else {
+    fail(fn, std::string("unknown kind \"") + word + "\" for support tensor " + tensor + " in \"" + text +
+                 "\" (expected lora_<rank>, vector, scalar or none)");
+  }
+  check_glora_choice(c, tensor, 0, fn);
+  return c;
+}
+
+}  // namespace detail
+
+// The inverse of to_string(glora_config): exactly the five fields A..E in that order, separated by
+// commas, spaces around names, '=' and kinds ignored. Throws argument_error on anything else, on an unknown or illegal
+// kind (scalar for C, lora for D or E) and on a lora rank below 1.
+inline glora_config parse_glora_config(const std::string& text) {
+  const char* fn = "parse_glora_config";
+  const std::vector<std::string> fields = detail::glora_split(text, ',');
+  TA_CHECK(fields.size() == 5, fn,
+           "\"" + text + "\" has " + std::to_string(fields.size()) + " fields; expected A=…,B=…,C=…,D=…,E=…");
+  glora_config c;
+  glora_choice* slots[5] = {&c.A, &c.B, &c.C, &c.D, &c.E};
+  for (std::size_t k = 0; k < 5; ++k) {
+    const char tensor = static_cast<char>('A' + k);
+    const std::string field = detail::glora_trim(fields[k]);
+    const std::size_t eq = field.find('=');
+    TA_CHECK(eq != std::string::npos && detail::glora_trim(field.substr(0, eq)) == std::string(1, tensor), fn,
+             "field \"" + field + "\" of \"" + text + "\" must be " + std::string(1, tensor) + "=<kind>");
+    *slots[k] = detail::parse_glora_choice(detail::glora_trim(field.substr(eq + 1)), tensor, text);
+  }
+  return c;
+}
+
+// The inverse of to_string(std::vector<glora_config>): layers separated by ';'. The empty string is
+// zero layers.
+inline std::vector<glora_config> parse_glora_configs(const std::string& text) {
+  std::vector<glora_config> configs;
+  if (detail::glora_trim(text).empty()) return configs;
+  for (const std::string& layer : detail::glora_split(text, ';')) configs.push_back(parse_glora_config(layer));
+  return configs;
+}
+
+// The official search space for lora ranks `ranks` (each ≥ 1, no repeats):
+//   A, B: lora(r) for each r, vector, scalar, none;  C: lora(r) for each r, vector, none;
+//   D, E: vector, scalar, none.
+// For one rank that is 4·4·3·3·3 = 432 configurations. Throws argument_error on an empty list, a rank
+// below 1 or a repeated rank.
+inline glora_space make_glora_space(const std::vector<index>& ranks) {
+  const char* fn = "make_glora_space";
+  TA_CHECK(!ranks.empty(), fn, "the list of lora ranks is empty");
+  glora_space s;
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    TA_CHECK(ranks[i] >= 1, fn, "lora rank " + std::to_string(ranks[i]) + " must be at least 1");
+    for (std::size_t j = 0; j < i; ++j)
+      TA_CHECK(ranks[j] != ranks[i], fn, "lora rank " + std::to_string(ranks[i]) + " is listed twice");
+    s.A.push_back(glora_choice::lora(ranks[i]));
+  }
+  s.C = s.A;
+  s.A.push_back(glora_choice::vector());
+  s.A.push_back(glora_choice::scalar());
+  s.A.push_back(glora_choice::none());
+  s.B = s.A;
+  s.C.push_back(glora_choice::vector());
+  s.C.push_back(glora_choice::none());
+  s.D = {glora_choice::vector(), glora_choice::scalar(), glora_choice::none()};
+  s.E = s.D;
+  return s;
+}
+inline glora_space make_glora_space(index rank) { return make_glora_space(std::vector<index>{rank}); }
+
+namespace detail {
+
+// Checks a space: every list non-empty, every choice legal for its tensor and of rank ≤ max_rank
+// (max_rank < 1: unchecked), no repeats.
+inline void check_glora_space(const glora_space& s, index max_rank, const char* function) {
+  const std::vector<glora_choice>* lists[5] = {&s.A, &s.B, &s.C, &s.D, &s.E};
+  for (int k = 0; k < 5; ++k) {
+    const char tensor = static_cast<char>('A' + k);
+    const std::vector<glora_choice>& list = *lists[k];
+    TA_CHECK(!list.empty(), function, std::string("the search space offers no choice for support tensor ") + tensor);
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      check_glora_choice(list[i], tensor, max_rank, function);
+      for (std::size_t j = 0; j < i; ++j)
+        TA_CHECK(list[j] != list[i], function,
+                 std::string("the search space lists ") + to_string(list[i]) + " twice for support tensor " + tensor);
+    }
+  }
+}
+
+}  // namespace detail
+
+// The number of configurations of a space: |A|·|B|·|C|·|D|·|E|.
+inline index glora_space_size(const glora_space& s) {
+  return static_cast<index>(s.A.size() * s.B.size() * s.C.size() * s.D.size() * s.E.size());
+}
+
+// Every configuration of the space, A varying slowest and E fastest, each list in its own order.
+// Throws argument_error if the space is not valid (see make_glora_space).
+inline std::vector<glora_config> enumerate_glora_configs(const glora_space& s) {
+  detail::check_glora_space(s, 0, "enumerate_glora_configs");
+  std::vector<glora_config> all;
+  all.reserve(static_cast<std::size_t>(glora_space_size(s)));
+  for (const auto& a : s.A)
+    for (const auto& b : s.B)
+      for (const auto& c : s.C)
+        for (const auto& d : s.D)
+          for (const auto& e : s.E) all.push_back({a, b, c, d, e});
+  return all;
+}
+
+namespace detail {
+
+// Uniform on {0, …, n − 1} from the generator's raw bits (the same on every platform).
+template <class Generator>
+std::size_t glora_uniform_index(std::size_t n, Generator& gen) {
+  const std::size_t k = static_cast<std::size_t>(uniform01(gen) * static_cast<double>(n));
+  return k < n ? k : n - 1;
+}
+
+}  // namespace detail
+
+// A configuration drawn uniformly from the space (each support tensor's choice uniform and independent),
+// as supernet training draws one per layer at every step. Reproducible for a given generator state.
+// Throws argument_error if the space is not valid.
+template <class Generator>
+glora_config random_glora_config(const glora_space& s, Generator& gen) {
+  detail::check_glora_space(s, 0, "random_glora_config");
+  glora_config c;
+  c.A = s.A[detail::glora_uniform_index(s.A.size(), gen)];
+  c.B = s.B[detail::glora_uniform_index(s.B.size(), gen)];
+  c.C = s.C[detail::glora_uniform_index(s.C.size(), gen)];
+  c.D = s.D[detail::glora_uniform_index(s.D.size(), gen)];
+  c.E = s.E[detail::glora_uniform_index(s.E.size(), gen)];
+  return c;
+}
+
+namespace detail {
+
+// The official search's count for one support tensor of a (rows, cols) matrix: lora r·(rows + cols),
+// vector rows, scalar 1, none 0.
+inline index glora_choice_parameters(const glora_choice& c, index rows, index cols) {
+  switch (c.kind) {
+    case glora_kind::lora:
+      return c.rank * (rows + cols);
+    case glora_kind::vector:
+      return rows;
+    case glora_kind::scalar:
+      return 1;
+    case glora_kind::none:
+      return 0;
+  }
+  return 0;
+}
+
+}  // namespace detail
+
+// The trainable parameters a configuration uses in a layer (out, in), by the official search's rule:
+// A and B: lora r·(O + I), vector O, scalar 1, none 0;  C: lora r·(I + 1), vector I, none 0;
+// D and E: vector O, scalar 1, none 0.
+// Throws argument_error on an illegal configuration or a size below 1.
+inline index parameter_count(const glora_config& c, index out, index in) {
+  const char* fn = "glora parameter_count";
+  TA_CHECK(out >= 1 && in >= 1, fn,
+           "layer (" + std::to_string(out) + ", " + std::to_string(in) + ") must not be empty");
+  detail::check_glora_config(c, 0, fn);
+  return detail::glora_choice_parameters(c.A, out, in) + detail::glora_choice_parameters(c.B, out, in) +
+         detail::glora_choice_parameters(c.C, in, 1) + detail::glora_choice_parameters(c.D, out, 1) +
+         detail::glora_choice_parameters(c.E, out, 1);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The store
+
+enum class glora_init {
+  kaiming_uniform,  // Au, Bu, Cu ~ kaiming_uniform_(a = √5): U(±1/sqrt(fan_in)), fan_in = I (Cu: 1)
+  xavier_uniform,   // Au, Bu ~ U(±sqrt(6 / (I + R))), Cu ~ U(±sqrt(6 / (1 + R))) (the vision code's choice)
+};
+
+struct glora_options {
+  index max_rank = 8;  // R
+  glora_init init = glora_init::kaiming_uniform;
+};
+
+// The per-layer store. Parameter names (for_each_parameter order): glora_Ad, glora_Au, glora_Bd,
+// glora_Bu, glora_Cd, glora_Cu, glora_D, glora_E — the official module's Ad, Au, … with a glora_ prefix.
+template <class T>
+struct glora {
+  tensor<T, 2> Ad;  // (O, R)
+  tensor<T, 2> Au;  // (R, I)
+  tensor<T, 2> Bd;  // (O, R)
+  tensor<T, 2> Bu;  // (R, I)
+  tensor<T, 2> Cd;  // (I, R)
+  tensor<T, 2> Cu;  // (R, 1)
+  tensor<T, 1> D;   // (O)
+  tensor<T, 1> E;   // (O)
+};
+
+template <class T>
+index max_rank(const glora<T>& a) {
+  return a.Ad.dimension(1);
+}
+
+// A new store for a weight (out, in) with maximum rank R = options.max_rank: the down factors, D and E
+// are zero and the up factors are drawn (Au, then Bu, then Cu) from `gen`, so every configuration of a
+// new store is an exact no-op. Throws argument_error if a size is < 1 or R > min(out, in).
+template <class T, class Generator>
+glora<T> make_glora(index out, index in, const glora_options& options, Generator& gen) {
+  const char* fn = "make_glora";
+  const index r = options.max_rank;
+  TA_CHECK(out >= 1 && in >= 1, fn, "weight (" + std::to_string(out) + ", " + std::to_string(in) + ") must not be empty");
+  TA_CHECK(r >= 1 && r <= std::min(out, in), fn,
+           "maximum rank " + std::to_string(r) + " must be in [1, min(out, in)] for a weight (" +
+               std::to_string(out) + ", " + std::to_string(in) + ")");
+  TA_CHECK(options.init == glora_init::kaiming_uniform || options.init == glora_init::xavier_uniform, fn,
+           "unknown initialisation " + std::to_string(static_cast<int>(options.init)));
+  glora<T> a;
+  a.Ad.resize(out, r);
+  a.Au.resize(r, in);
+  a.Bd.resize(out, r);
+  a.Bu.resize(r, in);
+  a.Cd.resize(in, r);
+  a.Cu.resize(r, 1);
+  a.D.resize(out);
+  a.E.resize(out);
+  a.Ad.setZero();
+  a.Bd.setZero();
+  a.Cd.setZero();
+  a.D.setZero();
+  a.E.setZero();
+  if (options.init == glora_init::kaiming_uniform) {
+    const double a5 = std::sqrt(5.0);
+    fill_kaiming_uniform(a.Au, in, a5, gen);
+    fill_kaiming_uniform(a.Bu, in, a5, gen);
+    fill_kaiming_uniform(a.Cu, 1, a5, gen);
+  } else {
+    fill_xavier_uniform(a.Au, in, r, gen);
+    fill_xavier_uniform(a.Bu, in, r, gen);
+    fill_xavier_uniform(a.Cu, 1, r, gen);
+  }
+  return a;
+}
+
+// The same for a weight of any rank: shape (O, I1, …, Ik) is treated as (O, I1·…·Ik).
+template <class T, int N, class Generator>
+glora<T> make_glora(const shape<N>& weight_shape, const glora_options& options, Generator& gen) {
+  static_assert(N >= 2, "a GLoRA weight has rank 2 or more");
+  index fan_in = 1;
+  for (int d = 1; d < N; ++d) fan_in *= weight_shape[static_cast<std::size_t>(d)];
+  return make_glora<T>(weight_shape[0], fan_in, options, gen);
+}
+
+template <class T, class F>
+void for_each_parameter(glora<T>& a, F&& fn) {
+  fn("glora_Ad", a.Ad);
+  fn("glora_Au", a.Au);
+  fn("glora_Bd", a.Bd);
+  fn("glora_Bu", a.Bu);
+  fn("glora_Cd", a.Cd);
+  fn("glora_Cu", a.Cu);
+  fn("glora_D", a.D);
+  fn("glora_E", a.E);
+}
+template <class T, class F>
+void for_each_parameter(const glora<T>& a, F&& fn) {
+  fn("glora_Ad", a.Ad);
+  fn("glora_Au", a.Au);
+  fn("glora_Bd", a.Bd);
+  fn("glora_Bu", a.Bu);
+  fn("glora_Cd", a.Cd);
+  fn("glora_Cu", a.Cu);
+  fn("glora_D", a.D);
+  fn("glora_E", a.E);
+}
+template <class T, class F>
+void for_each_parameter(glora<T>& params, const glora<T>& grads, F&& fn) {
+  fn("glora_Ad", params.Ad, grads.Ad);
+  fn("glora_Au", params.Au, grads.Au);
+  fn("glora_Bd", params.Bd, grads.Bd);
+  fn("glora_Bu", params.Bu, grads.Bu);
+  fn("glora_Cd", params.Cd, grads.Cd);
+  fn("glora_Cu", params.Cu, grads.Cu);
+  fn("glora_D", params.D, grads.D);
+  fn("glora_E", params.E, grads.E);
+}
+
+// Scratch for forward, backward and the weight-space functions. Sized on first use; a workspace that
+// has served a layer (O, I) and a batch of n rows serves every call up to those sizes without allocating.
+template <class T>
+struct glora_workspace {
+  std::vector<T> weight;  // (O, I): W_eff, or W0 ⊙ gW
+  std::vector<T> gw;      // (O, I): dyᵀ · x
+  std::vector<T> bias;    // (O): b_eff, or Σ_rows dy
+  std::vector<T> col;     // (max(I, O)): C as a column, W0ᵀ · gb, b0 ⊙ gb, …
+  std::vector<T> h;       // (n, R) or (n): activation-space scratch
+  std::vector<T> dh;      // (n, R) or (O)
+};
+
+namespace detail {
+
+struct glora_dims {
+  index out, in, rank;
+};
+
+template <class T>
+glora_dims check_glora_store(const glora<T>& a, const char* function) {
+  const index out = a.Ad.dimension(0), r = a.Ad.dimension(1), in = a.Au.dimension(1);
+  TA_CHECK(out >= 1 && r >= 1 && in >= 1, function,
+           "the store is empty (Ad " + shape_string(a.Ad) + ", Au " + shape_string(a.Au) + ")");
+  const bool ok = a.Au.dimension(0) == r && a.Bd.dimension(0) == out && a.Bd.dimension(1) == r &&
+                  a.Bu.dimension(0) == r && a.Bu.dimension(1) == in && a.Cd.dimension(0) == in &&
+                  a.Cd.dimension(1) == r && a.Cu.dimension(0) == r && a.Cu.dimension(1) == 1 &&
+                  a.D.dimension(0) == out && a.E.dimension(0) == out;
+  TA_CHECK(ok, function,
+           "the store's shapes disagree: Ad " + shape_string(a.Ad) + ", Au " + shape_string(a.Au) + ", Bd " +
+               shape_string(a.Bd) + ", Bu " + shape_string(a.Bu) + ", Cd " + shape_string(a.Cd) + ", Cu " +
+               shape_string(a.Cu) + ", D " + shape_string(a.D) + ", E " + shape_string(a.E) +
+               "; expected (O, R), (R, I), (O, R), (R, I), (I, R), (R, 1), (O), (O)");
+  return {out, in, r};
+}
+
+// The weight (O, I1, …, Ik) seen as (O, F) must match the store: O rows and F = I.
+template <class Weight>
+void check_glora_weight(const glora_dims& d, const Weight& w, const char* function, const char* name) {
+  index fan_in = 1;
+  for (int k = 1; k < Weight::NumIndices; ++k) fan_in *= w.dimension(k);
+  TA_CHECK(w.dimension(0) == d.out && fan_in == d.in, function,
+           std::string(name) + " has shape " + shape_string(w) + " but the store needs (" + std::to_string(d.out) +
+               ", …) with fan-in " + std::to_string(d.in));
+}
+
+template <class Vector>
+void check_glora_vector(const Vector& v, index size, const char* function, const char* name) {
+  TA_CHECK(v.dimension(0) == size, function,
+           std::string(name) + " has shape " + shape_string(v) + " but must be (" + std::to_string(size) + ")");
+}
+
+inline void check_glora_matrix(const Eigen::DSizes<index, 2>& dims, index rows, index cols, const char* function,
+                               const char* name) {
+  TA_CHECK(dims[0] == rows && dims[1] == cols, function,
+           std::string(name) + " has shape " + dims_string(dims, 2) + " but must be (" + std::to_string(rows) +
+               ", " + std::to_string(cols) + ")");
+}
+
+template <class T>
+void glora_grow(std::vector<T>& buffer, index size) {
+  if (static_cast<index>(buffer.size()) < size) buffer.resize(static_cast<std::size_t>(size));
+}
+
+template <class T>
+void ensure_store_shape(const glora<T>& a, glora<T>& g) {
+  if (g.Ad.dimensions() != a.Ad.dimensions()) g.Ad.resize(a.Ad.dimensions());
+  if (g.Au.dimensions() != a.Au.dimensions()) g.Au.resize(a.Au.dimensions());
+  if (g.Bd.dimensions() != a.Bd.dimensions()) g.Bd.resize(a.Bd.dimensions());
+  if (g.Bu.dimensions() != a.Bu.dimensions()) g.Bu.resize(a.Bu.dimensions());
+  if (g.Cd.dimensions() != a.Cd.dimensions()) g.Cd.resize(a.Cd.dimensions());
+  if (g.Cu.dimensions() != a.Cu.dimensions()) g.Cu.resize(a.Cu.dimensions());
+  if (g.D.dimensions() != a.D.dimensions()) g.D.resize(a.D.dimensions());
+  if (g.E.dimensions() != a.E.dimensions()) g.E.resize(a.E.dimensions());
+}
+
+// out (O, F) = W0 ⊙ A + B, or with add_w0, W0 + W0 ⊙ A + B (the official order of additions).
+template <class T>
+void glora_weight(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0, bool add_w0, T* out) {
+  const index O = d.out, I = d.in, R = d.rank, n = O * I;
+  const glora_choice& A = c.A;
+  if (A.kind == glora_kind::lora) {
+    gemm<T>(false, false, O, I, A.rank, T(1), a.Ad.data(), R, a.Au.data(), I, T(0), out, I);
+    if (add_w0) {
+      for (index k = 0; k < n; ++k) out[k] = w0[k] + w0[k] * out[k];
+    } else {
+      for (index k = 0; k < n; ++k) out[k] = w0[k] * out[k];
+    }
+  } else if (A.kind == glora_kind::vector) {
+    for (index o = 0; o < O; ++o) {
+      const T s = a.Ad.data()[o * R];
+      const T* wr = w0 + o * I;
+      T* orow = out + o * I;
+      if (add_w0) {
+        for (index i = 0; i < I; ++i) orow[i] = wr[i] + wr[i] * s;
+      } else {
+        for (index i = 0; i < I; ++i) orow[i] = wr[i] * s;
+      }
+    }
+  } else if (A.kind == glora_kind::scalar) {
+    const T s = a.Ad.data()[0];
+    if (add_w0) {
+      for (index k = 0; k < n; ++k) out[k] = w0[k] + w0[k] * s;
+    } else {
+      for (index k = 0; k < n; ++k) out[k] = w0[k] * s;
+    }
+  } else if (add_w0) {
+    std::copy(w0, w0 + n, out);
+  } else {
+    std::fill(out, out + n, T(0));
+  }
+  const glora_choice& B = c.B;
+  if (B.kind == glora_kind::lora) {
+    gemm<T>(false, false, O, I, B.rank, T(1), a.Bd.data(), R, a.Bu.data(), I, T(1), out, I);
+  } else if (B.kind == glora_kind::vector) {
+    for (index o = 0; o < O; ++o) {
+      const T s = a.Bd.data()[o * R];
+      T* orow = out + o * I;
+      for (index i = 0; i < I; ++i) orow[i] += s;
+    }
+  } else if (B.kind == glora_kind::scalar) {
+    const T s = a.Bd.data()[0];
+    for (index k = 0; k < n; ++k) out[k] += s;
+  }
+}
+
+// out (O) = [b0 + b0 ⊙ D] + E + W0 · C, the bracket only with a bias (b0 == nullptr: none), and b0 itself
+// only with add_b0. col: scratch of I elements.
+template <class T>
+void glora_bias(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0, const T* b0,
+                bool add_b0, T* col, T* out) {
+  const index O = d.out, I = d.in, R = d.rank;
+  for (index o = 0; o < O; ++o) {
+    T v = T(0);
+    if (b0 != nullptr) {
+      const T dv = c.D.kind == glora_kind::vector ? a.D.data()[o]
+                   : c.D.kind == glora_kind::scalar ? a.D.data()[0]
+                                                    : T(0);
+      v = add_b0 ? b0[o] + b0[o] * dv : b0[o] * dv;
+    }
+    if (c.E.kind == glora_kind::vector) v += a.E.data()[o];
+    if (c.E.kind == glora_kind::scalar) v += a.E.data()[0];
+    out[o] = v;
+  }
+  if (c.C.kind == glora_kind::none) return;
+  const T* cv = col;
+  if (c.C.kind == glora_kind::lora) {
+    gemm<T>(false, false, I, 1, c.C.rank, T(1), a.Cd.data(), R, a.Cu.data(), 1, T(0), col, 1);
+  } else {
+    for (index i = 0; i < I; ++i) col[i] = a.Cd.data()[i * R];
+  }
+  gemm<T>(false, false, O, 1, I, T(1), w0, I, cv, 1, T(1), out, 1);
+}
+
+// The gradient of one factored support tensor X (rows, cols) read by choice `k` from (Xd, Xu), given
+// G = ∂L/∂X (rows, cols) with leading dimension ldg: lora: gXd[:, :r] = G·Xu[:r]ᵀ, gXu[:r] = Xd[:, :r]ᵀ·G;
+// vector: gXd[:, 0] = Σ_cols G; scalar: gXd[0, 0] = Σ G. gXd, gXu must be zero on entry.
+template <class T>
+void glora_factor_grad(const glora_choice& k, index rows, index cols, index R, const T* xd, const T* xu,
+                       const T* g, index ldg, T* gxd, T* gxu) {
+  if (k.kind == glora_kind::lora) {
+    gemm<T>(false, true, rows, k.rank, cols, T(1), g, ldg, xu, cols, T(0), gxd, R);
+    gemm<T>(true, false, k.rank, cols, rows, T(1), xd, R, g, ldg, T(0), gxu, cols);
+  } else if (k.kind == glora_kind::vector) {
+    for (index o = 0; o < rows; ++o) {
+      const T* row = g + o * ldg;
+      T s = T(0);
+      for (index i = 0; i < cols; ++i) s += row[i];
+      gxd[o * R] = s;
+    }
+  } else if (k.kind == glora_kind::scalar) {
+    T s = T(0);
+    for (index o = 0; o < rows; ++o) {
+      const T* row = g + o * ldg;
+      for (index i = 0; i < cols; ++i) s += row[i];
+    }
+    gxd[0] = s;
+  }
+}
+
+template <class T>
+void zero_store(glora<T>& g) {
+  for_each_parameter(g, [](const char*, auto& p) { p.setZero(); });
+}
+
+// The A and B parts of the store gradient from gW (O, I), which is overwritten by W0 ⊙ gW.
+template <class T>
+void glora_weight_grad(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0, T* gw,
+                       glora<T>& grad) {
+  const index O = d.out, I = d.in, R = d.rank;
+  glora_factor_grad(c.B, O, I, R, a.Bd.data(), a.Bu.data(), gw, I, grad.Bd.data(), grad.Bu.data());
+  if (c.A.kind == glora_kind::none) return;
+  for (index k = 0; k < O * I; ++k) gw[k] *= w0[k];
+  glora_factor_grad(c.A, O, I, R, a.Ad.data(), a.Au.data(), gw, I, grad.Ad.data(), grad.Au.data());
+}
+
+// The C, D and E parts of the store gradient from gb (O). col: scratch of max(I, O) elements.
+template <class T>
+void glora_bias_grad(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0, const T* b0,
+                     const T* gb, T* col, glora<T>& grad) {
+  const index O = d.out, I = d.in, R = d.rank;
+  if (c.E.kind == glora_kind::vector) {
+    std::copy(gb, gb + O, grad.E.data());
+  } else if (c.E.kind == glora_kind::scalar) {
+    T s = T(0);
+    for (index o = 0; o < O; ++o) s += gb[o];
+    grad.E.data()[0] = s;
+  }
+  if (b0 != nullptr) {
+    if (c.D.kind == glora_kind::vector) {
+      for (index o = 0; o < O; ++o) grad.D.data()[o] = b0[o] * gb[o];
+    } else if (c.D.kind == glora_kind::scalar) {
+      T s = T(0);
+      for (index o = 0; o < O; ++o) s += b0[o] * gb[o];
+      grad.D.data()[0] = s;
+    }
+  }
+  if (c.C.kind == glora_kind::none) return;
+  gemm<T>(true, false, I, 1, O, T(1), w0, I, gb, 1, T(0), col, 1);  // W0ᵀ · gb
+  glora_factor_grad(c.C, I, 1, R, a.Cd.data(), a.Cu.data(), col, 1, grad.Cd.data(), grad.Cu.data());
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------------
+// Weight space (weights of rank 2..5, viewed as (O, F) with F = I)
+
+// dw (O, I1, …, Ik) = W0 ⊙ A + B, so that W_eff = W0 + dw.  w0: (O, I1, …, Ik), the same shape.
+// Throws argument_error, before writing anything, on an illegal configuration (rank above R, scalar C,
+// …), an inconsistent store, or a weight whose (O, F) is not the store's (O, I).
+template <class T, int N>
+void delta_weight(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
+                  nondeduced<tensor_view<T, N>> dw) {
+  static_assert(N >= 2 && N <= 5, "GLoRA weights have rank 2 to 5");
+  const char* fn = "glora delta_weight";
+  const detail::glora_dims d = detail::check_glora_store(a, fn);
+  detail::check_glora_config(c, d.rank, fn);
+  detail::check_glora_weight(d, w0, fn, "w0");
+  TA_CHECK(dw.dimensions() == w0.dimensions(), fn,
+           "dw has shape " + detail::shape_string(dw) + " but w0 " + detail::shape_string(w0));
+  detail::glora_weight(a, c, d, w0.data(), false, dw.data());
+}
+
+template <class T, int N>
+tensor<T, N> delta_weight(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0) {
+  tensor<T, N> dw(w0.dimensions());
+  delta_weight<T, N>(a, c, view(w0), writable_view(dw));
+  return dw;
+}
+
+// db (O) = b0 ⊙ D + E + W0 · C  (without a bias: E + W0 · C), so that b_eff = b0 + db.
+//   w0: (O, I1, …, Ik) viewed as (O, F); b0: (O); db: (O).
+// Throws argument_error, before writing anything, if a shape or the configuration does not fit.
+template <class T, int N>
+void delta_bias(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
+                nondeduced<const_tensor_view<T, 1>> b0, nondeduced<tensor_view<T, 1>> db,
+                glora_workspace<T>& ws) {
+  const char* fn = "glora delta_bias";
+  const detail::glora_dims d = detail::check_glora_store(a, fn);
+  detail::check_glora_config(c, d.rank, fn);
+  detail::check_glora_weight(d, w0, fn, "w0");
+  detail::check_glora_vector(b0, d.out, fn, "b0");
+  detail::check_glora_vector(db, d.out, fn, "db");
+  detail::glora_grow(ws.col, d.in);
+  detail::glora_bias(a, c, d, w0.data(), b0.data(), false, ws.col.data(), db.data());
+}
+template <class T, int N>
+void delta_bias(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
+                nondeduced<tensor_view<T, 1>> db, glora_workspace<T>& ws) {
+  const char* fn = "glora delta_bias";
+  const detail::glora_dims d = detail::check_glora_store(a, fn);
+  detail::check_glora_config(c, d.rank, fn);
+  detail::check_glora_weight(d, w0, fn, "w0");
+  detail::check_glora_vector(db, d.out, fn, "db");
+  detail::glora_grow(ws.col, d.in);
+  detail::glora_bias(a, c, d, w0.data(), static_cast<const T*>(nullptr), false, ws.col.data(), db.data());
+}
+template <class T, int N>
+tensor<T, 1> delta_bias(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0, const tensor<T, 1>& b0) {
+  tensor<T, 1> db(w0.dimension(0));
+  glora_workspace<T> ws;
+  delta_bias<T, N>(a, c, view(w0), view(b0), writable_view(db), ws);
+  return db;
+}
+template <class T, int N>
+tensor<T, 1> delta_bias(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0) {
+  tensor<T, 1> db(w0.dimension(0));
+  glora_workspace<T> ws;
+  delta_bias<T, N>(a, c, view(w0), writable_view(db), ws);
+  return db;
+}
+
+// Given gW = ∂L/∂W_eff (O, I1, …, Ik), viewed as (O, F): the A and B parts of the store gradient.
+// A sees W0 ⊙ gW and B sees gW, each reduced to its kind (lora: gXd[:, :r] = G·Xu[:r]ᵀ,
+// gXu[:r] = Xd[:, :r]ᵀ·G; vector: gXd[:, 0] = row sums of G; scalar: gXd[0, 0] = ΣG). Every other entry of
+// grad (C, D, E included) is set to zero. grad is resized to the store's shapes if needed.
+// Throws argument_error, before writing anything, if a shape or the configuration does not fit.
+template <class T, int N>
+void delta_weight_vjp(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
+                      nondeduced<const_tensor_view<T, N>> gw, glora<T>& grad, glora_workspace<T>& ws) {
+  const char* fn = "glora delta_weight_vjp";
+  const detail::glora_dims d = detail::check_glora_store(a, fn);
+  detail::check_glora_config(c, d.rank, fn);
+  detail::check_glora_weight(d, w0, fn, "w0");
+  TA_CHECK(gw.dimensions() == w0.dimensions(), fn,
+           "gW has shape " + detail::shape_string(gw) + " but w0 " + detail::shape_string(w0));
+  detail::ensure_store_shape(a, grad);
+  detail::zero_store(grad);
+  detail::glora_grow(ws.gw, d.out * d.in);
+  std::copy(gw.data(), gw.data() + d.out * d.in, ws.gw.data());
+  detail::glora_weight_grad(a, c, d, w0.data(), ws.gw.data(), grad);
+}
+template <class T, int N>
+glora<T> delta_weight_vjp(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0, const tensor<T, N>& gw) {
+  glora<T> grad;
+  glora_workspace<T> ws;
+  delta_weight_vjp<T, N>(a, c, view(w0), view(gw), grad, ws);
+  return grad;
+}
+
+// Given gb = ∂L/∂b_eff (O): the C, D and E parts of the store gradient. C sees W0ᵀ · gb (F), D sees b0 ⊙ gb
+// (zero without a bias), E sees gb, each reduced to its kind. Every other entry of grad (A, B included)
+// is set to zero; adding delta_weight_vjp's result gives the whole store gradient.
+// Throws argument_error, before writing anything, if a shape or the configuration does not fit.
+template <class T, int N>
+void delta_bias_vjp(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
+                    nondeduced<const_tensor_view<T, 1>> b0, nondeduced<const_tensor_view<T, 1>> gb, glora<T>& grad,
+                    glora_workspace<T>& ws) {
+  const char* fn = "glora delta_bias_vjp";
+  const detail::glora_dims d = detail::check_glora_store(a, fn);
+  detail::check_glora_config(c, d.rank, fn);
+  detail::check_glora_weight(d, w0, fn, "w0");
+  detail::check_glora_vector(b0, d.out, fn, "b0");
+  detail::check_glora_vector(gb, d.out, fn, "gb");
+  detail::ensure_store_shape(a, grad);
+  detail::zero_store(grad);
+  detail::glora_grow(ws.col, d.in);
+  detail::glora_bias_grad(a, c, d, w0.data(), b0.data(), gb.data(), ws.col.data(), grad);
+}
+template <class T, int N>
+void delta_bias_vjp(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
+                    nondeduced<const_tensor_view<T, 1>> gb, glora<T>& grad, glora_workspace<T>& ws) {
+  const char* fn = "glora delta_bias_vjp";
+  const detail::glora_dims d = detail::check_glora_store(a, fn);
+  detail::check_glora_config(c, d.rank, fn);
+  detail::check_glora_weight(d, w0, fn, "w0");
+  detail::check_glora_vector(gb, d.out, fn, "gb");
+  detail::ensure_store_shape(a, grad);
+  detail::zero_store(grad);
+  detail::glora_grow(ws.col, d.in);
+  detail::glora_bias_grad(a, c, d, w0.data(), static_cast<const T*>(nullptr), gb.data(), ws.col.data(), grad);
+}
+
+// The merged layer for inference.
+template <class T, int N>
+struct glora_merged {
+  tensor<T, N> weight;  // W_eff, the shape of W0
+  tensor<T, 1> bias;    // b_eff (O)
+};
+
+// w_eff = W0 + W0 ⊙ A + B,  b_eff = b0 + b0 ⊙ D + E + W0 · C (without a bias: E + W0 · C), both from the
+// original W0 and b0 (which are only read).  w0, w_eff: (O, I1, …, Ik); b0, b_eff: (O).
+// Throws argument_error, before writing anything, if a shape or the configuration does not fit.
+template <class T, int N>
+void merge(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
+           nondeduced<const_tensor_view<T, 1>> b0, nondeduced<tensor_view<T, N>> w_eff,
+           nondeduced<tensor_view<T, 1>> b_eff, glora_workspace<T>& ws) {
+  const char* fn = "glora merge";
+  const detail::glora_dims d = detail::check_glora_store(a, fn);
+  detail::check_glora_config(c, d.rank, fn);
+  detail::check_glora_weight(d, w0, fn, "w0");
+  detail::check_glora_vector(b0, d.out, fn, "b0");
+  TA_CHECK(w_eff.dimensions() == w0.dimensions(), fn,
+           "w_eff has shape " + detail::shape_string(w_eff) + " but w0 " + detail::shape_string(w0));
+  detail::check_glora_vector(b_eff, d.out, fn, "b_eff");
+  detail::glora_grow(ws.col, d.in);
+  detail::glora_bias(a, c, d, w0.data(), b0.data(), true, ws.col.data(), b_eff.data());
+  detail::glora_weight(a, c, d, w0.data(), true, w_eff.data());
+}
+template <class T, int N>
+void merge(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
+           nondeduced<tensor_view<T, N>> w_eff, nondeduced<tensor_view<T, 1>> b_eff, glora_workspace<T>& ws) {
+  const char* fn = "glora merge";
+  const detail::glora_dims d = detail::check_glora_store(a, fn);
+  detail::check_glora_config(c, d.rank, fn);
+  detail::check_glora_weight(d, w0, fn, "w0");
+  TA_CHECK(w_eff.dimensions() == w0.dimensions(), fn,
+           "w_eff has shape " + detail::shape_string(w_eff) + " but w0 " + detail::shape_string(w0));
+  detail::check_glora_vector(b_eff, d.out, fn, "b_eff");
+  detail::glora_grow(ws.col, d.in);
+  detail::glora_bias(a, c, d, w0.data(), static_cast<const T*>(nullptr), true, ws.col.data(), b_eff.data());
+  detail::glora_weight(a, c, d, w0.data(), true, w_eff.data());
+}
+template <class T, int N>
+glora_merged<T, N> merge(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0, const tensor<T, 1>& b0) {
+  glora_merged<T, N> m{tensor<T, N>(w0.dimensions()), tensor<T, 1>(w0.dimension(0))};
+  glora_workspace<T> ws;
+  merge<T, N>(a, c, view(w0), view(b0), writable_view(m.weight), writable_view(m.bias), ws);
+  return m;
+}
+template <class T, int N>
+glora_merged<T, N> merge(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0) {
+  glora_merged<T, N> m{tensor<T, N>(w0.dimensions()), tensor<T, 1>(w0.dimension(0))};
+  glora_workspace<T> ws;
+  merge<T, N>(a, c, view(w0), writable_view(m.weight), writable_view(m.bias), ws);
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Linear layers
+
+namespace detail {
+
+template <class T>
+glora_dims check_glora_linear(const glora<T>& a, const glora_config& c, const const_tensor_view<T, 2>& x,
+                              const const_tensor_view<T, 2>& w0, const char* function) {
+  const glora_dims d = check_glora_store(a, function);
+  check_glora_config(c, d.rank, function);
+  check_glora_weight(d, w0, function, "w0");
+  TA_CHECK(x.dimension(1) == d.in, function,
+           "x has shape " + shape_string(x) + " but w0 " + shape_string(w0) + " needs (n, " + std::to_string(d.in) + ")");
+  return d;
+}
+
+// The weight the batch sees: W0 itself when A and B are none, else W_eff formed in ws.weight.
+template <class T>
+const T* glora_effective_weight(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0,
+                                glora_workspace<T>& ws) {
+  if (c.A.kind == glora_kind::none && c.B.kind == glora_kind::none) return w0;
+  glora_grow(ws.weight, d.out * d.in);
+  glora_weight(a, c, d, w0, true, ws.weight.data());
+  return ws.weight.data();
+}
+
+template <class T>
+void glora_linear_forward(const glora<T>& a, const glora_config& c, const glora_dims& d,
+                          const const_tensor_view<T, 2>& x, const T* w0, const T* b0, T* y, glora_workspace<T>& ws) {
+  const index n = x.dimension(0), O = d.out, I = d.in;
+  glora_grow(ws.bias, O);
+  glora_grow(ws.col, I);
+  glora_bias(a, c, d, w0, b0, true, ws.col.data(), ws.bias.data());
+  const T* w = glora_effective_weight(a, c, d, w0, ws);
+  const T* b = ws.bias.data();
+  for (index i = 0; i < n; ++i) std::copy(b, b + O, y + i * O);
+  gemm<T>(false, true, n, O, I, T(1), x.data(), I, w, I, T(1), y, O);
+}
+
+template <class T>
+void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora_dims& d,
+                           const const_tensor_view<T, 2>& x, const T* w0, const T* b0,
+                           const const_tensor_view<T, 2>& dy, T* dx, glora<T>& grad, glora_workspace<T>& ws) {
+  const index n = x.dimension(0), O = d.out, I = d.in, R = d.rank;
+  ensure_store_shape(a, grad);
+  zero_store(grad);
+  glora_grow(ws.bias, O);
+  glora_grow(ws.col, std::max(I, O));
+  // gb = Σ_rows dy
+  T* gb = ws.bias.data();
+  std::fill(gb, gb + O, T(0));
+  for (index i = 0; i < n; ++i) {
+    const T* row = dy.data() + i * O;
+    for (index o = 0; o < O; ++o) gb[o] += row[o];
+  }
+  glora_bias_grad(a, c, d, w0, b0, gb, ws.col.data(), grad);
+
+  if (c.A.kind != glora_kind::none) {
+    // A needs W0 ⊙ gW, which has no low-rank structure: form gW = dyᵀ · x once.
+    glora_grow(ws.gw, O * I);
+    gemm<T>(true, false, O, I, n, T(1), dy.data(), O, x.data(), I, T(0), ws.gw.data(), I);
+    glora_weight_grad(a, c, d, w0, ws.gw.data(), grad);
+  } else if (c.B.kind == glora_kind::lora) {
+    // B alone stays in activation space: h = x · Bu[:r]ᵀ, gBd[:, :r] = dyᵀ · h, dh = dy · Bd[:, :r],
+    // gBu[:r] = dhᵀ · x.
+    const index r = c.B.rank;
+    glora_grow(ws.h, n * r);
+    glora_grow(ws.dh, n * r);
+    gemm<T>(false, true, n, r, I, T(1), x.data(), I, a.Bu.data(), I, T(0), ws.h.data(), r);
+    gemm<T>(true, false, O, r, n, T(1), dy.data(), O, ws.h.data(), r, T(0), grad.Bd.data(), R);
+    gemm<T>(false, false, n, r, O, T(1), dy.data(), O, a.Bd.data(), R, T(0), ws.dh.data(), r);
+    gemm<T>(true, false, r, I, n, T(1), ws.dh.data(), r, x.data(), I, T(0), grad.Bu.data(), I);
+  } else if (c.B.kind != glora_kind::none) {
+    // Row sums of gW = dyᵀ · sx with sx = Σ_cols x; the total is gbᵀ · sx.
+    glora_grow(ws.h, n);
+    glora_grow(ws.dh, O);
+    T* sx = ws.h.data();
+    for (index i = 0; i < n; ++i) {
+      const T* row = x.data() + i * I;
+      T s = T(0);
+      for (index k = 0; k < I; ++k) s += row[k];
+      sx[i] = s;
+    }
+    if (c.B.kind == glora_kind::vector) {
+      gemm<T>(true, false, O, 1, n, T(1), dy.data(), O, sx, 1, T(0), ws.dh.data(), 1);
+      for (index o = 0; o < O; ++o) grad.Bd.data()[o * R] = ws.dh.data()[o];
+    } else {
+      T s = T(0);
+      for (index i = 0; i < n; ++i) {
+        const T* row = dy.data() + i * O;
+        T t = T(0);
+        for (index o = 0; o < O; ++o) t += row[o];
+        s += t * sx[i];
+      }
+      grad.Bd.data()[0] = s;
+    }
+  }
+  // dx = dy · W_eff
+  const T* w = glora_effective_weight(a, c, d, w0, ws);
+  gemm<T>(false, false, n, I, O, T(1), dy.data(), O, w, I, T(0), dx, I);
+}
+
+}  // namespace detail
+
+// y (n, O) = x · W_effᵀ + b_eff with W_eff = W0 + W0 ⊙ A + B and b_eff = b0 + b0 ⊙ D + E + W0 · C.
+//   x: (n, I), w0: (O, I), b0: (O), y: (n, O).
+// W_eff (O·I work, the low-rank factors through one GEMM each) and b_eff are formed once per call and the
+// batch goes through one GEMM. Throws argument_error, before writing anything, if a shape or the
+// configuration does not fit. Makes no allocation when the workspace has already served this layer.
+template <class T>
+void forward(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, 2>> x,
+             nondeduced<const_tensor_view<T, 2>> w0, nondeduced<const_tensor_view<T, 1>> b0,
+             nondeduced<tensor_view<T, 2>> y, glora_workspace<T>& ws) {
+  const char* fn = "glora forward";
+  const detail::glora_dims d = detail::check_glora_linear(a, c, x, w0, fn);
+  detail::check_glora_vector(b0, d.out, fn, "b0");
+  detail::check_glora_matrix(y.dimensions(), x.dimension(0), d.out, fn, "y");
+  detail::glora_linear_forward(a, c, d, x, w0.data(), b0.data(), y.data(), ws);
+}
+
+// The same without a bias: y = x · W_effᵀ + E + W0 · C (D is not read).
+template <class T>
+void forward(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, 2>> x,
+             nondeduced<const_tensor_view<T, 2>> w0, nondeduced<tensor_view<T, 2>> y, glora_workspace<T>& ws) {
+  const char* fn = "glora forward";
+  const detail::glora_dims d = detail::check_glora_linear(a, c, x, w0, fn);
+  detail::check_glora_matrix(y.dimensions(), x.dimension(0), d.out, fn, "y");
+  detail::glora_linear_forward(a, c, d, x, w0.data(), static_cast<const T*>(nullptr), y.data(), ws);
+}
+
+// Value-returning forms.
+template <class T>
+tensor<T, 2> forward(const glora<T>& a, const glora_config& c, const tensor<T, 2>& x, const tensor<T, 2>& w0,
+                     const tensor<T, 1>& b0) {
+  tensor<T, 2> y(x.dimension(0), w0.dimension(0));
+  glora_workspace<T> ws;
+  forward(a, c, x, w0, b0, y, ws);
+  return y;
+}
+template <class T>
+tensor<T, 2> forward(const glora<T>& a, const glora_config& c, const tensor<T, 2>& x, const tensor<T, 2>& w0) {
+  tensor<T, 2> y(x.dimension(0), w0.dimension(0));
+  glora_workspace<T> ws;
+  forward(a, c, x, w0, y, ws);
+  return y;
+}
+
+// Backward of the linear forward with W0 and b0 frozen, given dy = ∂L/∂y (n, O):
+//   gW = dyᵀ · x,  gb = Σ_rows dy,  dx = dy · W_eff;
+//   A sees W0 ⊙ gW, B sees gW, C sees W0ᵀ · gb, D sees b0 ⊙ gb, E sees gb, each reduced to its kind.
+// Every store entry the configuration does not read gets exactly zero. gW is formed only when A is not
+// none; B alone is handled in activation space.
+//   x: (n, I), w0: (O, I), b0: (O), dy: (n, O), dx: (n, I); grad is resized to the store's shapes if
+// needed and overwritten. Throws argument_error, before writing anything, if a shape or the
+// configuration does not fit. Makes no allocation when the workspace has already served this layer and
+// batch size and grad has the store's shapes.
+template <class T>
+void backward(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, 2>> x,
+              nondeduced<const_tensor_view<T, 2>> w0, nondeduced<const_tensor_view<T, 1>> b0,
+              nondeduced<const_tensor_view<T, 2>> dy, nondeduced<tensor_view<T, 2>> dx, glora<T>& grad,
+              glora_workspace<T>& ws) {
+  const char* fn = "glora backward";
+  const detail::glora_dims d = detail::check_glora_linear(a, c, x, w0, fn);
+  detail::check_glora_vector(b0, d.out, fn, "b0");
+  detail::check_glora_matrix(dy.dimensions(), x.dimension(0), d.out, fn, "dy");
+  detail::check_glora_matrix(dx.dimensions(), x.dimension(0), d.in, fn, "dx");
+  detail::glora_linear_backward(a, c, d, x, w0.data(), b0.data(), dy, dx.data(), grad, ws);
+}
+
+// The same without a bias (D gets zero gradient).
+template <class T>
+void backward(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, 2>> x,
+              nondeduced<const_tensor_view<T, 2>> w0, nondeduced<const_tensor_view<T, 2>> dy,
+              nondeduced<tensor_view<T, 2>> dx, glora<T>& grad, glora_workspace<T>& ws) {
+  const char* fn = "glora backward";
+  const detail::glora_dims d = detail::check_glora_linear(a, c, x, w0, fn);
+  detail::check_glora_matrix(dy.dimensions(), x.dimension(0), d.out, fn, "dy");
+  detail::check_glora_matrix(dx.dimensions(), x.dimension(0), d.in, fn, "dx");
+  detail::glora_linear_backward(a, c, d, x, w0.data(), static_cast<const T*>(nullptr), dy, dx.data(), grad, ws);
+}
+
+template <class T>
+struct glora_gradients {
+  tensor<T, 2> dx;  // (n, I)
+  glora<T> grad;    // the store's shapes
+};
+
+// Value-returning forms.
+template <class T>
+glora_gradients<T> backward(const glora<T>& a, const glora_config& c, const tensor<T, 2>& x, const tensor<T, 2>& w0,
+                            const tensor<T, 1>& b0, const tensor<T, 2>& dy) {
+  glora_gradients<T> g;
+  g.dx.resize(x.dimension(0), x.dimension(1));
+  glora_workspace<T> ws;
+  backward(a, c, x, w0, b0, dy, g.dx, g.grad, ws);
+  return g;
+}
+template <class T>
+glora_gradients<T> backward(const glora<T>& a, const glora_config& c, const tensor<T, 2>& x, const tensor<T, 2>& w0,
+                            const tensor<T, 2>& dy) {
+  glora_gradients<T> g;
+  g.dx.resize(x.dimension(0), x.dimension(1));
+  glora_workspace<T> ws;
+  backward(a, c, x, w0, dy, g.dx, g.grad, ws);
+  return g;
+}
+
+}  // namespace tensor_adapters
