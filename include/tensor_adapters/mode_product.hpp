@@ -3,51 +3,64 @@
 //   (x ×n u)[i0 … j … i(N-1)] = Σ_k u[j, k] · x[i0 … k … i(N-1)],   u: (J, I_n)
 //
 // x (I0, …, I(N-1)) is viewed as (P, I_n, Q) with P the product of the extents before mode n and Q of
-// those after it; then y (P, J, Q) is P matrix products u · x_p, or a single one when P = 1 or Q = 1.
-// No tensor is transposed or copied.
+// those after it. Every mode is then a single matrix product on the packed kernel of
+// detail/gemm_kernel.hpp, without transposing or copying a tensor: the last mode (Q = 1) is
+// y (P, J) = x (P, I)·uᵀ; any other mode is y (J, P·Q) = u · x (I, P·Q), whose columns (p, q) the
+// kernel addresses in place (p·I·Q + q), so a middle mode is as fast as the first and the packing of
+// u is shared by all P slices. Large products use every OpenMP thread (see detail/gemm.hpp).
+//
+// Views: x, u and y must be contiguous row-major memory (const_tensor_view / tensor_view, which
+// Eigen's TensorMap always is); y must not overlap x or u.
 #pragma once
 
 #include <string>
 
 #include "detail/check.hpp"
 #include "detail/gemm.hpp"
+#include "detail/gemm_kernel.hpp"
 #include "tensor.hpp"
 
 namespace tensor_adapters {
 
 namespace detail {
 
+// Messages are built only when a check fails, so that a valid call allocates nothing.
 template <class X, class Y>
 void check_mode_product(const X& x, index u_rows, index u_cols, bool transposed, int mode, const Y& y,
                         const char* function) {
   constexpr int N = X::NumIndices;
-  check(mode >= 0 && mode < N, function, "mode " + std::to_string(mode) + " is out of range for x " + shape_string(x));
+  if (!(mode >= 0 && mode < N))
+    check(false, function, "mode " + std::to_string(mode) + " is out of range for x " + shape_string(x));
   const index j = transposed ? u_cols : u_rows;
   const index k = transposed ? u_rows : u_cols;
-  const std::string u_name = transposed ? "ut" : "u";
-  check(k == x.dimension(mode), function,
-        u_name + " (" + std::to_string(u_rows) + ", " + std::to_string(u_cols) + ") does not contract mode " +
-            std::to_string(mode) + " of x " + shape_string(x));
+  const char* u_name = transposed ? "ut" : "u";
+  if (k != x.dimension(mode))
+    check(false, function,
+          std::string(u_name) + " (" + std::to_string(u_rows) + ", " + std::to_string(u_cols) +
+              ") does not contract mode " + std::to_string(mode) + " of x " + shape_string(x));
   bool fits = true;
   for (int d = 0; d < N; ++d) fits = fits && y.dimension(d) == (d == mode ? j : x.dimension(d));
-  check(fits, function,
-        "y has shape " + shape_string(y) + " but x " + shape_string(x) + " ×" + std::to_string(mode) + " " + u_name +
-            " (" + std::to_string(u_rows) + ", " + std::to_string(u_cols) + ") has extent " + std::to_string(j) +
-            " in mode " + std::to_string(mode));
+  if (!fits)
+    check(false, function,
+          "y has shape " + shape_string(y) + " but x " + shape_string(x) + " ×" + std::to_string(mode) + " " +
+              u_name + " (" + std::to_string(u_rows) + ", " + std::to_string(u_cols) + ") has extent " +
+              std::to_string(j) + " in mode " + std::to_string(mode));
 }
 
 // y (P, J, Q) = alpha · op(u) · x_p (I, Q) + beta · y for every p; op(u) is u (J, I) or, transposed,
-// the transpose of u stored as (I, J).
-template <class T>
+// the transpose of u stored as (I, J). Isa selects the instruction set (simd.hpp).
+template <class T, class Isa = native_isa>
 void mode_product_kernel(const T* x, index p, index i, index q, const T* u, bool transposed, index j, T alpha,
                          T beta, T* y) {
   const index ldu = transposed ? j : i;
   if (q == 1) {
     // y (P, J) = x (P, I) · op(u)ᵀ
-    gemm<T>(false, !transposed, p, j, i, alpha, x, i, u, ldu, beta, y, j);
+    gemm_packed<T, Isa>(false, !transposed, p, j, i, alpha, x, i, u, ldu, beta, y, j);
     return;
   }
-  for (index s = 0; s < p; ++s) gemm<T>(transposed, false, j, q, i, alpha, u, ldu, x + s * i * q, q, beta, y + s * j * q, q);
+  // y (J, P·Q) = op(u) (J, I) · x (I, P·Q): column (s, t) of x sits at s·I·Q + t, row r at r·Q.
+  gemm_packed<T, Isa>(j, p * q, i, alpha, strided_matrix<T>{u, transposed ? 1 : ldu, transposed ? ldu : 1},
+                      grouped_matrix<const T>{x, q, q, i * q, 1}, beta, grouped_matrix<T>{y, q, q, j * q, 1});
 }
 
 template <class T, int N>

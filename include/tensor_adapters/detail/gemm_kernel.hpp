@@ -1,0 +1,343 @@
+// The packed matrix-product kernel behind detail::gemm and every mode-n product.
+//
+//   C (m, n) = alpha · A (m, k) · B (k, n) + beta · C
+//
+// Layouts. A is any strided matrix: A(r, p) = a[r·rs + p·cs] (row-major, or transposed with rs = 1).
+// B and C have "grouped" columns: X(r, c) = x[r·rs + (c / group)·gs + (c % group)·cu]. A plain
+// row-major matrix is one group (group = n, cu = 1); a transposed B has rs = 1, cu = ldb. A mode-n
+// product of a (P, I, Q) tensor is one such product without any transposition:
+// Y (J, P·Q) = U (J, I) · X (I, P·Q), where column c = (p, q) of X sits at p·I·Q + q and row i at i·Q.
+//
+// Structure (BLIS): for each NC-wide block of columns and KC-deep slice of k, B is packed into
+// KC×NR micro-panels; for each MC-tall block of rows, A is packed into MR×KC micro-panels; then an
+// MR×NR register tile of C is computed per pair of micro-panels by the micro-kernel, the only place
+// that does arithmetic. Tiles at the edges, or whose columns are not contiguous in C, go through a
+// small local tile and are added to C element by element.
+//
+// Instruction set: the micro-kernel is written once over simd<T, Isa> (simd.hpp) and instantiated
+// for scalar_isa (the reference, 4×4 tiles), avx2_isa (6×16 float / 6×8 double) and avx512_isa
+// (12×32 float / 12×16 double). native_isa picks the widest compiled in; TA_FORCE_SCALAR forces
+// scalar_isa.
+//
+// Memory: the packing buffers are thread_local, allocated on first use and grown when a larger
+// problem needs more; a repeated call of the same size allocates nothing.
+//
+// Threads: when the translation unit is compiled with OpenMP (-fopenmp; the _OPENMP macro), a product
+// of more than about 2 million multiply-adds is split over omp_get_max_threads() threads (two halves
+// of the columns or of the rows), unless it is already inside a parallel region. To run on one
+// thread: compile without OpenMP, set OMP_NUM_THREADS=1, or call omp_set_num_threads(1).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "../tensor.hpp"
+#include "simd.hpp"
+
+namespace tensor_adapters::detail {
+
+// A(r, p) = data[r·rs + p·cs].
+template <class T>
+struct strided_matrix {
+  const T* data;
+  index rs, cs;
+};
+
+// X(r, c) = data[r·rs + (c / group)·gs + (c % group)·cu].
+template <class T>
+struct grouped_matrix {
+  T* data;
+  index rs;
+  index group, gs, cu;
+  index column(index c) const { return (c / group) * gs + (c % group) * cu; }
+};
+
+// Register tile and cache blocking per instruction set and type.
+template <class T, class Isa>
+struct gemm_shape {
+  static constexpr int mr = 4, nv = 4;
+  static constexpr index kc = 256, mc = 64, nc = 1024;
+};
+#ifdef TA_HAVE_AVX2
+template <class T>
+struct gemm_shape<T, avx2_isa> {
+  static constexpr int mr = 6, nv = 2;
+  static constexpr index kc = 256, mc = 120, nc = 2048;
+};
+#endif
+#ifdef TA_HAVE_AVX512
+template <class T>
+struct gemm_shape<T, avx512_isa> {
+  static constexpr int mr = 12, nv = 2;
+  static constexpr index kc = 256, mc = 192, nc = 2048;
+};
+#endif
+
+// The micro-kernel: C (MR, NR) = alpha · Σ_p a_p ⊗ b_p + beta · C over kc steps, where a is a packed
+// panel of A (AS ≥ MR values per step, the first MR used) and b a packed kc×NR panel of B (NR values
+// per step), NR = NV·width. C rows are ldc apart; with beta == 0 C is not read.
+template <class T, class Isa, int MR, int NV, int AS = MR>
+inline void micro_kernel(index kc, const T* __restrict a, const T* __restrict b, T* __restrict c, index ldc, T alpha,
+                         T beta) {
+  using S = simd<T, Isa>;
+  using reg = typename S::reg;
+  constexpr int W = S::width;
+  reg acc[MR][NV];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = S::zero();
+  for (index p = 0; p < kc; ++p) {
+    reg bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = S::load(b + v * W);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) {
+      const reg ai = S::broadcast(a[i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = S::fma(ai, bv[v], acc[i][v]);
+    }
+    a += AS;
+    b += NV * W;
+  }
+  const reg va = S::broadcast(alpha);
+  if (beta == T(0)) {
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) S::store(c + i * ldc + v * W, S::mul(va, acc[i][v]));
+  } else {
+    const reg vb = S::broadcast(beta);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        T* cp = c + i * ldc + v * W;
+        S::store(cp, S::fma(va, acc[i][v], S::mul(vb, S::load(cp))));
+      }
+  }
+}
+
+// The micro-kernel for the first mr ≤ MR rows of an MR-row panel, chosen at run time.
+template <class T, class Isa, int NV, int MR, int R = MR>
+inline void micro_kernel_rows(int mr, index kc, const T* a, const T* b, T* c, index ldc, T alpha, T beta) {
+  if constexpr (R >= 1) {
+    if (mr == R) return micro_kernel<T, Isa, R, NV, MR>(kc, a, b, c, ldc, alpha, beta);
+    micro_kernel_rows<T, Isa, NV, MR, R - 1>(mr, kc, a, b, c, ldc, alpha, beta);
+  }
+}
+
+// A 64-byte aligned, grow-only scratch array.
+template <class T>
+class scratch {
+ public:
+  T* get(index size) {
+    const auto need = static_cast<std::size_t>(size) + 64 / sizeof(T);
+    if (store_.size() < need) store_.resize(need);
+    const auto address = reinterpret_cast<std::uintptr_t>(store_.data());
+    return store_.data() + ((64 - address % 64) % 64) / sizeof(T);
+  }
+
+ private:
+  std::vector<T> store_;
+};
+
+template <class T, class Isa>
+struct gemm_buffers {
+  scratch<T> a, b;
+  static gemm_buffers& local() {
+    thread_local gemm_buffers buffers;
+    return buffers;
+  }
+};
+
+// Packs rows [0, mc) and steps [0, kc) of a into MR×kc panels, zero-padding the last panel's rows.
+template <class T, int MR>
+void pack_a(index mc, index kc, const strided_matrix<T>& a, T* out) {
+  for (index r0 = 0; r0 < mc; r0 += MR) {
+    const index mr = std::min<index>(MR, mc - r0);
+    const T* src = a.data + r0 * a.rs;
+    if (a.cs == 1) {
+      for (index r = 0; r < mr; ++r)
+        for (index p = 0; p < kc; ++p) out[p * MR + r] = src[r * a.rs + p];
+    } else {
+      for (index p = 0; p < kc; ++p)
+        for (index r = 0; r < mr; ++r) out[p * MR + r] = src[r * a.rs + p * a.cs];
+    }
+    for (index p = 0; p < kc; ++p)
+      for (index r = mr; r < MR; ++r) out[p * MR + r] = T(0);
+    out += MR * kc;
+  }
+}
+
+// Packs columns [c0, c0 + nc) and rows [0, kc) of b into kc×NR panels, zero-padding the last panel.
+template <class T, class Isa, int NR>
+void pack_b(index kc, index nc, const grouped_matrix<const T>& b, index c0, T* out) {
+  index off[NR];
+  for (index j0 = 0; j0 < nc; j0 += NR) {
+    const index nr = std::min<index>(NR, nc - j0);
+    for (index t = 0; t < nr; ++t) off[t] = b.column(c0 + j0 + t);
+    const bool contiguous = b.cu == 1 && (c0 + j0) % b.group + nr <= b.group;
+    if (contiguous) {
+      const T* src = b.data + off[0];
+      for (index p = 0; p < kc; ++p) {
+        const T* row = src + p * b.rs;
+        T* dst = out + p * NR;
+        for (index t = 0; t < nr; ++t) dst[t] = row[t];
+        for (index t = nr; t < NR; ++t) dst[t] = T(0);
+      }
+    } else if (b.rs == 1 && nr == NR && (c0 + j0) % b.group + nr <= b.group) {
+      // A transposed B: the panel's columns are contiguous rows in memory, cu apart. Transposed in
+      // TB×TB register blocks, which read whole cache lines.
+      constexpr int TB = transpose_block<T, Isa>::size;
+      static_assert(NR % TB == 0, "the panel width must be a multiple of the transpose block");
+      const T* src = b.data + off[0];
+      index p0 = 0;
+      for (; p0 + TB <= kc; p0 += TB)
+        for (index t0 = 0; t0 < NR; t0 += TB)
+          transpose_block<T, Isa>::run(src + t0 * b.cu + p0, b.cu, out + p0 * NR + t0, NR);
+      for (; p0 < kc; ++p0)
+        for (index t = 0; t < NR; ++t) out[p0 * NR + t] = src[t * b.cu + p0];
+    } else {
+      for (index p = 0; p < kc; ++p) {
+        const T* row = b.data + p * b.rs;
+        T* dst = out + p * NR;
+        for (index t = 0; t < nr; ++t) dst[t] = row[off[t]];
+        for (index t = nr; t < NR; ++t) dst[t] = T(0);
+      }
+    }
+    out += NR * kc;
+  }
+}
+
+// C = beta · C (beta == 0: C = 0, old contents ignored).
+template <class T>
+void scale_matrix(index m, index n, T beta, const grouped_matrix<T>& c) {
+  for (index r = 0; r < m; ++r)
+    for (index j = 0; j < n; ++j) {
+      T& x = c.data[r * c.rs + c.column(j)];
+      x = beta == T(0) ? T(0) : beta * x;
+    }
+}
+
+// One thread's share: rows [0, m) of a and c, columns [c0, c0 + n) of b and c.
+template <class T, class Isa>
+void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a, const grouped_matrix<const T>& b,
+                 T beta, const grouped_matrix<T>& c, index c0) {
+  using shape = gemm_shape<T, Isa>;
+  constexpr int MR = shape::mr, NR = shape::nv * simd<T, Isa>::width;
+  constexpr index KC = shape::kc, MC = shape::mc, NC = (shape::nc / NR) * NR;
+  auto& buffers = gemm_buffers<T, Isa>::local();
+  const index kc_max = std::min(k, KC);
+  T* bpack = buffers.b.get(kc_max * ((std::min(n, NC) + NR - 1) / NR) * NR);
+  T* apack = buffers.a.get(kc_max * ((std::min(m, MC) + MR - 1) / MR) * MR);
+  alignas(64) T tile[MR * NR];
+  index off[NR];
+  for (index jc = 0; jc < n; jc += NC) {
+    const index nc = std::min(NC, n - jc);
+    for (index pc = 0; pc < k; pc += KC) {
+      const index kc = std::min(KC, k - pc);
+      const T beta_k = pc == 0 ? beta : T(1);
+      const grouped_matrix<const T> b_slice{b.data + pc * b.rs, b.rs, b.group, b.gs, b.cu};
+      for (index ic = 0; ic < m; ic += MC) {
+        const index mc = std::min(MC, m - ic);
+        pack_a<T, MR>(mc, kc, strided_matrix<T>{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs}, apack);
+        for (index jr = 0; jr < nc; jr += NR) {
+          const index nr = std::min<index>(NR, nc - jr);
+          const index col = c0 + jc + jr;
+          for (index t = 0; t < nr; ++t) off[t] = c.column(col + t);
+          const bool contiguous = nr == NR && c.cu == 1 && col % c.group + NR <= c.group;
+          // B's micro-panel is packed while the first block of rows uses it, still in L1.
+          if (ic == 0) pack_b<T, Isa, NR>(kc, nr, b_slice, col, bpack + jr * kc);
+          const T* bp = bpack + jr * kc;
+          for (index ir = 0; ir < mc; ir += MR) {
+            const index mr = std::min<index>(MR, mc - ir);
+            const T* ap = apack + ir * kc;
+            T* cp = c.data + (ic + ir) * c.rs;
+            if (contiguous) {
+              if (mr == MR)
+                micro_kernel<T, Isa, MR, shape::nv>(kc, ap, bp, cp + off[0], c.rs, alpha, beta_k);
+              else
+                micro_kernel_rows<T, Isa, shape::nv, MR>(int(mr), kc, ap, bp, cp + off[0], c.rs, alpha, beta_k);
+              continue;
+            }
+            micro_kernel<T, Isa, MR, shape::nv>(kc, ap, bp, tile, NR, T(1), T(0));
+            for (index r = 0; r < mr; ++r)
+              for (index t = 0; t < nr; ++t) {
+                T& x = cp[r * c.rs + off[t]];
+                x = alpha * tile[r * NR + t] + (beta_k == T(0) ? T(0) : beta_k * x);
+              }
+          }
+        }
+      }
+    }
+  }
+}
+
+// The number of threads for a product of this size: 1 without OpenMP, inside a parallel region, or
+// below about 2 million multiply-adds.
+inline int gemm_threads(index m, index n, index k) {
+#ifdef _OPENMP
+  if (omp_in_parallel()) return 1;
+  if (double(m) * double(n) * double(k) < double(1 << 21)) return 1;
+  return std::max(1, omp_get_max_threads());
+#else
+  (void)m, (void)n, (void)k;
+  return 1;
+#endif
+}
+
+// C (m, n) = alpha · A (m, k) · B (k, n) + beta · C on the instruction set Isa. With beta == 0 the old
+// contents of C are ignored.
+template <class T, class Isa>
+void gemm_packed(index m, index n, index k, T alpha, const strided_matrix<T>& a, const grouped_matrix<const T>& b,
+                 T beta, const grouped_matrix<T>& c) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0 || alpha == T(0)) {
+    scale_matrix<T>(m, n, beta, c);
+    return;
+  }
+  const int threads = gemm_threads(m, n, k);
+  if (threads <= 1) {
+    gemm_serial<T, Isa>(m, n, k, alpha, a, b, beta, c, 0);
+    return;
+  }
+#ifdef _OPENMP
+  using shape = gemm_shape<T, Isa>;
+  constexpr index MR = shape::mr, NR = shape::nv * simd<T, Isa>::width;
+  // Split the larger of m and n (the other operand, the smaller one, is packed by every thread).
+  const bool split_columns = n >= m ? n > NR : m <= MR;
+#pragma omp parallel num_threads(threads)
+  {
+    const index t = omp_get_thread_num(), nt = omp_get_num_threads();
+    if (split_columns) {
+      const index chunk = ((n + nt - 1) / nt + NR - 1) / NR * NR;
+      const index begin = std::min(n, t * chunk), end = std::min(n, begin + chunk);
+      if (begin < end) gemm_serial<T, Isa>(m, end - begin, k, alpha, a, b, beta, c, begin);
+    } else {
+      const index chunk = ((m + nt - 1) / nt + MR - 1) / MR * MR;
+      const index begin = std::min(m, t * chunk), end = std::min(m, begin + chunk);
+      if (begin < end)
+        gemm_serial<T, Isa>(end - begin, n, k, alpha, strided_matrix<T>{a.data + begin * a.rs, a.rs, a.cs}, b, beta,
+                            grouped_matrix<T>{c.data + begin * c.rs, c.rs, c.group, c.gs, c.cu}, 0);
+    }
+  }
+#endif
+}
+
+// The plain row-major product with leading dimensions, in the layouts above.
+template <class T, class Isa>
+void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha, const T* a, index lda, const T* b,
+                 index ldb, T beta, T* c, index ldc) {
+  const index group = std::max<index>(n, 1);
+  gemm_packed<T, Isa>(m, n, k, alpha, strided_matrix<T>{a, trans_a ? 1 : lda, trans_a ? lda : 1},
+                      grouped_matrix<const T>{b, trans_b ? 1 : ldb, group, 0, trans_b ? ldb : 1}, beta,
+                      grouped_matrix<T>{c, ldc, group, 0, 1});
+}
+
+}  // namespace tensor_adapters::detail

@@ -1,0 +1,159 @@
+// Every SIMD instruction of the library, behind one tiny interface.
+//
+//   simd<T, Isa>::reg            a register of `width` elements of T
+//   zero(), broadcast(x)         all lanes 0 / all lanes x
+//   load(p), store(p, v)         `width` elements at p (any alignment)
+//   fma(a, b, c)                 a·b + c, fused where the instruction set has it
+//   mul(a, b)                    a·b
+//
+//   transpose_block<T, Isa>::size, ::run(src, lds, dst, ldd)
+//                                a size×size block: dst[p·ldd + t] = src[t·lds + p]
+//
+// Instruction sets (tags): scalar_isa (width 1, plain C++: the reference every vectorized path is
+// tested against), avx2_isa (AVX2 + FMA, 256-bit) and avx512_isa (AVX-512F, 512-bit). A tag exists
+// only when the compiler targets it (-mavx2 -mfma, -mavx512f, or -march=native on such a machine);
+// native_isa is the widest one compiled in, or scalar_isa when TA_FORCE_SCALAR is defined.
+#pragma once
+
+#include <Eigen/Core>
+
+#if !defined(TA_FORCE_SCALAR) && (defined(__AVX2__) || defined(__AVX512F__))
+#include <immintrin.h>
+#endif
+
+namespace tensor_adapters::detail {
+
+struct scalar_isa {};
+template <class T, class Isa>
+struct simd;
+
+template <class T, class Isa>
+struct transpose_block {
+  static constexpr int size = 1;
+  static void run(const T* src, Eigen::Index, T* dst, Eigen::Index) { *dst = *src; }
+};
+
+template <class T>
+struct simd<T, scalar_isa> {
+  using reg = T;
+  static constexpr int width = 1;
+  static reg zero() { return T(0); }
+  static reg broadcast(T x) { return x; }
+  static reg load(const T* p) { return *p; }
+  static void store(T* p, reg v) { *p = v; }
+  static reg fma(reg a, reg b, reg c) { return a * b + c; }
+  static reg mul(reg a, reg b) { return a * b; }
+};
+
+#if !defined(TA_FORCE_SCALAR) && defined(__AVX2__) && defined(__FMA__)
+#define TA_HAVE_AVX2 1
+struct avx2_isa {};
+template <>
+struct simd<float, avx2_isa> {
+  using reg = __m256;
+  static constexpr int width = 8;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg broadcast(float x) { return _mm256_set1_ps(x); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+};
+template <>
+struct simd<double, avx2_isa> {
+  using reg = __m256d;
+  static constexpr int width = 4;
+  static reg zero() { return _mm256_setzero_pd(); }
+  static reg broadcast(double x) { return _mm256_set1_pd(x); }
+  static reg load(const double* p) { return _mm256_loadu_pd(p); }
+  static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+  static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
+};
+
+// 8×8 floats and 4×4 doubles in 256-bit registers (shared by the AVX-512 path).
+struct avx_transpose {
+  static void run8(const float* src, Eigen::Index lds, float* dst, Eigen::Index ldd) {
+    __m256 r[8], t[8], s[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {
+      s[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      s[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      s[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      s[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm256_storeu_ps(dst + j * ldd, _mm256_permute2f128_ps(s[j], s[j + 4], 0x20));
+      _mm256_storeu_ps(dst + (j + 4) * ldd, _mm256_permute2f128_ps(s[j], s[j + 4], 0x31));
+    }
+  }
+  static void run4(const double* src, Eigen::Index lds, double* dst, Eigen::Index ldd) {
+    const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + lds), r2 = _mm256_loadu_pd(src + 2 * lds),
+                  r3 = _mm256_loadu_pd(src + 3 * lds);
+    const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1), t2 = _mm256_unpacklo_pd(r2, r3),
+                  t3 = _mm256_unpackhi_pd(r2, r3);
+    _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
+    _mm256_storeu_pd(dst + ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
+    _mm256_storeu_pd(dst + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
+    _mm256_storeu_pd(dst + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
+  }
+};
+template <>
+struct transpose_block<float, avx2_isa> {
+  static constexpr int size = 8;
+  static void run(const float* s, Eigen::Index lds, float* d, Eigen::Index ldd) { avx_transpose::run8(s, lds, d, ldd); }
+};
+template <>
+struct transpose_block<double, avx2_isa> {
+  static constexpr int size = 4;
+  static void run(const double* s, Eigen::Index lds, double* d, Eigen::Index ldd) { avx_transpose::run4(s, lds, d, ldd); }
+};
+#endif
+
+#if !defined(TA_FORCE_SCALAR) && defined(__AVX512F__)
+#define TA_HAVE_AVX512 1
+struct avx512_isa {};
+template <>
+struct simd<float, avx512_isa> {
+  using reg = __m512;
+  static constexpr int width = 16;
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg broadcast(float x) { return _mm512_set1_ps(x); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+};
+template <>
+struct simd<double, avx512_isa> {
+  using reg = __m512d;
+  static constexpr int width = 8;
+  static reg zero() { return _mm512_setzero_pd(); }
+  static reg broadcast(double x) { return _mm512_set1_pd(x); }
+  static reg load(const double* p) { return _mm512_loadu_pd(p); }
+  static void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+  static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
+};
+#endif
+
+#if defined(TA_HAVE_AVX512) && defined(TA_HAVE_AVX2)
+template <>
+struct transpose_block<float, avx512_isa> : transpose_block<float, avx2_isa> {};
+template <>
+struct transpose_block<double, avx512_isa> : transpose_block<double, avx2_isa> {};
+#endif
+
+#if defined(TA_HAVE_AVX512)
+using native_isa = avx512_isa;
+#elif defined(TA_HAVE_AVX2)
+using native_isa = avx2_isa;
+#else
+using native_isa = scalar_isa;
+#endif
+
+}  // namespace tensor_adapters::detail

@@ -1,0 +1,199 @@
+#include <tensor_adapters/detail/gemm.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <new>
+#include <random>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// Every operator new of this program is counted, to prove that the hot path does not allocate.
+namespace {
+std::atomic<long> allocations{0};
+}
+void* operator new(std::size_t size) {
+  ++allocations;
+  if (void* p = std::malloc(size ? size : 1)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t size) {
+  ++allocations;
+  if (void* p = std::malloc(size ? size : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+namespace ta = tensor_adapters;
+namespace td = tensor_adapters::detail;
+
+namespace {
+
+struct problem {
+  bool ta, tb;
+  ta::index m, n, k, lda, ldb, ldc;
+};
+
+template <class T>
+struct operands {
+  std::vector<T> a, b, c;
+  operands(const problem& p, std::mt19937_64& gen) {
+    std::normal_distribution<double> normal;
+    a.resize(std::size_t((p.ta ? p.k : p.m) * p.lda));
+    b.resize(std::size_t((p.tb ? p.n : p.k) * p.ldb));
+    c.resize(std::size_t(p.m * p.ldc));
+    for (auto& v : a) v = T(normal(gen));
+    for (auto& v : b) v = T(normal(gen));
+    for (auto& v : c) v = T(normal(gen));
+  }
+};
+
+template <class T>
+T at_a(const problem& p, const std::vector<T>& a, ta::index r, ta::index s) {
+  return p.ta ? a[std::size_t(s * p.lda + r)] : a[std::size_t(r * p.lda + s)];
+}
+template <class T>
+T at_b(const problem& p, const std::vector<T>& b, ta::index s, ta::index c) {
+  return p.tb ? b[std::size_t(c * p.ldb + s)] : b[std::size_t(s * p.ldb + c)];
+}
+
+template <class T, class Isa>
+void run(const problem& p, T alpha, const operands<T>& x, T beta, std::vector<T>& c) {
+  td::gemm_packed<T, Isa>(p.ta, p.tb, p.m, p.n, p.k, alpha, x.a.data(), p.lda, x.b.data(), p.ldb, beta, c.data(),
+                          p.ldc);
+}
+
+// Checks c against a long double triple loop; entries past n in each row must be untouched.
+template <class T>
+void check_against_loops(const problem& p, T alpha, const operands<T>& x, T beta, const std::vector<T>& c_old,
+                         const std::vector<T>& c) {
+  const double eps = std::numeric_limits<T>::epsilon();
+  for (ta::index r = 0; r < p.m; ++r) {
+    for (ta::index col = 0; col < p.ldc; ++col) {
+      const std::size_t e = std::size_t(r * p.ldc + col);
+      if (col >= p.n) {
+        REQUIRE(c[e] == c_old[e]);
+        continue;
+      }
+      long double sum = 0, abs_sum = 0;
+      for (ta::index s = 0; s < p.k; ++s) {
+        const long double t = (long double)at_a(p, x.a, r, s) * at_b(p, x.b, s, col);
+        sum += t;
+        abs_sum += std::fabs(t);
+      }
+      long double want = alpha * sum;
+      double scale = double(std::fabs(alpha) * abs_sum);
+      if (beta != T(0)) {
+        want += (long double)beta * c_old[e];
+        scale += std::fabs(double(beta) * double(c_old[e]));
+      }
+      INFO("row " << r << " column " << col);
+      REQUIRE(std::fabs(double(c[e]) - double(want)) <= 4 * eps * double(p.k + 2) * scale + 1e-300);
+    }
+  }
+}
+
+template <class T>
+void check_problem(const problem& p, std::mt19937_64& gen) {
+  INFO("trans_a " << p.ta << " trans_b " << p.tb << " m " << p.m << " n " << p.n << " k " << p.k << " lda " << p.lda
+                  << " ldb " << p.ldb << " ldc " << p.ldc);
+  const operands<T> x(p, gen);
+  for (const auto& [alpha, beta] : {std::pair<T, T>{1, 0}, {T(-0.75), T(1)}, {T(2), T(-0.5)}, {T(0), T(3)}}) {
+    INFO("alpha " << alpha << " beta " << beta);
+    std::vector<T> c_old = x.c;
+    if (beta == T(0))  // with beta == 0 old contents of C, even NaN, must not leak into the result
+      for (ta::index r = 0; r < p.m; ++r)
+        for (ta::index col = 0; col < p.n; ++col) c_old[std::size_t(r * p.ldc + col)] = std::numeric_limits<T>::quiet_NaN();
+    std::vector<T> native = c_old, scalar = c_old;
+    run<T, td::native_isa>(p, alpha, x, beta, native);
+    run<T, td::scalar_isa>(p, alpha, x, beta, scalar);
+    check_against_loops<T>(p, alpha, x, beta, c_old, native);
+    check_against_loops<T>(p, alpha, x, beta, c_old, scalar);
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("the vectorized product matches the scalar kernel and plain loops", "[gemm]", float, double) {
+  std::mt19937_64 gen(11);
+  const ta::index sizes[] = {1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 17, 24, 31, 32, 33, 47, 64, 97};
+  std::uniform_int_distribution<std::size_t> pick(0, std::size(sizes) - 1);
+  std::uniform_int_distribution<ta::index> pad(0, 3);
+  for (int trial = 0; trial < 120; ++trial) {
+    problem p{};
+    p.ta = trial % 2 == 1;
+    p.tb = trial / 2 % 2 == 1;
+    p.m = sizes[pick(gen)];
+    p.n = sizes[pick(gen)];
+    p.k = sizes[pick(gen)];
+    p.lda = (p.ta ? p.m : p.k) + pad(gen);
+    p.ldb = (p.tb ? p.k : p.n) + pad(gen);
+    p.ldc = p.n + pad(gen);
+    check_problem<TestType>(p, gen);
+  }
+}
+
+TEMPLATE_TEST_CASE("products larger than one cache block match plain loops", "[gemm]", float, double) {
+  std::mt19937_64 gen(12);
+  // k > KC, m > MC and n > NC of every instruction set, with ragged edges.
+  for (const problem& p : {problem{false, false, 203, 61, 517, 517, 61, 61}, problem{true, true, 61, 2085, 263, 61, 263, 2085},
+                           problem{false, true, 389, 101, 270, 270, 270, 101}}) {
+    check_problem<TestType>(p, gen);
+  }
+}
+
+TEMPLATE_TEST_CASE("an empty product scales C by beta", "[gemm]", float, double) {
+  std::vector<TestType> c{1, 2, 3, 4, 5, 6};
+  td::gemm<TestType>(false, false, 2, 3, 0, TestType(1), nullptr, 0, nullptr, 3, TestType(2), c.data(), 3);
+  REQUIRE(c == std::vector<TestType>{2, 4, 6, 8, 10, 12});
+  td::gemm<TestType>(false, false, 2, 3, 0, TestType(1), nullptr, 0, nullptr, 3, TestType(0), c.data(), 3);
+  REQUIRE(c == std::vector<TestType>(6, TestType(0)));
+}
+
+TEMPLATE_TEST_CASE("the thread count does not change a single bit", "[gemm]", float, double) {
+#ifdef _OPENMP
+  std::mt19937_64 gen(13);
+  for (const problem& p : {problem{false, true, 300, 520, 400, 400, 400, 520}, problem{false, false, 900, 40, 300, 300, 40, 40}}) {
+    const operands<TestType> x(p, gen);
+    std::vector<TestType> one = x.c, two = x.c;
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    run<TestType, td::native_isa>(p, TestType(1.5), x, TestType(0.5), one);
+    omp_set_num_threads(2);
+    run<TestType, td::native_isa>(p, TestType(1.5), x, TestType(0.5), two);
+    omp_set_num_threads(threads);
+    REQUIRE(one == two);
+    check_against_loops<TestType>(p, TestType(1.5), x, TestType(0.5), x.c, two);
+  }
+#else
+  SUCCEED("built without OpenMP: one thread only");
+#endif
+}
+
+TEMPLATE_TEST_CASE("a repeated product allocates nothing", "[gemm]", float, double) {
+  std::mt19937_64 gen(14);
+  // One product below the threading threshold, one above it (on every OpenMP thread).
+  for (const problem& p : {problem{false, false, 40, 50, 60, 60, 50, 50}, problem{false, true, 300, 600, 500, 500, 500, 600}}) {
+    const operands<TestType> x(p, gen);
+    std::vector<TestType> c = x.c;
+    td::gemm<TestType>(p.ta, p.tb, p.m, p.n, p.k, TestType(1), x.a.data(), p.lda, x.b.data(), p.ldb, TestType(0), c.data(),
+                       p.ldc);
+    const long before = allocations.load();
+    td::gemm<TestType>(p.ta, p.tb, p.m, p.n, p.k, TestType(1), x.a.data(), p.lda, x.b.data(), p.ldb, TestType(0), c.data(),
+                       p.ldc);
+    REQUIRE(allocations.load() == before);
+  }
+  // The counter does count: a vector allocates.
+  const long before = allocations.load();
+  std::vector<TestType> v(100);
+  REQUIRE(allocations.load() == before + 1);
+}
