@@ -200,11 +200,15 @@ namespace {
 // L(θ) = Σ ΔW(θ) · gW. Each parameter enters ΔW linearly, so central differences are exact up to
 // rounding; every entry of every parameter is checked.
 template <int N>
-void check_vjp_by_finite_differences(const ta::shape<N>& weight, const ta::shape<N>& ranks, std::uint64_t seed) {
-  INFO("weight " << ta::detail::dims_string(weight, N) << " ranks " << ta::detail::dims_string(ranks, N));
+void check_vjp_by_finite_differences(const ta::shape<N>& weight, const ta::shape<N>& ranks, std::uint64_t seed,
+                                     ta::detail::flora_plan plan) {
+  INFO("weight " << ta::detail::dims_string(weight, N) << " ranks " << ta::detail::dims_string(ranks, N)
+                 << " plan " << static_cast<int>(plan));
   auto a = random_flora<double, N>(weight, ranks, 1.5, seed);
   const ta::tensor<double, N> gw = random_tensor<double, N>(weight, seed + 1);
-  const auto grad = ta::delta_weight_vjp(a, gw);
+  ta::flora<double, N> grad;
+  ta::flora_weight_workspace<double, N> ws;
+  ta::detail::vjp<double, N>(a, ta::view(gw), grad, ws, plan);
   CHECK(grad.scale == a.scale);
 
   auto loss = [&](const ta::flora<double, N>& p) {
@@ -235,27 +239,120 @@ void check_vjp_by_finite_differences(const ta::shape<N>& weight, const ta::shape
 
 }  // namespace
 
+namespace {
+
+template <int N>
+void check_vjp_all_plans(const ta::shape<N>& weight, const ta::shape<N>& ranks, std::uint64_t seed) {
+  for (auto plan : {ta::detail::flora_plan::automatic, ta::detail::flora_plan::chain, ta::detail::flora_plan::channel})
+    check_vjp_by_finite_differences<N>(weight, ranks, seed, plan);
+}
+
+}  // namespace
+
 TEST_CASE("FLoRA delta_weight_vjp matches finite differences", "[flora][fd]") {
   SECTION("N = 2") {
-    check_vjp_by_finite_differences<2>({7, 5}, {1, 1}, 31);
-    check_vjp_by_finite_differences<2>({7, 5}, {7, 5}, 32);
-    check_vjp_by_finite_differences<2>({7, 5}, {3, 2}, 33);
+    check_vjp_all_plans<2>({7, 5}, {1, 1}, 31);
+    check_vjp_all_plans<2>({7, 5}, {7, 5}, 32);
+    check_vjp_all_plans<2>({7, 5}, {3, 2}, 33);
   }
   SECTION("N = 3") {
-    check_vjp_by_finite_differences<3>({5, 4, 3}, {1, 1, 1}, 34);
-    check_vjp_by_finite_differences<3>({5, 4, 3}, {5, 4, 3}, 35);
-    check_vjp_by_finite_differences<3>({5, 4, 3}, {2, 4, 1}, 36);
+    check_vjp_all_plans<3>({5, 4, 3}, {1, 1, 1}, 34);
+    check_vjp_all_plans<3>({5, 4, 3}, {5, 4, 3}, 35);
+    check_vjp_all_plans<3>({5, 4, 3}, {2, 4, 1}, 36);
   }
   SECTION("N = 4") {
-    check_vjp_by_finite_differences<4>({6, 4, 3, 3}, {1, 1, 1, 1}, 37);
-    check_vjp_by_finite_differences<4>({6, 4, 3, 3}, {6, 4, 3, 3}, 38);
-    check_vjp_by_finite_differences<4>({6, 4, 3, 3}, {3, 2, 2, 1}, 39);
+    check_vjp_all_plans<4>({6, 4, 3, 3}, {1, 1, 1, 1}, 37);
+    check_vjp_all_plans<4>({6, 4, 3, 3}, {6, 4, 3, 3}, 38);
+    check_vjp_all_plans<4>({6, 4, 3, 3}, {3, 2, 2, 1}, 39);
   }
   SECTION("N = 5") {
-    check_vjp_by_finite_differences<5>({4, 3, 3, 2, 3}, {1, 1, 1, 1, 1}, 40);
-    check_vjp_by_finite_differences<5>({4, 3, 3, 2, 3}, {4, 3, 3, 2, 3}, 41);
-    check_vjp_by_finite_differences<5>({4, 3, 3, 2, 3}, {2, 3, 1, 2, 2}, 42);
+    check_vjp_all_plans<5>({4, 3, 3, 2, 3}, {1, 1, 1, 1, 1}, 40);
+    check_vjp_all_plans<5>({4, 3, 3, 2, 3}, {4, 3, 3, 2, 3}, 41);
+    check_vjp_all_plans<5>({4, 3, 3, 2, 3}, {2, 3, 1, 2, 2}, 42);
   }
+}
+
+namespace {
+
+// Both plans, and the automatic choice, give the same ΔW, merge and gradient.
+template <class T, int N>
+void check_plans_agree(const ta::shape<N>& weight, const ta::shape<N>& ranks, std::uint64_t seed) {
+  INFO("weight " << ta::detail::dims_string(weight, N) << " ranks " << ta::detail::dims_string(ranks, N));
+  using ta::detail::flora_plan;
+  const auto a = random_flora<T, N>(weight, ranks, 2.0, seed);
+  const auto gw = random_tensor<T, N>(weight, seed + 1);
+  const auto naive = naive_delta(a);
+  const double k = double(a.G.size()) + double(ta::detail::product(weight));
+  ta::flora_weight_workspace<T, N> ws;
+  ta::flora<T, N> chain_grad;
+  ta::detail::vjp<T, N>(a, ta::view(gw), chain_grad, ws, flora_plan::chain);
+  for (auto plan : {flora_plan::automatic, flora_plan::chain, flora_plan::channel}) {
+    ta::tensor<T, N> dw(weight);
+    ta::detail::expand<T, N>(a, a.scale, T(0), ta::writable_view(dw), ws, plan);
+    CHECK(relative_error(dw, naive) < tolerance<T>(k));
+    ta::flora<T, N> grad;
+    ta::detail::vjp<T, N>(a, ta::view(gw), grad, ws, plan);
+    ta::for_each_parameter(grad, chain_grad,
+                           [&](const char*, auto& g, const auto& e) { CHECK(relative_error(g, e) < tolerance<T>(k)); });
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("FLoRA's chain and channel plans agree", "[flora]", float, double) {
+  check_plans_agree<TestType, 2>({9, 6}, {3, 4}, 43);
+  check_plans_agree<TestType, 3>({8, 6, 5}, {2, 6, 3}, 44);
+  check_plans_agree<TestType, 4>({12, 8, 3, 3}, {4, 2, 2, 3}, 45);
+  check_plans_agree<TestType, 4>({16, 4, 1, 1}, {3, 2, 1, 1}, 46);  // a 1x1 conv
+  check_plans_agree<TestType, 5>({6, 5, 3, 2, 3}, {2, 5, 1, 2, 2}, 47);
+  // The automatic choice: the channel plan for conv weights of small kernel ranks; the chain where the
+  // channel plan would need more than twice its flops (a full-rank core on a wide first mode).
+  std::mt19937_64 gen(48);
+  CHECK(ta::detail::use_channel_plan(ta::make_flora<TestType, 4>({256, 256, 3, 3}, {16, 16, 2, 2}, 1.0, gen)));
+  CHECK(ta::detail::use_channel_plan(ta::make_flora<TestType, 4>({512, 512, 3, 3}, {32, 32, 3, 3}, 1.0, gen)));
+  CHECK_FALSE(ta::detail::use_channel_plan(ta::make_flora<TestType, 3>({64, 4, 4}, {64, 1, 1}, 1.0, gen)));
+  CHECK_FALSE(ta::detail::use_channel_plan(ta::make_flora<TestType, 2>({64, 48}, {8, 8}, 1.0, gen)));
+}
+
+TEST_CASE("FLoRA's allocation-free plan order is tucker.hpp's expansion order", "[flora]") {
+  std::mt19937_64 gen(52);
+  for (int trial = 0; trial < 500; ++trial) {
+    ta::shape<5> w{}, r{};
+    for (std::size_t n = 0; n < 5; ++n) {
+      w[n] = 1 + static_cast<ta::index>(gen() % 40);
+      r[n] = 1 + static_cast<ta::index>(gen() % static_cast<std::uint64_t>(w[n]));
+    }
+    REQUIRE(ta::detail::flora_expansion_order<5>(r, w) == ta::expansion_order<5>(r, w));
+  }
+  REQUIRE(ta::detail::flora_expansion_order<4>({16, 16, 2, 2}, {256, 256, 3, 3}) == std::array<int, 4>{0, 1, 2, 3});
+  REQUIRE(ta::detail::flora_expansion_order<4>({32, 32, 3, 3}, {512, 512, 3, 3}) == std::array<int, 4>{2, 3, 0, 1});
+}
+
+TEMPLATE_TEST_CASE("FLoRA weight space makes no allocation with a warm workspace", "[flora]", float, double) {
+  using T = TestType;
+  const ta::shape<4> s{12, 8, 3, 3};
+  const auto a = random_flora<T, 4>(s, {4, 3, 2, 2}, 2.0, 49);
+  REQUIRE(ta::detail::use_channel_plan(a));
+  const auto gw = random_tensor<T, 4>(s, 50);
+  ta::tensor<T, 4> dw(s), w = random_tensor<T, 4>(s, 51);
+  ta::flora<T, 4> grad;
+  ta::flora_weight_workspace<T, 4> ws;
+  ta::delta_weight(a, dw, ws);
+  ta::delta_weight_vjp(a, gw, grad, ws);
+  const ta::tensor<T, 4> dw_first = dw;
+  const ta::flora<T, 4> grad_first = grad;
+  long allocations = 0;
+  {
+    allocation_counter::scope counting;
+    ta::delta_weight(a, dw, ws);
+    ta::delta_weight_vjp(a, gw, grad, ws);
+    ta::merge(a, w, ws);
+    ta::unmerge(a, w, ws);
+    allocations = counting.allocations();
+  }
+  CHECK(allocations == 0);
+  CHECK(bit_identical<T>(dw, dw_first));
+  ta::for_each_parameter(grad, grad_first, [](const char*, auto& g, const auto& e) { CHECK(bit_identical<T>(g, e)); });
 }
 
 TEMPLATE_TEST_CASE("FLoRA delta_weight_vjp reuses its gradient and workspace", "[flora]", float, double) {
@@ -266,7 +363,7 @@ TEMPLATE_TEST_CASE("FLoRA delta_weight_vjp reuses its gradient and workspace", "
   const auto expected_a = ta::delta_weight_vjp(a, gw);
   const auto expected_b = ta::delta_weight_vjp(b, gw);
   ta::flora<T, 4> grad;
-  ta::flora_vjp_workspace<T, 4> ws;
+  ta::flora_weight_workspace<T, 4> ws;
   ta::delta_weight_vjp(a, gw, grad, ws);
   ta::delta_weight_vjp(b, gw, grad, ws);  // other ranks: grad is resized
   ta::for_each_parameter(grad, expected_b, [](const char*, auto& g, const auto& e) { CHECK(bit_identical<T>(g, e)); });

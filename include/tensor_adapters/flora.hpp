@@ -48,6 +48,16 @@ struct flora {
   T scale = T(1);
 };
 
+// Scratch for the weight-space operations (delta_weight, merge, unmerge, delta_weight_vjp). Its
+// buffers grow when needed and never shrink, so reusing one for adapters of the same shapes makes no
+// further allocation, except in the chain plan of delta_weight_vjp (see detail::use_channel_plan).
+template <class T, int N>
+struct flora_weight_workspace {
+  tucker_workspace<T> chain;                  // intermediates of the Tucker chains
+  std::array<tensor<T, N>, N> z;              // chain plan: z[n] = gW ×_{m≠n} U_mᵀ
+  std::vector<T> kron, h, m, y, zs, c;        // channel plan: K, H, M, Y, Zs, C
+};
+
 // The ranks (r0, …, r(N-1)): the extents of the core.
 template <class T, int N>
 shape<N> ranks(const flora<T, N>& a) {
@@ -122,10 +132,160 @@ std::array<const_tensor_view<T, 2>, N> factor_views(const flora<T, N>& a) {
   return factor_views<T, N>(a.U);
 }
 
-// w ← alpha · G ×0 U0 … ×(N-1) U(N-1) + w
+// Two plans evaluate ΔW = scale · G ×0 U0 … ×(N-1) U(N-1) and its VJP:
+//
+//   chain    tucker.hpp's chains: every mode a mode product, in the flop-minimal order, the VJP's
+//            partial compressions shared between modes (tucker_compress_all_but_one).
+//   channel  (N ≥ 3) the kernel modes 2 … N-1 fold into one Kronecker factor K = U2 ⊗ … ⊗ U(N-1)
+//            (S, Rk), S = Π_{m≥2} I_m, Rk = Π_{m≥2} r_m. With G seen as (r0, r1, Rk):
+//              H (r0, r1, S)  = G ×2 K                       one GEMM
+//              M (r0, I1, S)  = H ×1 U1                      r0 GEMMs
+//              ΔW (I0, I1·S)  = scale · U0 · M               one GEMM: the weight is written once
+//            and the VJP, given gW seen as (I0, I1·S):
+//              grad.U0 = scale · gW · Mᵀ,   Y (r0, I1·S) = U0ᵀ · gW      (the two reads of gW)
+//              grad.U1 = scale · Σ_a Y[a] (I1, S) · H[a] (r1, S)ᵀ
+//              Zs (r0, r1, S) = Y ×1 U1ᵀ;   grad.G = scale · Zs · K
+//              C (S, Rk) = scale · Zsᵀ · G;  grad.U_k[i, b] = Σ_{s_k = i, ρ_k = b} C[s, ρ] · Π_{m≥2, m≠k} U_m[s_m, ρ_m]
+//
+// The chain needs the fewest flops, but it passes several times over intermediates as large as the
+// weight, and its products on the small kernel modes are many tiny GEMMs (one per slice); the channel
+// plan touches the weight in single GEMMs only. The channel plan is taken when its flops are at most
+// twice the chain's (for conv weights with kernel ranks ≤ 3 they are about equal or less than 1.6×).
+
+struct channel_dims {
+  index o, i1, s, r0, r1, rk;
+};
+
 template <class T, int N>
-void add_scaled_delta(const flora<T, N>& a, T alpha, tensor_view<T, N> w) {
-  tucker_expand<T, N>(view(a.G), factor_views(a), w, alpha, T(1));
+channel_dims channel_plan_dims(const flora<T, N>& a) {
+  channel_dims d{a.U[0].dimension(0), a.U[1].dimension(0), 1, a.G.dimension(0), a.G.dimension(1), 1};
+  for (std::size_t m = 2; m < static_cast<std::size_t>(N); ++m) d.s *= a.U[m].dimension(0), d.rk *= a.U[m].dimension(1);
+  return d;
+}
+
+// expansion_order(r, w) computed by an insertion sort: the same stable order, without the allocation
+// of std::stable_sort's buffer (the plan is chosen on every call of the workspace forms).
+template <int N>
+std::array<int, N> flora_expansion_order(const shape<N>& r, const shape<N>& w) {
+  std::array<int, N> order{};
+  for (int k = 0; k < N; ++k) {
+    int j = k;
+    for (; j > 0; --j) {
+      const auto n = static_cast<std::size_t>(k), m = static_cast<std::size_t>(order[static_cast<std::size_t>(j - 1)]);
+      if (!mode_goes_first(r[n], w[n], r[m], w[m])) break;
+      order[static_cast<std::size_t>(j)] = order[static_cast<std::size_t>(j - 1)];
+    }
+    order[static_cast<std::size_t>(j)] = k;
+  }
+  return order;
+}
+
+enum class flora_plan { automatic, chain, channel };
+
+template <class T, int N>
+bool use_channel_plan(const flora<T, N>& a, flora_plan plan = flora_plan::automatic) {
+  if (plan != flora_plan::automatic) return plan == flora_plan::channel;
+  if constexpr (N == 2) {
+    (void)a;
+    return false;
+  } else {
+    const shape<N> w = weight_shape(a), r = ranks(a);
+    const std::array<int, N> order = flora_expansion_order<N>(r, w);
+    const double chain = chain_flops<N>(r, w, order.data(), N);
+    const channel_dims d = channel_plan_dims(a);
+    const double channel = 2.0 * (double(d.r0 * d.r1) * double(d.rk * d.s) + double(d.r0 * d.r1) * double(d.s * d.i1) +
+                                  double(d.o * d.i1) * double(d.s * d.r0));
+    return channel <= 2.0 * chain;
+  }
+}
+
+template <class T>
+void grow_buffer(std::vector<T>& buffer, index size) {
+  if (static_cast<index>(buffer.size()) < size) buffer.resize(static_cast<std::size_t>(size));
+}
+
+// K (S, Rk): K[(i2 … i(N-1)), (a2 … a(N-1))] = Π_{m≥2} U_m[i_m, a_m]; then H and M as above.
+template <class T, int N>
+void channel_prepare(const flora<T, N>& a, const channel_dims& d, flora_weight_workspace<T, N>& ws) {
+  grow_buffer(ws.kron, d.s * d.rk);
+  grow_buffer(ws.h, d.r0 * d.r1 * d.s);
+  grow_buffer(ws.m, d.r0 * d.i1 * d.s);
+  T* k = ws.kron.data();
+  for (index row = 0; row < d.s; ++row)
+    for (index col = 0; col < d.rk; ++col) {
+      index ri = row, ci = col;
+      T v = T(1);
+      for (int m = N - 1; m >= 2; --m) {
+        const tensor<T, 2>& u = a.U[static_cast<std::size_t>(m)];
+        const index im = u.dimension(0), rm = u.dimension(1);
+        v *= u.data()[(ri % im) * rm + ci % rm];
+        ri /= im;
+        ci /= rm;
+      }
+      k[row * d.rk + col] = v;
+    }
+  gemm<T>(false, true, d.r0 * d.r1, d.s, d.rk, T(1), a.G.data(), d.rk, k, d.rk, T(0), ws.h.data(), d.s);
+  mode_product_kernel<T>(ws.h.data(), d.r0, d.r1, d.s, a.U[1].data(), false, d.i1, T(1), T(0), ws.m.data());
+}
+
+// w ← alpha · G ×0 U0 … ×(N-1) U(N-1) + beta · w, by the cheaper plan.
+template <class T, int N>
+void expand(const flora<T, N>& a, T alpha, T beta, tensor_view<T, N> w, flora_weight_workspace<T, N>& ws,
+            flora_plan plan = flora_plan::automatic) {
+  if (!use_channel_plan(a, plan)) {
+    tucker_expand<T, N>(view(a.G), factor_views(a), w, ws.chain, alpha, beta);
+    return;
+  }
+  const channel_dims d = channel_plan_dims(a);
+  channel_prepare(a, d, ws);
+  const index cols = d.i1 * d.s;
+  gemm<T>(false, false, d.o, cols, d.r0, alpha, a.U[0].data(), d.r0, ws.m.data(), cols, beta, w.data(), cols);
+}
+
+// The channel plan of delta_weight_vjp (grad already has the adapter's shapes).
+template <class T, int N>
+void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_weight_workspace<T, N>& ws) {
+  const channel_dims d = channel_plan_dims(a);
+  channel_prepare(a, d, ws);
+  const index cols = d.i1 * d.s, p = d.r0 * d.r1;
+  grow_buffer(ws.y, d.r0 * cols);
+  grow_buffer(ws.zs, p * d.s);
+  grow_buffer(ws.c, d.s * d.rk);
+  const T* u0 = a.U[0].data();
+  const T* u1 = a.U[1].data();
+  T* y = ws.y.data();
+  T* zs = ws.zs.data();
+  T* c = ws.c.data();
+  gemm<T>(false, true, d.o, d.r0, cols, a.scale, gw, cols, ws.m.data(), cols, T(0), grad.U[0].data(), d.r0);
+  gemm<T>(true, false, d.r0, cols, d.o, T(1), u0, d.r0, gw, cols, T(0), y, cols);
+  for (index r = 0; r < d.r0; ++r)
+    gemm<T>(false, true, d.i1, d.r1, d.s, a.scale, y + r * d.i1 * d.s, d.s, ws.h.data() + r * d.r1 * d.s, d.s,
+            r == 0 ? T(0) : T(1), grad.U[1].data(), d.r1);
+  mode_product_kernel<T>(y, d.r0, d.i1, d.s, u1, true, d.r1, T(1), T(0), zs);
+  gemm<T>(false, false, p, d.rk, d.s, a.scale, zs, d.s, ws.kron.data(), d.rk, T(0), grad.G.data(), d.rk);
+  gemm<T>(true, false, d.s, d.rk, p, a.scale, zs, d.s, a.G.data(), d.rk, T(0), c, d.rk);
+  for (int k = 2; k < N; ++k) {
+    tensor<T, 2>& gk = grad.U[static_cast<std::size_t>(k)];
+    gk.setZero();
+    for (index row = 0; row < d.s; ++row)
+      for (index col = 0; col < d.rk; ++col) {
+        index ri = row, ci = col, ik = 0, bk = 0;
+        T v = c[row * d.rk + col];
+        for (int m = N - 1; m >= 2; --m) {
+          const tensor<T, 2>& u = a.U[static_cast<std::size_t>(m)];
+          const index im = u.dimension(0), rm = u.dimension(1);
+          if (m == k) {
+            ik = ri % im;
+            bk = ci % rm;
+          } else {
+            v *= u.data()[(ri % im) * rm + ci % rm];
+          }
+          ri /= im;
+          ci /= rm;
+        }
+        gk.data()[ik * gk.dimension(1) + bk] += v;
+      }
+  }
 }
 
 // Resizes each tensor of `grad` to the adapter's shapes where it differs.
@@ -237,16 +397,16 @@ void flora_to_official(const flora<T, N>& a, tensor<T, N>& param_G, nondeduced<s
 // Weight space
 
 // dw = scale · G ×0 U0 … ×(N-1) U(N-1).  dw: (I0, …, I(N-1)).
-// Throws argument_error, before writing, if the adapter is inconsistent or dw does not fit it.
-// The workspace form makes no allocation once the workspace has served an adapter of the same shapes.
+// Throws argument_error, before writing, if the adapter is inconsistent or dw does not fit it. With a
+// workspace that has served an adapter of the same shapes, makes no allocation.
 template <class T, int N>
-void delta_weight(const flora<T, N>& a, nondeduced<tensor_view<T, N>> dw, tucker_workspace<T>& ws) {
+void delta_weight(const flora<T, N>& a, nondeduced<tensor_view<T, N>> dw, flora_weight_workspace<T, N>& ws) {
   detail::check_flora_weight(a, dw, "flora delta_weight", "dw");
-  tucker_expand<T, N>(view(a.G), detail::factor_views(a), dw, ws, a.scale, T(0));
+  detail::expand<T, N>(a, a.scale, T(0), dw, ws);
 }
 template <class T, int N>
 void delta_weight(const flora<T, N>& a, nondeduced<tensor_view<T, N>> dw) {
-  tucker_workspace<T> ws;
+  flora_weight_workspace<T, N> ws;
   delta_weight<T, N>(a, dw, ws);
 }
 
@@ -258,25 +418,17 @@ tensor<T, N> delta_weight(const flora<T, N>& a) {
   return dw;
 }
 
-// Scratch for delta_weight_vjp: the partial compressions z[n] (r0, …, I_n, …, r(N-1)).
-template <class T, int N>
-struct flora_vjp_workspace {
-  std::array<tensor<T, N>, N> z;
-};
+namespace detail {
 
-// Given gW = ∂L/∂W (I0, …, I(N-1)), the gradient of L(ΔW(θ)) with respect to the adapter:
-//   z_n     = gW ×_{m≠n} U_mᵀ                    (r0, …, I_n, …, r(N-1)), partial products shared
-//   grad.U_n = scale · unfold_n(z_n) · unfold_n(G)ᵀ   (I_n, r_n)
-//   grad.G   = scale · z_k ×k U_kᵀ = scale · gW ×0 U0ᵀ … ×(N-1) U(N-1)ᵀ   (k the mode of least extent)
-// gW is read by the shared compression only. grad is resized to the adapter's shapes if needed and
-// overwritten; it must not be the adapter itself. Throws argument_error, before writing, if gW does
-// not have the weight's shape.
 template <class T, int N>
-void delta_weight_vjp(const flora<T, N>& a, nondeduced<const_tensor_view<T, N>> gw, flora<T, N>& grad,
-                      flora_vjp_workspace<T, N>& ws) {
-  detail::check_flora_weight(a, gw, "flora delta_weight_vjp", "gW");
-  detail::shape_like(a, grad);
-  const auto factors = detail::factor_views(a);
+void vjp(const flora<T, N>& a, const const_tensor_view<T, N>& gw, flora<T, N>& grad, flora_weight_workspace<T, N>& ws,
+         flora_plan plan = flora_plan::automatic) {
+  shape_like(a, grad);
+  if (use_channel_plan(a, plan)) {
+    channel_vjp<T, N>(a, gw.data(), grad, ws);
+    return;
+  }
+  const auto factors = factor_views(a);
   tucker_compress_all_but_one<T, N>(gw, factors, ws.z);
   int k = 0;
   for (int n = 1; n < N; ++n)
@@ -289,9 +441,29 @@ void delta_weight_vjp(const flora<T, N>& a, nondeduced<const_tensor_view<T, N>> 
   }
 }
 
+}  // namespace detail
+
+// Given gW = ∂L/∂W (I0, …, I(N-1)), the gradient of L(ΔW(θ)) with respect to the adapter:
+//   z_n      = gW ×_{m≠n} U_mᵀ                         (r0, …, I_n, …, r(N-1))
+//   grad.U_n = scale · unfold_n(z_n) · unfold_n(G)ᵀ      (I_n, r_n)
+//   grad.G   = scale · gW ×0 U0ᵀ … ×(N-1) U(N-1)ᵀ        (r0, …, r(N-1))
+// Partial products are shared between modes: by tucker_compress_all_but_one in the chain plan (then
+// grad.G = scale · z_k ×k U_kᵀ for the mode k of least extent), and in the channel plan by the
+// factorisation written above detail::channel_dims. grad is resized to the adapter's shapes if needed
+// and overwritten; it must not be the adapter itself. Throws argument_error, before writing, if gW
+// does not have the weight's shape. With a workspace that has served an adapter of the same shapes,
+// the channel plan makes no allocation (the chain plan's shared compression allocates its
+// intermediates).
+template <class T, int N>
+void delta_weight_vjp(const flora<T, N>& a, nondeduced<const_tensor_view<T, N>> gw, flora<T, N>& grad,
+                      flora_weight_workspace<T, N>& ws) {
+  detail::check_flora_weight(a, gw, "flora delta_weight_vjp", "gW");
+  detail::vjp<T, N>(a, gw, grad, ws);
+}
+
 template <class T, int N>
 void delta_weight_vjp(const flora<T, N>& a, nondeduced<const_tensor_view<T, N>> gw, flora<T, N>& grad) {
-  flora_vjp_workspace<T, N> ws;
+  flora_weight_workspace<T, N> ws;
   delta_weight_vjp<T, N>(a, gw, grad, ws);
 }
 
@@ -304,9 +476,14 @@ flora<T, N> delta_weight_vjp(const flora<T, N>& a, const tensor<T, N>& gw) {
 
 // w ← w + ΔW.  w: (I0, …, I(N-1)).  Throws (and leaves w untouched) if w does not fit the adapter.
 template <class T, int N>
-void merge(const flora<T, N>& a, nondeduced<tensor_view<T, N>> w) {
+void merge(const flora<T, N>& a, nondeduced<tensor_view<T, N>> w, flora_weight_workspace<T, N>& ws) {
   detail::check_flora_weight(a, w, "flora merge", "w");
-  detail::add_scaled_delta<T, N>(a, a.scale, w);
+  detail::expand<T, N>(a, a.scale, T(1), w, ws);
+}
+template <class T, int N>
+void merge(const flora<T, N>& a, nondeduced<tensor_view<T, N>> w) {
+  flora_weight_workspace<T, N> ws;
+  merge<T, N>(a, w, ws);
 }
 template <class T, int N>
 void merge(const flora<T, N>& a, tensor<T, N>& w) {
@@ -315,9 +492,14 @@ void merge(const flora<T, N>& a, tensor<T, N>& w) {
 
 // w ← w − ΔW.  Restores a merged weight up to rounding.
 template <class T, int N>
-void unmerge(const flora<T, N>& a, nondeduced<tensor_view<T, N>> w) {
+void unmerge(const flora<T, N>& a, nondeduced<tensor_view<T, N>> w, flora_weight_workspace<T, N>& ws) {
   detail::check_flora_weight(a, w, "flora unmerge", "w");
-  detail::add_scaled_delta<T, N>(a, static_cast<T>(-a.scale), w);
+  detail::expand<T, N>(a, static_cast<T>(-a.scale), T(1), w, ws);
+}
+template <class T, int N>
+void unmerge(const flora<T, N>& a, nondeduced<tensor_view<T, N>> w) {
+  flora_weight_workspace<T, N> ws;
+  unmerge<T, N>(a, w, ws);
 }
 template <class T, int N>
 void unmerge(const flora<T, N>& a, tensor<T, N>& w) {
@@ -331,10 +513,11 @@ void safe_merge(const flora<T, N>& a, nondeduced<tensor_view<T, N>> w) {
   detail::check_flora_weight(a, w, "flora safe_merge", "w");
   tensor<T, N> merged(w.dimensions());
   std::copy(w.data(), w.data() + w.size(), merged.data());
-  detail::add_scaled_delta<T, N>(a, a.scale, writable_view(merged));
+  flora_weight_workspace<T, N> ws;
+  detail::expand<T, N>(a, a.scale, T(1), writable_view(merged), ws);
   TA_CHECK(detail::all_finite(merged.data(), merged.size()), "flora safe_merge",
-                "the merged weight " + detail::shape_string(w) +
-                    " would hold a non-finite value; the weight was left unchanged");
+           "the merged weight " + detail::shape_string(w) +
+               " would hold a non-finite value; the weight was left unchanged");
   std::copy(merged.data(), merged.data() + merged.size(), w.data());
 }
 template <class T, int N>
@@ -375,33 +558,28 @@ void check_flora_matrix(const char* function, const char* name, const Eigen::DSi
 }
 
 template <class T>
-void grow_buffer(std::vector<T>& buffer, index size) {
-  if (static_cast<index>(buffer.size()) < size) buffer.resize(static_cast<std::size_t>(size));
-}
-
-template <class T>
 void flora_linear_forward(const flora<T, 2>& a, const const_tensor_view<T, 2>& x, const const_tensor_view<T, 2>& w0,
                           const T* b0, tensor_view<T, 2> y, flora_workspace<T>& ws) {
   const index n = x.dimension(0), in = x.dimension(1), out = w0.dimension(0);
   const index r0 = a.G.dimension(0), r1 = a.G.dimension(1);
   grow_buffer(ws.h1, n * r1);
   grow_buffer(ws.h0, n * r0);
-  gemm<T>(false, true, n, out, in, T(1), x.data(), in, w0.data(), in, T(0), y.data(), out);
-  if (b0 != nullptr) {
-    for (index i = 0; i < n; ++i) {
-      T* row = y.data() + i * out;
-      for (index o = 0; o < out; ++o) row[o] += b0[o];
-    }
-  }
+  // The low-rank term first, over the bias; the base product then accumulates into y (a GEMM with
+  // beta = 1 adds in its own pass, so y is not cleared or revisited after it).
   gemm<T>(false, false, n, r1, in, T(1), x.data(), in, a.U[1].data(), r1, T(0), ws.h1.data(), r1);
   gemm<T>(false, true, n, r0, r1, T(1), ws.h1.data(), r1, a.G.data(), r1, T(0), ws.h0.data(), r0);
-  gemm<T>(false, true, n, out, r0, a.scale, ws.h0.data(), r0, a.U[0].data(), r0, T(1), y.data(), out);
+  if (b0 != nullptr) {
+    for (index i = 0; i < n; ++i) std::copy(b0, b0 + out, y.data() + i * out);
+  }
+  gemm<T>(false, true, n, out, r0, a.scale, ws.h0.data(), r0, a.U[0].data(), r0, b0 != nullptr ? T(1) : T(0),
+          y.data(), out);
+  gemm<T>(false, true, n, out, in, T(1), x.data(), in, w0.data(), in, T(1), y.data(), out);
 }
 
 }  // namespace detail
 
 // y (n, O) = x · W0ᵀ + b0 + scale · ((x · U1) · Gᵀ) · U0ᵀ
-//   x: (n, I), w0: (O, I), b0: (O), y: (n, O).
+//   x: (n, I), w0: (O, I), b0: (O), y: (n, O).  y must not overlap x.
 // Throws argument_error, before writing anything, if a shape does not fit. Makes no allocation when
 // the workspace has already served a batch of at least n rows.
 template <class T>
