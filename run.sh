@@ -5,13 +5,14 @@
 #   ./run.sh test             build everything and run the whole test suite
 #   ./run.sh test --sanitize  the same under AddressSanitizer + UndefinedBehaviorSanitizer
 #   ./run.sh bench [filter]   build and run the microbenchmarks
+#   ./run.sh fuzz [seconds]   fuzz the safetensors reader (clang, libFuzzer + ASan/UBSan; default 60 s)
 #
 # Missing Debian packages are installed with apt-get when run as root; otherwise the exact install
 # line is printed and nothing else happens.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-packages=(g++ cmake make libeigen3-dev catch2 libbenchmark-dev libomp-dev)
+packages=(g++ cmake make libeigen3-dev catch2 libbenchmark-dev libomp-dev nlohmann-json3-dev clang libclang-rt-14-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -59,8 +60,16 @@ case "${1:-}" in
       "$b" --benchmark_filter="${2:-.}" --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
     done
     ;;
+  fuzz)
+    configure build/fuzz -DCMAKE_CXX_COMPILER=clang++ -DTENSOR_ADAPTERS_BUILD_FUZZERS=ON \
+      -DTENSOR_ADAPTERS_BUILD_TESTS=OFF -DTENSOR_ADAPTERS_BUILD_EXAMPLES=OFF -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=OFF
+    mkdir -p build/fuzz/corpus
+    # New inputs go to build/fuzz/corpus; fuzz/corpus holds the committed seeds. Any crash fails.
+    ./build/fuzz/fuzz/fuzz_safetensors -max_total_time="${2:-60}" -timeout=10 -rss_limit_mb=2048 \
+      -dict=fuzz/safetensors.dict -artifact_prefix=build/fuzz/ -print_final_stats=1 build/fuzz/corpus fuzz/corpus
+    ;;
   *)
-    sed -n '2,10p' "$0"
+    sed -n '2,11p' "$0"
     exit 2
     ;;
 esac

@@ -1,0 +1,340 @@
+// safetensors reading and writing: round trips for every floating dtype, the published byte layout,
+// correct rounding on narrowing, metadata, and every kind of malformed file (each must raise
+// io::format_error naming the file and the tensor, never read out of bounds — the sanitizer build checks
+// that part).
+#include <tensor_adapters/io/safetensors.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace ta = tensor_adapters;
+namespace io = tensor_adapters::io;
+using Catch::Matchers::Contains;
+
+namespace {
+
+using bytes = std::vector<unsigned char>;
+
+// A file from a header text and a data area, with the header length field set to header.size() (or
+// `length` when given).
+bytes make_file(const std::string& header, const bytes& data, std::uint64_t length = ~std::uint64_t(0)) {
+  if (length == ~std::uint64_t(0)) length = header.size();
+  bytes out;
+  for (int b = 0; b < 8; ++b) out.push_back(static_cast<unsigned char>(length >> (8 * b)));
+  out.insert(out.end(), header.begin(), header.end());
+  out.insert(out.end(), data.begin(), data.end());
+  return out;
+}
+
+bytes zeros(std::size_t n) { return bytes(n, 0); }
+
+io::safetensors_file parse(const bytes& b, const std::string& name = "test.safetensors") {
+  return io::safetensors_file::parse(b.data(), b.size(), name);
+}
+
+// Parsing must throw format_error whose message holds every fragment.
+void require_rejected(const bytes& b, const std::vector<std::string>& fragments) {
+  try {
+    parse(b, "bad.safetensors");
+    FAIL("the file was accepted");
+  } catch (const io::format_error& e) {
+    const std::string what = e.what();
+    CHECK_THAT(what, Contains("bad.safetensors"));
+    for (const auto& f : fragments) CHECK_THAT(what, Contains(f));
+  }
+}
+
+std::string entry(const std::string& name, const std::string& dtype, const std::string& shape, std::uint64_t begin,
+                  std::uint64_t end) {
+  return "\"" + name + "\":{\"dtype\":\"" + dtype + "\",\"shape\":" + shape + ",\"data_offsets\":[" +
+         std::to_string(begin) + "," + std::to_string(end) + "]}";
+}
+
+template <class T>
+ta::tensor<T, 3> random_tensor(std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<double> normal(0.0, 3.0);
+  ta::tensor<T, 3> t(2, 3, 5);
+  for (ta::index i = 0; i < t.size(); ++i) t.data()[i] = static_cast<T>(normal(gen));
+  return t;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("safetensors round trip of every floating dtype", "[safetensors]", float, double) {
+  using T = TestType;
+  const ta::tensor<T, 3> x = random_tensor<T>(1);
+  io::safetensors_writer w;
+  w.add("x.f64", x, io::dtype::F64);
+  w.add("x.f32", x, io::dtype::F32);
+  w.add("x.f16", x, io::dtype::F16);
+  w.add("x.bf16", x, io::dtype::BF16);
+  w.add("x.default", x);
+  w.set_metadata("format", "pt");
+  const bytes b = w.serialize();
+  const io::safetensors_file f = parse(b);
+
+  REQUIRE(f.tensors().size() == 5);
+  CHECK(f.metadata().at("format") == "pt");
+  CHECK(f.info("x.default").type == io::dtype_of<T>());
+  CHECK(f.info("x.f16").shape == std::vector<ta::index>{2, 3, 5});
+  for (const char* name : {"x.f64", "x.default"}) {
+    const auto y = f.load<T, 3>(name);
+    for (ta::index i = 0; i < x.size(); ++i) REQUIRE(y.data()[i] == x.data()[i]);
+  }
+  const auto y32 = f.load<T, 3>("x.f32");
+  for (ta::index i = 0; i < x.size(); ++i) REQUIRE(y32.data()[i] == static_cast<T>(static_cast<float>(x.data()[i])));
+  // Narrowing rounds once to nearest-even; loading back is exact.
+  const auto h = f.load<double, 3>("x.f16");
+  const auto bf = f.load<double, 3>("x.bf16");
+  for (ta::index i = 0; i < x.size(); ++i) {
+    const double v = static_cast<double>(x.data()[i]);
+    CHECK(h.data()[i] == static_cast<double>(static_cast<float>(Eigen::half(static_cast<float>(v)))));
+    CHECK(bf.data()[i] == static_cast<double>(static_cast<float>(Eigen::bfloat16(static_cast<float>(v)))));
+    CHECK(std::abs(h.data()[i] - v) <= std::ldexp(std::abs(v), -11));
+    CHECK(std::abs(bf.data()[i] - v) <= std::ldexp(std::abs(v), -8));
+  }
+  // Any floating dtype loads as either float or double.
+  const auto hf = f.load<float, 3>("x.f16");
+  for (ta::index i = 0; i < x.size(); ++i) CHECK(static_cast<double>(hf.data()[i]) == h.data()[i]);
+  const std::vector<T> flat = f.load_values<T>("x.f32");
+  REQUIRE(flat.size() == 30);
+  CHECK(flat[7] == static_cast<T>(static_cast<float>(x.data()[7])));
+}
+
+TEST_CASE("safetensors round trip of Eigen::half and Eigen::bfloat16 tensors", "[safetensors]") {
+  ta::tensor<Eigen::half, 2> h(2, 2);
+  ta::tensor<Eigen::bfloat16, 1> b(3);
+  h.setConstant(Eigen::half(-1.5f));
+  h(1, 1) = Eigen::half(65504.0f);
+  b.setConstant(Eigen::bfloat16(0.15625f));
+  io::safetensors_writer w;
+  w.add("h", h);
+  w.add("b", b);
+  const io::safetensors_file f = parse(w.serialize());
+  CHECK(f.info("h").type == io::dtype::F16);
+  CHECK(f.info("b").type == io::dtype::BF16);
+  CHECK(f.load<float, 2>("h")(1, 1) == 65504.0f);
+  CHECK(f.load<double, 2>("h")(0, 1) == -1.5);
+  CHECK(f.load<float, 1>("b")(2) == 0.15625f);
+}
+
+TEST_CASE("safetensors narrowing from double rounds once (no double rounding through float)", "[safetensors]") {
+  // 1 + 2^-11 + 2^-40 lies just above the midpoint between the halves 1 and 1 + 2^-10: the correctly
+  // rounded half is 1 + 2^-10, while rounding to float first lands on the midpoint and then on 1.
+  const double h_case = 1.0 + std::ldexp(1.0, -11) + std::ldexp(1.0, -40);
+  const double bf_case = 1.0 + std::ldexp(1.0, -8) + std::ldexp(1.0, -40);
+  REQUIRE(static_cast<float>(Eigen::half(static_cast<float>(h_case))) == 1.0f);
+  ta::tensor<double, 1> x(4);
+  x(0) = h_case;
+  x(1) = -h_case;
+  x(2) = bf_case;
+  x(3) = 1.0 + std::ldexp(1.0, -11);  // an exact midpoint: ties to even, 1
+  io::safetensors_writer w;
+  w.add("h", x, io::dtype::F16);
+  w.add("b", x, io::dtype::BF16);
+  const io::safetensors_file f = parse(w.serialize());
+  const auto h = f.load<double, 1>("h");
+  const auto b = f.load<double, 1>("b");
+  CHECK(h(0) == 1.0 + std::ldexp(1.0, -10));
+  CHECK(h(1) == -(1.0 + std::ldexp(1.0, -10)));
+  CHECK(h(3) == 1.0);
+  CHECK(b(2) == 1.0 + std::ldexp(1.0, -7));
+  CHECK(b(0) == 1.0);
+  // Overflow and non-finite values.
+  ta::tensor<double, 1> big(3);
+  big(0) = 1e6;
+  big(1) = -std::numeric_limits<double>::infinity();
+  big(2) = std::numeric_limits<double>::quiet_NaN();
+  io::safetensors_writer w2;
+  w2.add("big", big, io::dtype::F16);
+  const auto g = parse(w2.serialize()).load<double, 1>("big");
+  CHECK(g(0) == std::numeric_limits<double>::infinity());
+  CHECK(g(1) == -std::numeric_limits<double>::infinity());
+  CHECK(std::isnan(g(2)));
+}
+
+TEST_CASE("safetensors writer follows the published layout", "[safetensors]") {
+  ta::tensor<float, 2> a(1, 2);
+  a(0, 0) = 1.0f;
+  a(0, 1) = -2.0f;
+  ta::tensor<double, 1> d(1);
+  d(0) = 0.5;
+  io::safetensors_writer w;
+  w.add("a", a);
+  w.add("d", d);
+  const bytes b = w.serialize();
+  std::uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | b[static_cast<std::size_t>(i)];
+  CHECK(n % 8 == 0);
+  REQUIRE(b.size() == 8 + n + 8 + 8);
+  const std::string header(b.begin() + 8, b.begin() + 8 + static_cast<std::ptrdiff_t>(n));
+  CHECK(header.front() == '{');
+  // F64 first (larger elements first), offsets relative to the data area.
+  CHECK_THAT(header, Contains("\"d\":{\"dtype\":\"F64\",\"shape\":[1],\"data_offsets\":[0,8]}"));
+  CHECK_THAT(header, Contains("\"a\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[8,16]}"));
+  const std::size_t data = 8 + n;
+  // 0.5 as little-endian IEEE binary64, then 1.0f and -2.0f as binary32.
+  const bytes expected = {0, 0, 0, 0, 0, 0, 0xE0, 0x3F, 0, 0, 0x80, 0x3F, 0, 0, 0, 0xC0};
+  CHECK(bytes(b.begin() + static_cast<std::ptrdiff_t>(data), b.end()) == expected);
+}
+
+TEST_CASE("safetensors hand-written files: layout variants that are valid", "[safetensors]") {
+  SECTION("padding, metadata, an empty tensor and a scalar") {
+    const std::string h = "{\"__metadata__\":{\"format\":\"pt\",\"note\":\"\xC3\xA9t\xC3\xA9\"}," +
+                          entry("e", "F32", "[0,3]", 0, 0) + "," + entry("s", "F64", "[]", 0, 8) + "," +
+                          entry("v", "F32", "[2]", 8, 16) + "}      ";
+    bytes data = zeros(16);
+    data[14] = 0x80;
+    data[15] = 0x3F;  // v[1] = 1.0f
+    const auto f = parse(make_file(h, data));
+    CHECK(f.metadata().at("note") == "\xC3\xA9t\xC3\xA9");
+    CHECK(f.load<float, 2>("e").size() == 0);
+    CHECK(f.load<double, 0>("s")() == 0.0);
+    CHECK(f.load<float, 1>("v")(1) == 1.0f);
+    CHECK(f.tensors().front().name == "e");
+  }
+  SECTION("no tensors at all") {
+    const auto f = parse(make_file("{}", {}));
+    CHECK(f.tensors().empty());
+  }
+  SECTION("integer dtypes are valid and copy raw, but do not load as floating point") {
+    const auto f = parse(make_file("{" + entry("ids", "I64", "[2]", 0, 16) + "}", zeros(16)));
+    CHECK(f.info("ids").type == io::dtype::I64);
+    CHECK(f.raw("ids") != nullptr);
+    REQUIRE_THROWS_WITH((f.load<float, 1>("ids")), Contains("ids") && Contains("I64"));
+    io::safetensors_writer w;
+    w.add_raw("ids", io::dtype::I64, {2}, f.raw("ids"), 16);
+    CHECK(parse(w.serialize()).info("ids").shape == std::vector<ta::index>{2});
+    REQUIRE_THROWS_AS(w.add_raw("short", io::dtype::I64, {2}, f.raw("ids"), 8), io::format_error);
+  }
+}
+
+TEST_CASE("safetensors rejects malformed files with a clear message", "[safetensors]") {
+  const std::string good_header = "{" + entry("w", "F32", "[2,2]", 0, 16) + "," + entry("b", "F32", "[2]", 16, 24) + "}";
+  REQUIRE_NOTHROW(parse(make_file(good_header, zeros(24))));
+
+  SECTION("truncated anywhere") {
+    ta::tensor<float, 2> t(3, 4);
+    t.setConstant(1.0f);
+    io::safetensors_writer w;
+    w.add("t", t);
+    w.set_metadata("format", "pt");
+    const bytes full = w.serialize();
+    REQUIRE_NOTHROW(parse(full));
+    for (std::size_t n = 0; n < full.size(); ++n)
+      REQUIRE_THROWS_AS(parse(bytes(full.begin(), full.begin() + static_cast<std::ptrdiff_t>(n))), io::format_error);
+    require_rejected(bytes(full.begin(), full.begin() + 5), {"fewer than the 8"});
+    require_rejected(bytes(full.begin(), full.end() - 4), {"\"t\"", "beyond the data area"});
+  }
+  SECTION("header length beyond the file") {
+    require_rejected(make_file(good_header, zeros(24), good_header.size() + 25), {"runs past the end of the file"});
+    require_rejected(make_file(good_header, zeros(24), std::uint64_t(1) << 63), {"exceeds the limit"});
+    require_rejected(make_file(good_header, zeros(24), ~std::uint64_t(0) - 1), {"exceeds the limit"});
+  }
+  SECTION("offsets out of range, overlapping, leaving gaps or reversed") {
+    require_rejected(make_file("{" + entry("w", "F32", "[2,2]", 0, 16) + "," + entry("b", "F32", "[2]", 16, 24) + "}",
+                               zeros(20)),
+                     {"\"b\"", "beyond the data area"});
+    require_rejected(make_file("{" + entry("w", "F32", "[2,2]", 0, 16) + "," + entry("b", "F32", "[2]", 12, 20) + "}",
+                               zeros(24)),
+                     {"\"b\"", "overlaps", "\"w\""});
+    require_rejected(make_file("{" + entry("w", "F32", "[2,2]", 0, 16) + "," + entry("b", "F32", "[2]", 0, 8) + "}",
+                               zeros(16)),
+                     {"overlaps"});
+    require_rejected(make_file("{" + entry("w", "F32", "[2,2]", 0, 16) + "," + entry("b", "F32", "[2]", 20, 28) + "}",
+                               zeros(28)),
+                     {"unused bytes", "\"b\""});
+    require_rejected(make_file(good_header, zeros(32)), {"cover only 24"});
+    require_rejected(make_file("{" + entry("w", "F32", "[0]", 8, 0) + "}", zeros(8)), {"\"w\"", "end before"});
+    require_rejected(make_file("{" + entry("w", "F32", "[2]", 18446744073709551608ull, 18446744073709551615ull) + "}",
+                               zeros(8)),
+                     {"\"w\""});
+  }
+  SECTION("shape x dtype size differs from the byte span") {
+    require_rejected(make_file("{" + entry("w", "F32", "[2,3]", 0, 16) + "}", zeros(16)),
+                     {"\"w\"", "24 bytes", "span 16 bytes"});
+    require_rejected(make_file("{" + entry("w", "F16", "[2,2]", 0, 16) + "}", zeros(16)), {"\"w\"", "8 bytes"});
+    require_rejected(make_file("{" + entry("w", "F64", "[4294967296,4294967296]", 0, 16) + "}", zeros(16)),
+                     {"\"w\"", "overflows"});
+    require_rejected(make_file("{" + entry("w", "F32", "[-2,2]", 0, 16) + "}", zeros(16)), {"\"w\"", "shape entry"});
+    require_rejected(make_file("{" + entry("w", "F32", "[2.0,2]", 0, 16) + "}", zeros(16)), {"\"w\"", "shape entry"});
+  }
+  SECTION("unknown dtype") {
+    require_rejected(make_file("{" + entry("w", "F128", "[2]", 0, 32) + "}", zeros(32)), {"\"w\"", "unknown dtype \"F128\""});
+    require_rejected(make_file("{" + entry("w", "float32", "[2]", 0, 8) + "}", zeros(8)), {"\"w\"", "float32"});
+  }
+  SECTION("duplicate keys") {
+    require_rejected(make_file("{" + entry("w", "F32", "[1]", 0, 4) + "," + entry("w", "F32", "[1]", 4, 8) + "}", zeros(8)),
+                     {"\"w\" appears twice"});
+    require_rejected(
+        make_file("{\"w\":{\"dtype\":\"F32\",\"dtype\":\"F16\",\"shape\":[1],\"data_offsets\":[0,4]}}", zeros(4)),
+        {"\"dtype\" appears twice"});
+    require_rejected(make_file("{\"__metadata__\":{\"a\":\"1\",\"a\":\"2\"}}", {}), {"\"a\" appears twice"});
+  }
+  SECTION("non-UTF-8 or invalid JSON") {
+    require_rejected(make_file("{\"w\xFF\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", zeros(4)),
+                     {"not valid UTF-8"});
+    require_rejected(make_file("{\"w\xC0\xAF\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", zeros(4)),
+                     {"not valid UTF-8"});  // overlong '/'
+    require_rejected(make_file("{\"w\xED\xA0\x80\":1}", {}), {"not valid UTF-8"});  // a surrogate
+    require_rejected(make_file("{\"w\":\"\\ud800\"}", {}), {"invalid JSON"});      // an escaped lone surrogate
+    require_rejected(make_file("{" + entry("w", "F32", "[1]", 0, 4) + ",}", zeros(4)), {"invalid JSON"});
+    require_rejected(make_file("{" + entry("w", "F32", "[1]", 0, 4), zeros(4)), {"invalid JSON"});
+    require_rejected(make_file("{} {}", {}), {"invalid JSON"});
+    require_rejected(make_file("[1,2]", {}), {"does not start with '{'"});
+    require_rejected(make_file(" {}", {}), {"does not start with '{'"});
+    require_rejected(make_file("", {}), {"does not start with '{'"});
+  }
+  SECTION("malformed entries and metadata") {
+    require_rejected(make_file("{\"w\":[1,2]}", {}), {"\"w\"", "JSON object"});
+    require_rejected(make_file("{\"w\":{\"shape\":[1],\"data_offsets\":[0,4]}}", zeros(4)), {"\"w\"", "dtype"});
+    require_rejected(make_file("{\"w\":{\"dtype\":\"F32\",\"data_offsets\":[0,4]}}", zeros(4)), {"\"w\"", "shape"});
+    require_rejected(make_file("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0]}}", zeros(4)),
+                     {"\"w\"", "data_offsets"});
+    require_rejected(make_file("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,-4]}}", zeros(4)),
+                     {"\"w\"", "data_offsets"});
+    require_rejected(make_file("{\"__metadata__\":{\"n\":3}}", {}), {"__metadata__", "\"n\""});
+    require_rejected(make_file("{\"__metadata__\":[]}", {}), {"__metadata__"});
+  }
+}
+
+TEST_CASE("safetensors lookups and writer errors", "[safetensors]") {
+  ta::tensor<float, 2> t(2, 3);
+  t.setConstant(2.0f);
+  io::safetensors_writer w;
+  w.add("t", t);
+  REQUIRE_THROWS_WITH(w.add("t", t), Contains("\"t\"") && Contains("twice"));
+  REQUIRE_THROWS_AS(w.add("__metadata__", t), io::format_error);
+  REQUIRE_THROWS_AS(w.add("bad\xFF", t), io::format_error);
+  REQUIRE_THROWS_AS(w.add("i", t, io::dtype::I32), io::format_error);
+  REQUIRE_THROWS_AS(w.set_metadata("k", "\xFF"), io::format_error);
+  const auto f = parse(w.serialize(), "lookups.safetensors");
+  REQUIRE_THROWS_WITH((f.load<float, 2>("missing")), Contains("lookups.safetensors") && Contains("\"missing\""));
+  REQUIRE_THROWS_WITH((f.load<float, 3>("t")), Contains("\"t\"") && Contains("rank 3"));
+  CHECK_FALSE(f.contains("missing"));
+  // format_error is an argument_error and an invalid_argument.
+  REQUIRE_THROWS_AS(f.info("missing"), ta::argument_error);
+  REQUIRE_THROWS_AS(f.info("missing"), std::invalid_argument);
+}
+
+TEST_CASE("safetensors files on disk", "[safetensors]") {
+  const std::string path = "test_safetensors_roundtrip.safetensors";
+  ta::tensor<double, 2> t(3, 2);
+  t.setConstant(0.25);
+  io::safetensors_writer w;
+  w.add("t", t, io::dtype::F32);
+  w.write(path);
+  const auto f = io::read_safetensors(path);
+  CHECK(f.name() == path);
+  CHECK(f.load<double, 2>("t")(2, 1) == 0.25);
+  std::remove(path.c_str());
+  REQUIRE_THROWS_WITH(io::read_safetensors(path), Contains(path) && Contains("cannot open"));
+  REQUIRE_THROWS_AS(w.write("no/such/directory/x.safetensors"), io::format_error);
+}
