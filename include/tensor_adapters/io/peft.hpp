@@ -1,0 +1,409 @@
+// PEFT LoRA adapters on disk (optional: needs nlohmann-json through io/safetensors.hpp).
+//
+// A PEFT LoRA adapter is a directory with two files:
+//   adapter_model.safetensors  for each adapted module <m> (its name in the base model, e.g.
+//                              "model.layers.0.self_attn.q_proj"):
+//                                base_model.model.<m>.lora_A.weight  (r, in)  linear;  (r, in, kh, kw)  conv2d
+//                                base_model.model.<m>.lora_B.weight  (out, r) linear;  (out, r, 1, 1)   conv2d
+//                              (conv1d / conv3d: the same with one / three kernel extents).
+//   adapter_config.json        "peft_type": "LORA", "r", "lora_alpha", "use_rslora", "target_modules",
+//                              "rank_pattern", "alpha_pattern", and PEFT's other fields.
+//
+// A module's rank and alpha are r and lora_alpha unless a key of rank_pattern (resp. alpha_pattern)
+// matches it. PEFT's rule, followed here: keys are tried in file order, and key k matches module name m
+// when the regular expression (.*\.)?(k)$ matches m from its start — so "v_proj" matches
+// "model.layers.0.self_attn.v_proj", and a full module name matches that module. The scale is
+// alpha / r, or alpha / sqrt(r) with use_rslora. A module is targeted when target_modules (a list) holds
+// its name or a suffix of it that starts after a '.', or when target_modules (a string) is a regular
+// expression matching the whole name.
+//
+// Loading checks every key, shape and value before returning: each module has both factors, of rank 2
+// to 5, agreeing on r; B's trailing extents are 1; r is the rank the config gives the module; the module
+// is one target_modules selects; and the config does not ask for a variant this reader cannot represent
+// (DoRA, fan_in_fan_out, trainable LoRA biases). Errors raise io::format_error naming the file, the
+// module and the tensor.
+//
+// Example:
+//   auto adapter = tensor_adapters::io::load_peft_lora<float>("out/checkpoint-500");
+//   for (auto& [module, layer] : adapter.layers) merge(layer.adapter, my_weights[module]);
+#pragma once
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../lora.hpp"
+#include "safetensors.hpp"
+
+namespace tensor_adapters::io {
+
+struct peft_lora_config {
+  index r = 8;
+  double lora_alpha = 8.0;
+  bool use_rslora = false;
+  // Either a list of module names / name suffixes, or (when target_modules_regex is non-empty) a regular
+  // expression the whole module name must match. "all-linear" selects every module.
+  std::vector<std::string> target_modules;
+  std::string target_modules_regex;
+  // Per-module overrides, in file order: (pattern, rank) and (pattern, alpha).
+  std::vector<std::pair<std::string, index>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
+};
+
+// One adapted module.
+template <class T>
+struct peft_lora_layer {
+  lora<T> adapter;                  // A (r, F), B (O, r); scale from the config
+  std::vector<index> weight_shape;  // the adapted weight: (O, I) linear; (O, in, kh, kw) conv2d
+};
+
+// A loaded adapter: the config and the layers by module name (without the "base_model.model." prefix).
+template <class T>
+struct peft_lora_adapter {
+  peft_lora_config config;
+  std::map<std::string, peft_lora_layer<T>> layers;
+};
+
+// The key prefix and suffixes PEFT uses in adapter_model.safetensors.
+inline const std::string peft_prefix = "base_model.model.";
+inline const std::string peft_a_suffix = ".lora_A.weight";
+inline const std::string peft_b_suffix = ".lora_B.weight";
+
+namespace detail {
+
+inline std::regex compile_pattern(const std::string& regex, const std::string& what) {
+  try {
+    return std::regex(regex, std::regex::ECMAScript);
+  } catch (const std::regex_error& e) {
+    throw format_error(what + ": \"" + regex + "\" is not a valid regular expression (" + e.what() + ")");
+  }
+}
+
+inline bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace detail
+
+// PEFT's pattern rule: true if (.*\.)?(key)$ matches `module` from its start. Throws format_error if key
+// is not a valid regular expression.
+inline bool peft_pattern_matches(const std::string& key, const std::string& module) {
+  return std::regex_match(module, detail::compile_pattern("(.*\\.)?(" + key + ")", "PEFT pattern"));
+}
+
+// The rank PEFT gives `module`: the value of the first rank_pattern key that matches it, else r.
+inline index peft_rank(const peft_lora_config& c, const std::string& module) {
+  for (const auto& kv : c.rank_pattern)
+    if (peft_pattern_matches(kv.first, module)) return kv.second;
+  return c.r;
+}
+
+// The alpha PEFT gives `module`: the value of the first alpha_pattern key that matches it, else lora_alpha.
+inline double peft_alpha(const peft_lora_config& c, const std::string& module) {
+  for (const auto& kv : c.alpha_pattern)
+    if (peft_pattern_matches(kv.first, module)) return kv.second;
+  return c.lora_alpha;
+}
+
+// The scale of `module`'s adapter: alpha / r, or alpha / sqrt(r) with use_rslora.
+inline double peft_scale(const peft_lora_config& c, const std::string& module) {
+  return lora_scale(peft_alpha(c, module), peft_rank(c, module), c.use_rslora);
+}
+
+// True if the config's target_modules selects `module`.
+inline bool peft_targets(const peft_lora_config& c, const std::string& module) {
+  if (!c.target_modules_regex.empty()) {
+    if (c.target_modules_regex == "all-linear") return true;
+    return std::regex_match(module, detail::compile_pattern(c.target_modules_regex, "PEFT target_modules"));
+  }
+  for (const std::string& t : c.target_modules)
+    if (module == t || detail::ends_with(module, "." + t)) return true;
+  return false;
+}
+
+// Parses adapter_config.json text. `name` names it in messages. Throws format_error on invalid JSON,
+// duplicate keys, a missing or mistyped field, a peft_type other than LORA, or a variant this library does
+// not represent (use_dora, fan_in_fan_out, lora_bias, a bias other than "none").
+inline peft_lora_config parse_peft_lora_config(const std::string& text, const std::string& name) {
+  const nlohmann::ordered_json j = detail::parse_json_strict(text.data(), text.size(), name);
+  auto fail = [&](const std::string& message) -> void { throw format_error(name + ": " + message); };
+  if (!j.is_object()) fail("the config is not a JSON object");
+  peft_lora_config c;
+  auto get = [&](const char* key) -> const nlohmann::ordered_json* {
+    auto it = j.find(key);
+    return it == j.end() || it->is_null() ? nullptr : &*it;
+  };
+  if (auto* p = get("peft_type"); p && (!p->is_string() || p->get<std::string>() != "LORA"))
+    fail("peft_type is " + p->dump() + ", not \"LORA\"");
+  const auto* r = get("r");
+  if (!r || !r->is_number_unsigned() || r->get<std::uint64_t>() < 1 || r->get<std::uint64_t>() > (1u << 30))
+    fail("\"r\" must be a positive integer");
+  c.r = static_cast<index>(r->get<std::uint64_t>());
+  const auto* alpha = get("lora_alpha");
+  if (!alpha || !alpha->is_number() || !std::isfinite(alpha->get<double>()))
+    fail("\"lora_alpha\" must be a finite number");
+  c.lora_alpha = alpha->get<double>();
+  if (auto* p = get("use_rslora")) {
+    if (!p->is_boolean()) fail("\"use_rslora\" must be true or false");
+    c.use_rslora = p->get<bool>();
+  }
+  for (const char* flag : {"use_dora", "fan_in_fan_out", "lora_bias"}) {
+    if (auto* p = get(flag); p && !(p->is_boolean() && !p->get<bool>()))
+      fail(std::string("\"") + flag + "\" is " + p->dump() + "; only plain LoRA (false) is supported");
+  }
+  if (auto* p = get("bias"); p && !(p->is_string() && p->get<std::string>() == "none"))
+    fail("\"bias\" is " + p->dump() + "; only \"none\" is supported (the adapter must not train biases)");
+  if (auto* p = get("target_modules")) {
+    if (p->is_string()) {
+      c.target_modules_regex = p->get<std::string>();
+      if (c.target_modules_regex.empty()) fail("\"target_modules\" is an empty string");
+      if (c.target_modules_regex != "all-linear") detail::compile_pattern(c.target_modules_regex, name + " target_modules");
+    } else if (p->is_array()) {
+      for (const auto& t : *p) {
+        if (!t.is_string()) fail("\"target_modules\" holds " + t.dump() + ", not a string");
+        c.target_modules.push_back(t.get<std::string>());
+      }
+    } else {
+      fail("\"target_modules\" must be a list of names or a regular expression");
+    }
+  }
+  if (auto* p = get("rank_pattern")) {
+    if (!p->is_object()) fail("\"rank_pattern\" must be an object");
+    for (auto it = p->begin(); it != p->end(); ++it) {
+      if (!it.value().is_number_unsigned() || it.value().get<std::uint64_t>() < 1 ||
+          it.value().get<std::uint64_t>() > (1u << 30))
+        fail("rank_pattern[\"" + it.key() + "\"] must be a positive integer");
+      detail::compile_pattern("(.*\\.)?(" + it.key() + ")", name + " rank_pattern");
+      c.rank_pattern.emplace_back(it.key(), static_cast<index>(it.value().get<std::uint64_t>()));
+    }
+  }
+  if (auto* p = get("alpha_pattern")) {
+    if (!p->is_object()) fail("\"alpha_pattern\" must be an object");
+    for (auto it = p->begin(); it != p->end(); ++it) {
+      if (!it.value().is_number() || !std::isfinite(it.value().get<double>()))
+        fail("alpha_pattern[\"" + it.key() + "\"] must be a finite number");
+      detail::compile_pattern("(.*\\.)?(" + it.key() + ")", name + " alpha_pattern");
+      c.alpha_pattern.emplace_back(it.key(), it.value().get<double>());
+    }
+  }
+  return c;
+}
+
+namespace detail {
+
+inline std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw format_error(path + ": cannot open the file");
+  std::ostringstream s;
+  s << in.rdbuf();
+  if (in.bad()) throw format_error(path + ": cannot read the file");
+  return s.str();
+}
+
+inline void json_number(nlohmann::ordered_json& j, const std::string& key, double v) {
+  if (v == std::floor(v) && std::fabs(v) < 9.0e15) j[key] = static_cast<std::int64_t>(v);
+  else j[key] = v;
+}
+
+}  // namespace detail
+
+// Reads adapter_config.json at `path`.
+inline peft_lora_config read_peft_lora_config(const std::string& path) {
+  return parse_peft_lora_config(detail::read_text_file(path), path);
+}
+
+// The adapter_config.json text PEFT writes for this config (the fields PEFT's LoraConfig reads, with its
+// defaults for training-only settings: lora_dropout 0, bias "none", inference_mode true).
+inline std::string peft_lora_config_json(const peft_lora_config& c) {
+  nlohmann::ordered_json j = nlohmann::ordered_json::object();
+  nlohmann::ordered_json alpha = nlohmann::ordered_json::object();
+  for (const auto& kv : c.alpha_pattern) detail::json_number(alpha, kv.first, kv.second);
+  j["alpha_pattern"] = alpha;
+  j["auto_mapping"] = nullptr;
+  j["base_model_name_or_path"] = nullptr;
+  j["bias"] = "none";
+  j["fan_in_fan_out"] = false;
+  j["inference_mode"] = true;
+  j["init_lora_weights"] = true;
+  j["layers_pattern"] = nullptr;
+  j["layers_to_transform"] = nullptr;
+  detail::json_number(j, "lora_alpha", c.lora_alpha);
+  j["lora_dropout"] = 0.0;
+  j["modules_to_save"] = nullptr;
+  j["peft_type"] = "LORA";
+  j["r"] = c.r;
+  nlohmann::ordered_json rank = nlohmann::ordered_json::object();
+  for (const auto& kv : c.rank_pattern) rank[kv.first] = kv.second;
+  j["rank_pattern"] = rank;
+  j["revision"] = nullptr;
+  if (!c.target_modules_regex.empty()) j["target_modules"] = c.target_modules_regex;
+  else j["target_modules"] = c.target_modules;
+  j["task_type"] = nullptr;
+  j["use_rslora"] = c.use_rslora;
+  return j.dump(2) + "\n";
+}
+
+// Builds the adapter from a parsed config and adapter_model.safetensors. Throws format_error naming the
+// file, the module and the tensor for an unexpected key, a missing factor, a shape that does not fit, or a
+// rank the config does not give that module.
+template <class T>
+peft_lora_adapter<T> load_peft_lora(const peft_lora_config& config, const safetensors_file& file) {
+  peft_lora_adapter<T> out;
+  out.config = config;
+  const std::string& fname = file.name();
+  auto fail = [&](const std::string& message) -> void { throw format_error(fname + ": " + message); };
+
+  std::map<std::string, std::pair<const tensor_info*, const tensor_info*>> modules;  // module → (A, B)
+  for (const tensor_info& t : file.tensors()) {
+    const bool is_a = detail::ends_with(t.name, peft_a_suffix), is_b = detail::ends_with(t.name, peft_b_suffix);
+    if (t.name.compare(0, peft_prefix.size(), peft_prefix) != 0 || (!is_a && !is_b) ||
+        t.name.size() <= peft_prefix.size() + peft_a_suffix.size())
+      fail("tensor \"" + t.name + "\" is not a PEFT LoRA factor (base_model.model.<module>.lora_A.weight or " +
+           ".lora_B.weight); embedding LoRA, DoRA, LoRA biases and modules_to_save are not supported");
+    const std::string module =
+        t.name.substr(peft_prefix.size(), t.name.size() - peft_prefix.size() - peft_a_suffix.size());
+    (is_a ? modules[module].first : modules[module].second) = &t;
+  }
+
+  for (const auto& [module, factors] : modules) {
+    const std::string where = "module \"" + module + "\"";
+    const std::string a_key = peft_prefix + module + peft_a_suffix, b_key = peft_prefix + module + peft_b_suffix;
+    if (!factors.first) fail(where + " has " + b_key + " but no " + a_key);
+    if (!factors.second) fail(where + " has " + a_key + " but no " + b_key);
+    const tensor_info& a = *factors.first;
+    const tensor_info& b = *factors.second;
+    const std::size_t rank_a = a.shape.size();
+    if (rank_a < 2 || rank_a > 5)
+      fail(where + ": " + a_key + " has shape " + detail::shape_text(a.shape) + "; LoRA factors have rank 2 to 5");
+    bool b_ok = b.shape.size() == rank_a;
+    for (std::size_t d = 2; b_ok && d < rank_a; ++d) b_ok = b.shape[d] == 1;
+    if (!b_ok)
+      fail(where + ": " + b_key + " has shape " + detail::shape_text(b.shape) + " but " + a_key + " has shape " +
+           detail::shape_text(a.shape) + "; B must be (out, r" + std::string(rank_a > 2 ? ", 1…" : "") + ")");
+    const index r = a.shape[0];
+    if (b.shape[1] != r)
+      fail(where + ": " + a_key + " " + detail::shape_text(a.shape) + " and " + b_key + " " +
+           detail::shape_text(b.shape) + " disagree on the rank");
+    index fan_in = 1;
+    for (std::size_t d = 1; d < rank_a; ++d) fan_in *= a.shape[d];
+    if (r < 1 || fan_in < 1 || b.shape[0] < 1)
+      fail(where + ": " + a_key + " " + detail::shape_text(a.shape) + " and " + b_key + " " +
+           detail::shape_text(b.shape) + " must not be empty");
+    const index expected_rank = peft_rank(config, module);
+    if (r != expected_rank)
+      fail(where + " has rank " + std::to_string(r) + " in " + a_key + " but adapter_config.json gives it rank " +
+           std::to_string(expected_rank) + " (r, or the first rank_pattern key that matches it)");
+    if (!peft_targets(config, module))
+      fail(where + " has LoRA factors but adapter_config.json's target_modules does not select it");
+
+    peft_lora_layer<T> layer;
+    layer.weight_shape.push_back(b.shape[0]);
+    layer.weight_shape.insert(layer.weight_shape.end(), a.shape.begin() + 1, a.shape.end());
+    layer.adapter.A.resize(r, fan_in);
+    layer.adapter.B.resize(b.shape[0], r);
+    const std::vector<T> av = file.template load_values<T>(a.name), bv = file.template load_values<T>(b.name);
+    std::copy(av.begin(), av.end(), layer.adapter.A.data());
+    std::copy(bv.begin(), bv.end(), layer.adapter.B.data());
+    layer.adapter.scale = static_cast<T>(peft_scale(config, module));
+    out.layers.emplace(module, std::move(layer));
+  }
+  return out;
+}
+
+// Loads the adapter in `directory` (adapter_config.json and adapter_model.safetensors), converting the
+// factors to T.
+template <class T>
+peft_lora_adapter<T> load_peft_lora(const std::string& directory) {
+  const std::filesystem::path dir(directory);
+  const peft_lora_config config = read_peft_lora_config((dir / "adapter_config.json").string());
+  const safetensors_file file = read_safetensors((dir / "adapter_model.safetensors").string());
+  return load_peft_lora<T>(config, file);
+}
+
+// Adds a layer for `module` with the given alpha: sets its scale from the config's use_rslora, and adds
+// rank_pattern / alpha_pattern entries (keyed by the full module name) and a target_modules entry when
+// the config's defaults do not already give this module its rank, alpha and selection.
+// weight_shape is the adapted weight's shape, (O, I) or (O, in, kh, kw). Throws format_error if it does
+// not fit the adapter.
+template <class T>
+void add_peft_lora_layer(peft_lora_adapter<T>& adapter, const std::string& module, lora<T> layer,
+                         const std::vector<index>& weight_shape, double alpha) {
+  const std::string where = "PEFT adapter module \"" + module + "\"";
+  index fan_in = 1;
+  for (std::size_t d = 1; d < weight_shape.size(); ++d) fan_in *= weight_shape[d];
+  if (weight_shape.size() < 2 || weight_shape.size() > 5 || weight_shape[0] != layer.B.dimension(0) ||
+      fan_in != layer.A.dimension(1) || layer.A.dimension(0) != layer.B.dimension(1) || layer.A.dimension(0) < 1)
+    throw format_error(where + ": weight shape " + detail::shape_text(weight_shape) + " does not fit A " +
+                       tensor_adapters::detail::shape_string(layer.A) + " and B " +
+                       tensor_adapters::detail::shape_string(layer.B));
+  peft_lora_config& c = adapter.config;
+  const index r = layer.A.dimension(0);
+  if (peft_rank(c, module) != r) c.rank_pattern.insert(c.rank_pattern.begin(), {module, r});
+  if (peft_alpha(c, module) != alpha) c.alpha_pattern.insert(c.alpha_pattern.begin(), {module, alpha});
+  if (!peft_targets(c, module)) {
+    if (!c.target_modules_regex.empty())
+      throw format_error(where + " is not selected by target_modules \"" + c.target_modules_regex + "\"");
+    c.target_modules.push_back(module);
+  }
+  layer.scale = static_cast<T>(lora_scale(alpha, r, c.use_rslora));
+  adapter.layers[module] = peft_lora_layer<T>{std::move(layer), weight_shape};
+}
+
+// Writes `adapter` to `directory` (created if needed) as PEFT does: adapter_config.json and
+// adapter_model.safetensors with "__metadata__": {"format": "pt"}, factors stored as `type` (F32, F64, F16
+// or BF16). Throws format_error, before writing anything, if a layer's rank or scale is not what the
+// config gives its module, if the config does not target it, or if its shapes do not fit its weight shape.
+template <class T>
+void save_peft_lora(const peft_lora_adapter<T>& adapter, const std::string& directory, dtype type = dtype_of<T>()) {
+  const peft_lora_config& c = adapter.config;
+  safetensors_writer w;
+  w.set_metadata("format", "pt");
+  for (const auto& [module, layer] : adapter.layers) {
+    const std::string where = "PEFT adapter module \"" + module + "\"";
+    const lora<T>& a = layer.adapter;
+    const index r = a.A.dimension(0);
+    const std::vector<index>& ws = layer.weight_shape;
+    index fan_in = 1;
+    for (std::size_t d = 1; d < ws.size(); ++d) fan_in *= ws[d];
+    if (ws.size() < 2 || ws.size() > 5 || ws[0] != a.B.dimension(0) || fan_in != a.A.dimension(1) ||
+        a.B.dimension(1) != r || r < 1)
+      throw format_error(where + ": weight shape " + detail::shape_text(ws) + " does not fit A " +
+                         tensor_adapters::detail::shape_string(a.A) + " and B " +
+                         tensor_adapters::detail::shape_string(a.B));
+    if (peft_rank(c, module) != r)
+      throw format_error(where + " has rank " + std::to_string(r) + " but the config gives it rank " +
+                         std::to_string(peft_rank(c, module)));
+    const double scale = peft_scale(c, module);
+    if (std::fabs(static_cast<double>(a.scale) - scale) >
+        64 * static_cast<double>(std::numeric_limits<T>::epsilon()) * std::fabs(scale))
+      throw format_error(where + " has scale " + std::to_string(static_cast<double>(a.scale)) +
+                         " but the config gives it " + std::to_string(scale) + " (alpha " +
+                         std::to_string(peft_alpha(c, module)) + ", rank " + std::to_string(r) +
+                         (c.use_rslora ? ", rsLoRA)" : ")"));
+    if (!peft_targets(c, module)) throw format_error(where + " is not selected by the config's target_modules");
+    std::vector<index> a_shape(ws.begin(), ws.end()), b_shape(ws.size(), 1);
+    a_shape[0] = r;
+    b_shape[0] = ws[0];
+    b_shape[1] = r;
+    w.add_values(peft_prefix + module + peft_a_suffix, a.A.data(), a_shape, type);
+    w.add_values(peft_prefix + module + peft_b_suffix, a.B.data(), b_shape, type);
+  }
+  const std::filesystem::path dir(directory);
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) throw format_error(directory + ": cannot create the directory (" + ec.message() + ")");
+  w.write((dir / "adapter_model.safetensors").string());
+  const std::string config_path = (dir / "adapter_config.json").string();
+  std::ofstream out(config_path, std::ios::binary | std::ios::trunc);
+  out << peft_lora_config_json(c);
+  out.close();
+  if (!out) throw format_error(config_path + ": writing the file failed");
+}
+
+}  // namespace tensor_adapters::io
