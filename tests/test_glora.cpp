@@ -16,6 +16,10 @@
 
 #include "reference.hpp"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -441,6 +445,127 @@ TEMPLATE_TEST_CASE("backward equals the weight-space VJPs of gW = dyᵀ·x and g
       CHECK(max_abs_diff(sum, got) <= tolerance<T>(double(n * I)));
     });
   }
+}
+
+namespace {
+
+// The store gradient and dx straight from the formulas, in long double.
+template <class T>
+ta::glora_gradients<T> loop_backward(const ta::glora<T>& a, const ta::glora_config& c, const ta::tensor<T, 2>& x,
+                                     const ta::tensor<T, 2>& w0, const ta::tensor<T, 1>* b0, const ta::tensor<T, 2>& dy) {
+  const ta::index n = x.dimension(0), O = w0.dimension(0), I = w0.dimension(1), R = ta::max_rank(a);
+  std::vector<long double> gw(std::size_t(O * I), 0), gb(std::size_t(O), 0), v(std::size_t(I), 0);
+  for (ta::index o = 0; o < O; ++o)
+    for (ta::index r = 0; r < n; ++r) {
+      gb[std::size_t(o)] += dy(r, o);
+      for (ta::index i = 0; i < I; ++i) gw[std::size_t(o * I + i)] += static_cast<long double>(dy(r, o)) * x(r, i);
+    }
+  for (ta::index o = 0; o < O; ++o)
+    for (ta::index i = 0; i < I; ++i) v[std::size_t(i)] += static_cast<long double>(w0(o, i)) * gb[std::size_t(o)];
+  ta::glora_gradients<T> g;
+  g.grad = ta::zeros_like(a);
+  // A sees W0 ⊙ gW, B sees gW.
+  auto factor = [&](const ta::glora_choice& k, const ta::tensor<T, 2>& xd, const ta::tensor<T, 2>& xu, bool hadamard,
+                    ta::tensor<T, 2>& gxd, ta::tensor<T, 2>& gxu) {
+    auto G = [&](ta::index o, ta::index i) {
+      return gw[std::size_t(o * I + i)] * (hadamard ? static_cast<long double>(w0(o, i)) : 1.0L);
+    };
+    long double total = 0;
+    for (ta::index o = 0; o < O; ++o) {
+      long double row = 0;
+      for (ta::index i = 0; i < I; ++i) row += G(o, i);
+      total += row;
+      if (k.kind == ta::glora_kind::vector) gxd(o, 0) = static_cast<T>(row);
+      if (k.kind == ta::glora_kind::lora)
+        for (ta::index j = 0; j < k.rank; ++j) {
+          long double s = 0;
+          for (ta::index i = 0; i < I; ++i) s += G(o, i) * xu(j, i);
+          gxd(o, j) = static_cast<T>(s);
+        }
+    }
+    if (k.kind == ta::glora_kind::scalar) gxd(0, 0) = static_cast<T>(total);
+    if (k.kind == ta::glora_kind::lora)
+      for (ta::index j = 0; j < k.rank; ++j)
+        for (ta::index i = 0; i < I; ++i) {
+          long double s = 0;
+          for (ta::index o = 0; o < O; ++o) s += static_cast<long double>(xd(o, j)) * G(o, i);
+          gxu(j, i) = static_cast<T>(s);
+        }
+  };
+  factor(c.A, a.Ad, a.Au, true, g.grad.Ad, g.grad.Au);
+  factor(c.B, a.Bd, a.Bu, false, g.grad.Bd, g.grad.Bu);
+  if (c.C.kind == ta::glora_kind::vector)
+    for (ta::index i = 0; i < I; ++i) g.grad.Cd(i, 0) = static_cast<T>(v[std::size_t(i)]);
+  if (c.C.kind == ta::glora_kind::lora)
+    for (ta::index j = 0; j < c.C.rank; ++j) {
+      long double s = 0;
+      for (ta::index i = 0; i < I; ++i) {
+        g.grad.Cd(i, j) = static_cast<T>(v[std::size_t(i)] * a.Cu(j, 0));
+        s += static_cast<long double>(a.Cd(i, j)) * v[std::size_t(i)];
+      }
+      g.grad.Cu(j, 0) = static_cast<T>(s);
+    }
+  long double dsum = 0, esum = 0;
+  for (ta::index o = 0; o < O; ++o) {
+    const long double bd = b0 ? static_cast<long double>((*b0)(o)) * gb[std::size_t(o)] : 0.0L;
+    dsum += bd;
+    esum += gb[std::size_t(o)];
+    if (c.D.kind == ta::glora_kind::vector) g.grad.D(o) = static_cast<T>(bd);
+    if (c.E.kind == ta::glora_kind::vector) g.grad.E(o) = static_cast<T>(gb[std::size_t(o)]);
+  }
+  if (c.D.kind == ta::glora_kind::scalar) g.grad.D(0) = static_cast<T>(dsum);
+  if (c.E.kind == ta::glora_kind::scalar) g.grad.E(0) = static_cast<T>(esum);
+  const loop_layer<T> l = loop_merge(a, c, w0, b0);
+  g.dx.resize(n, I);
+  for (ta::index r = 0; r < n; ++r)
+    for (ta::index i = 0; i < I; ++i) {
+      long double s = 0;
+      for (ta::index o = 0; o < O; ++o) s += static_cast<long double>(dy(r, o)) * l.w[std::size_t(o * I + i)];
+      g.dx(r, i) = static_cast<T>(s);
+    }
+  (void)R;
+  return g;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("large layers (row blocks over several threads) match the formulas", "[glora]", float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(14);
+  // 520 × 300 is above the size at which the O·I work is split over threads, in uneven blocks.
+  const ta::index n = 3, O = 520, I = 300, R = 4;
+#ifdef _OPENMP
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(3);
+#endif
+  auto a = trained_glora<T>(O, I, R, gen);
+  ta::tensor<T, 2> x(n, I), w0(O, I), dy(n, O);
+  ta::tensor<T, 1> b0(O);
+  for (auto* t : {&x, &w0, &dy}) ta::fill_normal(*t, 0, 1, gen);
+  ta::fill_normal(b0, 0, 1, gen);
+  ta::glora_workspace<T> ws;
+  const T tol = tolerance<T>(double(I + O) * 8);
+  for (const char* text : {"A=lora_4,B=lora_3,C=lora_2,D=vector,E=vector", "A=vector,B=scalar,C=vector,D=scalar,E=scalar",
+                           "A=scalar,B=vector,C=none,D=none,E=vector", "A=none,B=lora_4,C=lora_4,D=vector,E=none",
+                           "A=none,B=vector,C=vector,D=scalar,E=scalar", "A=none,B=scalar,C=none,D=none,E=none",
+                           "A=lora_1,B=none,C=none,D=none,E=none"}) {
+    const ta::glora_config c = ta::parse_glora_config(text);
+    INFO(text);
+    ta::tensor<T, 2> y(n, O), dx(n, I);
+    ta::glora<T> grad;
+    ta::forward(a, c, x, w0, b0, y, ws);
+    CHECK(max_abs_diff(y, loop_forward(a, c, x, w0, &b0)) <= tol);
+    ta::backward(a, c, x, w0, b0, dy, dx, grad, ws);
+    const auto expected = loop_backward(a, c, x, w0, &b0, dy);
+    CHECK(max_abs_diff(dx, expected.dx) <= tol);
+    ta::for_each_parameter(grad, expected.grad, [&](const char* name, auto& got, const auto& want) {
+      INFO(name);
+      CHECK(max_abs_diff(got, want) <= tol * std::max(T(1), max_abs(want)));
+    });
+  }
+#ifdef _OPENMP
+  omp_set_num_threads(saved);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -27,8 +27,9 @@
 // rows of Xu; vector only column 0; scalar only element (0, 0)).
 //
 // Weight space (any weight rank 2..5, viewed as (O, F)):  delta_weight, delta_bias, delta_weight_vjp,
-// delta_bias_vjp, merge.  Linear layers:  forward, backward (ΔW and the low-rank factors are formed once
-// per call; the batch sees one GEMM against W_eff).
+// delta_bias_vjp, merge.  Linear layers:  forward, backward — with A lora, W_eff is formed once per call
+// in cache-sized row blocks and the batch sees one GEMM; otherwise A is constant along the input
+// dimension and everything stays in activation space (W_eff is never formed).
 //
 // Configuration space: glora_space (the choices per support tensor), make_glora_space(ranks) (the
 // official search space), enumerate_glora_configs, random_glora_config (supernet training draws one per
@@ -49,6 +50,10 @@
 #include <cstddef>
 #include <string>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "detail/check.hpp"
 #include "detail/gemm.hpp"
@@ -487,11 +492,12 @@ void for_each_parameter(glora<T>& params, const glora<T>& grads, F&& fn) {
 template <class T>
 struct glora_workspace {
   std::vector<T> weight;  // (O, I): W_eff, or W0 ⊙ gW
-  std::vector<T> gw;      // (O, I): dyᵀ · x
+  std::vector<T> gw;      // (O, I): dyᵀ · x; or 2 (n, O): x · W0ᵀ and dy ⊙ (1 + a)ᵀ
   std::vector<T> bias;    // (O): b_eff, or Σ_rows dy
-  std::vector<T> col;     // (max(I, O)): C as a column, W0ᵀ · gb, b0 ⊙ gb, …
+  std::vector<T> col;     // (I): C as a column, or W0ᵀ · gb
   std::vector<T> h;       // (n, R) or (n): activation-space scratch
   std::vector<T> dh;      // (n, R) or (O)
+  std::vector<T> partials;  // per thread: shares of the reductions over row blocks, and scratch
 };
 
 namespace detail {
@@ -557,21 +563,23 @@ void ensure_store_shape(const glora<T>& a, glora<T>& g) {
   if (g.E.dimensions() != a.E.dimensions()) g.E.resize(a.E.dimensions());
 }
 
-// out (O, F) = W0 ⊙ A + B, or with add_w0, W0 + W0 ⊙ A + B (the official order of additions).
+// Rows [o0, o1) of W0 ⊙ A + B, or with add_w0 of W0 + W0 ⊙ A + B (the official order of additions), into
+// out (o1 − o0, I). w0 points at row o0 of W0.
 template <class T>
-void glora_weight(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0, bool add_w0, T* out) {
-  const index O = d.out, I = d.in, R = d.rank, n = O * I;
+void glora_weight_rows(const glora<T>& a, const glora_config& c, const glora_dims& d, index o0, index o1,
+                       const T* w0, bool add_w0, T* out) {
+  const index I = d.in, R = d.rank, m = o1 - o0, n = m * I;
   const glora_choice& A = c.A;
   if (A.kind == glora_kind::lora) {
-    gemm<T>(false, false, O, I, A.rank, T(1), a.Ad.data(), R, a.Au.data(), I, T(0), out, I);
+    gemm<T>(false, false, m, I, A.rank, T(1), a.Ad.data() + o0 * R, R, a.Au.data(), I, T(0), out, I);
     if (add_w0) {
       for (index k = 0; k < n; ++k) out[k] = w0[k] + w0[k] * out[k];
     } else {
       for (index k = 0; k < n; ++k) out[k] = w0[k] * out[k];
     }
   } else if (A.kind == glora_kind::vector) {
-    for (index o = 0; o < O; ++o) {
-      const T s = a.Ad.data()[o * R];
+    for (index o = 0; o < m; ++o) {
+      const T s = a.Ad.data()[(o0 + o) * R];
       const T* wr = w0 + o * I;
       T* orow = out + o * I;
       if (add_w0) {
@@ -594,10 +602,10 @@ void glora_weight(const glora<T>& a, const glora_config& c, const glora_dims& d,
   }
   const glora_choice& B = c.B;
   if (B.kind == glora_kind::lora) {
-    gemm<T>(false, false, O, I, B.rank, T(1), a.Bd.data(), R, a.Bu.data(), I, T(1), out, I);
+    gemm<T>(false, false, m, I, B.rank, T(1), a.Bd.data() + o0 * R, R, a.Bu.data(), I, T(1), out, I);
   } else if (B.kind == glora_kind::vector) {
-    for (index o = 0; o < O; ++o) {
-      const T s = a.Bd.data()[o * R];
+    for (index o = 0; o < m; ++o) {
+      const T s = a.Bd.data()[(o0 + o) * R];
       T* orow = out + o * I;
       for (index i = 0; i < I; ++i) orow[i] += s;
     }
@@ -607,57 +615,126 @@ void glora_weight(const glora<T>& a, const glora_config& c, const glora_dims& d,
   }
 }
 
-// out (O) = [b0 + b0 ⊙ D] + E + W0 · C, the bracket only with a bias (b0 == nullptr: none), and b0 itself
-// only with add_b0. col: scratch of I elements.
+// The O·I work runs over blocks of rows small enough to stay in cache (about 128 KiB of each operand).
 template <class T>
-void glora_bias(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0, const T* b0,
-                bool add_b0, T* col, T* out) {
-  const index O = d.out, I = d.in, R = d.rank;
-  for (index o = 0; o < O; ++o) {
-    T v = T(0);
-    if (b0 != nullptr) {
-      const T dv = c.D.kind == glora_kind::vector ? a.D.data()[o]
-                   : c.D.kind == glora_kind::scalar ? a.D.data()[0]
-                                                    : T(0);
-      v = add_b0 ? b0[o] + b0[o] * dv : b0[o] * dv;
+index glora_block_rows(const glora_dims& d) {
+  return std::max<index>(1, static_cast<index>(131072 / sizeof(T)) / d.in);
+}
+
+// The threads a pass over `blocks` row blocks of an (O, I) weight uses: with OpenMP, outside a parallel
+// region and for weights of at least 2^17 elements, up to omp_get_max_threads(); else 1.
+inline int glora_threads(const glora_dims& d, index blocks) {
+#ifdef _OPENMP
+  if (blocks < 2 || omp_in_parallel() || d.out * d.in < 131072) return 1;
+  return static_cast<int>(std::max<index>(1, std::min<index>(omp_get_max_threads(), blocks)));
+#else
+  (void)d;
+  (void)blocks;
+  return 1;
+#endif
+}
+
+// Runs body(first_block, end_block) over contiguous chunks of `blocks` row blocks on `threads` threads;
+// returns the number of threads that ran (chunk t of n is [blocks·t/n, blocks·(t+1)/n)).
+template <class Body>
+int glora_parallel_blocks(index blocks, int threads, Body&& body) {
+  int team = 1;
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num(), n = omp_get_num_threads();
+      if (t == 0) team = n;
+      body(t, blocks * t / n, blocks * (t + 1) / n);
     }
-    if (c.E.kind == glora_kind::vector) v += a.E.data()[o];
-    if (c.E.kind == glora_kind::scalar) v += a.E.data()[0];
-    out[o] = v;
+    return team;
   }
-  if (c.C.kind == glora_kind::none) return;
-  const T* cv = col;
+#else
+  (void)threads;
+#endif
+  body(0, index(0), blocks);
+  return team;
+}
+
+// C as a column (I) into col; false when C is none.
+template <class T>
+bool glora_prompt_column(const glora<T>& a, const glora_config& c, const glora_dims& d, T* col) {
+  const index I = d.in, R = d.rank;
   if (c.C.kind == glora_kind::lora) {
     gemm<T>(false, false, I, 1, c.C.rank, T(1), a.Cd.data(), R, a.Cu.data(), 1, T(0), col, 1);
-  } else {
-    for (index i = 0; i < I; ++i) col[i] = a.Cd.data()[i * R];
+    return true;
   }
-  gemm<T>(false, false, O, 1, I, T(1), w0, I, cv, 1, T(1), out, 1);
+  if (c.C.kind == glora_kind::vector) {
+    for (index i = 0; i < I; ++i) col[i] = a.Cd.data()[i * R];
+    return true;
+  }
+  return false;
+}
+
+// The layer in one pass over row blocks of W0:
+//   out_w (O, I) = [W0 +] W0 ⊙ A + B              (skipped when out_w is null)
+//   out_b (O)    = [b0 +] b0 ⊙ D + E + W0 · C      (skipped when out_b is null; b0 == nullptr: no bias)
+// the bracketed terms only with add_base. col: scratch of I elements.
+template <class T>
+void glora_layer(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0, const T* b0,
+                 bool add_base, T* col, T* out_w, T* out_b) {
+  const index O = d.out, I = d.in;
+  bool prompt = false;
+  if (out_b != nullptr) {
+    for (index o = 0; o < O; ++o) {
+      T v = T(0);
+      if (b0 != nullptr) {
+        const T dv = c.D.kind == glora_kind::vector   ? a.D.data()[o]
+                     : c.D.kind == glora_kind::scalar ? a.D.data()[0]
+                                                      : T(0);
+        v = add_base ? b0[o] + b0[o] * dv : b0[o] * dv;
+      }
+      if (c.E.kind == glora_kind::vector) v += a.E.data()[o];
+      if (c.E.kind == glora_kind::scalar) v += a.E.data()[0];
+      out_b[o] = v;
+    }
+    prompt = glora_prompt_column(a, c, d, col);
+  }
+  if (out_w == nullptr && !prompt) return;
+  const index step = glora_block_rows<T>(d), blocks = (O + step - 1) / step;
+  glora_parallel_blocks(blocks, glora_threads(d, blocks), [&](int, index b0, index b1) {
+    for (index b = b0; b < b1; ++b) {
+      const index o0 = b * step, o1 = std::min(O, o0 + step);
+      if (out_w != nullptr) glora_weight_rows(a, c, d, o0, o1, w0 + o0 * I, add_base, out_w + o0 * I);
+      if (prompt) gemm<T>(false, true, 1, o1 - o0, I, T(1), col, I, w0 + o0 * I, I, T(1), out_b + o0, o1 - o0);
+    }
+  });
 }
 
 // The gradient of one factored support tensor X (rows, cols) read by choice `k` from (Xd, Xu), given
-// G = ∂L/∂X (rows, cols) with leading dimension ldg: lora: gXd[:, :r] = G·Xu[:r]ᵀ, gXu[:r] = Xd[:, :r]ᵀ·G;
-// vector: gXd[:, 0] = Σ_cols G; scalar: gXd[0, 0] = Σ G. gXd, gXu must be zero on entry.
+// rows [o0, o0 + m) of G = ∂L/∂X with leading dimension ldg:
+//   lora:   gXd[o0 : o0 + m, :r] = G·Xu[:r]ᵀ, and gXu[:r] = Xd[o0 : o0 + m, :r]ᵀ·G, added to gXu unless first;
+//   vector: gXd[o0 : o0 + m, 0] = Σ_cols G;
+//   scalar: *total += Σ G.
+// gXd has leading dimension R, gXu leading dimension cols. scratch: r·m elements.
 template <class T>
-void glora_factor_grad(const glora_choice& k, index rows, index cols, index R, const T* xd, const T* xu,
-                       const T* g, index ldg, T* gxd, T* gxu) {
+void glora_factor_grad(const glora_choice& k, index o0, index m, index cols, index R, const T* xd, const T* xu,
+                       const T* g, index ldg, bool first, T* gxd, T* gxu, T* total, T* scratch) {
   if (k.kind == glora_kind::lora) {
-    gemm<T>(false, true, rows, k.rank, cols, T(1), g, ldg, xu, cols, T(0), gxd, R);
-    gemm<T>(true, false, k.rank, cols, rows, T(1), xd, R, g, ldg, T(0), gxu, cols);
+    const index r = k.rank;
+    gemm<T>(false, true, r, m, cols, T(1), xu, cols, g, ldg, T(0), scratch, m);  // (G · Xu[:r]ᵀ)ᵀ, r the short side
+    for (index o = 0; o < m; ++o)
+      for (index j = 0; j < r; ++j) gxd[(o0 + o) * R + j] = scratch[j * m + o];
+    gemm<T>(true, false, r, cols, m, T(1), xd + o0 * R, R, g, ldg, first ? T(0) : T(1), gxu, cols);
   } else if (k.kind == glora_kind::vector) {
-    for (index o = 0; o < rows; ++o) {
+    for (index o = 0; o < m; ++o) {
       const T* row = g + o * ldg;
       T s = T(0);
       for (index i = 0; i < cols; ++i) s += row[i];
-      gxd[o * R] = s;
+      gxd[(o0 + o) * R] = s;
     }
   } else if (k.kind == glora_kind::scalar) {
     T s = T(0);
-    for (index o = 0; o < rows; ++o) {
+    for (index o = 0; o < m; ++o) {
       const T* row = g + o * ldg;
       for (index i = 0; i < cols; ++i) s += row[i];
     }
-    gxd[0] = s;
+    *total += s;
   }
 }
 
@@ -666,22 +743,79 @@ void zero_store(glora<T>& g) {
   for_each_parameter(g, [](const char*, auto& p) { p.setZero(); });
 }
 
-// The A and B parts of the store gradient from gW (O, I), which is overwritten by W0 ⊙ gW.
+// The backward work on W0 in one pass over row blocks (grad zero on entry):
+//   gw (O, I), if not null: B's gradient from gW, then gW ← W0 ⊙ gW and A's gradient from it;
+//   gb (O), if not null and C is not none: C's gradient from W0ᵀ · gb, formed in col (I elements);
+//   weff (O, I), if not null: W_eff = W0 + W0 ⊙ A + B.
+// Each thread sums its blocks' shares of gAu, gBu, the scalar totals and W0ᵀ · gb into its own slice
+// of ws.partials; the slices are then added in thread order.
 template <class T>
-void glora_weight_grad(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0, T* gw,
-                       glora<T>& grad) {
+void glora_backward_rows(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0, T* gw,
+                         const T* gb, T* col, T* weff, glora_workspace<T>& ws, glora<T>& grad) {
   const index O = d.out, I = d.in, R = d.rank;
-  glora_factor_grad(c.B, O, I, R, a.Bd.data(), a.Bu.data(), gw, I, grad.Bd.data(), grad.Bu.data());
-  if (c.A.kind == glora_kind::none) return;
-  for (index k = 0; k < O * I; ++k) gw[k] *= w0[k];
-  glora_factor_grad(c.A, O, I, R, a.Ad.data(), a.Au.data(), gw, I, grad.Ad.data(), grad.Au.data());
+  const bool prompt = gb != nullptr && c.C.kind != glora_kind::none;
+  if (gw == nullptr && !prompt && weff == nullptr) return;
+  const index step = glora_block_rows<T>(d), blocks = (O + step - 1) / step;
+  const int threads = glora_threads(d, blocks);
+  // Per thread: gAu (R, I), gBu (R, I), W0ᵀ · gb (I), two totals, scratch (R, max(I, step)).
+  const index stride = 2 * R * I + I + 2 + R * std::max(I, step);
+  glora_grow(ws.partials, threads * stride);
+  const int team = glora_parallel_blocks(blocks, threads, [&](int t, index b0, index b1) {
+    T* au = ws.partials.data() + t * stride;
+    T* bu = au + R * I;
+    T* pcol = bu + R * I;
+    T* totals = pcol + I;
+    T* scratch = totals + 2;
+    totals[0] = totals[1] = T(0);
+    for (index b = b0; b < b1; ++b) {
+      const index o0 = b * step, o1 = std::min(O, o0 + step), m = o1 - o0;
+      const bool first = b == b0;
+      const T* w0b = w0 + o0 * I;
+      if (gw != nullptr) {
+        T* g = gw + o0 * I;
+        glora_factor_grad(c.B, o0, m, I, R, a.Bd.data(), a.Bu.data(), g, I, first, grad.Bd.data(), bu, totals + 1,
+                          scratch);
+        if (c.A.kind != glora_kind::none) {
+          for (index k = 0; k < m * I; ++k) g[k] *= w0b[k];
+          glora_factor_grad(c.A, o0, m, I, R, a.Ad.data(), a.Au.data(), g, I, first, grad.Ad.data(), au, totals,
+                            scratch);
+        }
+      }
+      if (prompt) gemm<T>(false, false, 1, I, m, T(1), gb + o0, m, w0b, I, first ? T(0) : T(1), pcol, I);
+      if (weff != nullptr) glora_weight_rows(a, c, d, o0, o1, w0b, true, weff + o0 * I);
+    }
+  });
+  bool first = true;
+  for (int t = 0; t < team; ++t) {
+    if (blocks * t / team == blocks * (t + 1) / team) continue;  // this thread had no block
+    const T* au = ws.partials.data() + t * stride;
+    const T* bu = au + R * I;
+    const T* pcol = bu + R * I;
+    const T* totals = pcol + I;
+    if (gw != nullptr) {
+      if (c.B.kind == glora_kind::lora)
+        for (index k = 0; k < c.B.rank * I; ++k) grad.Bu.data()[k] += bu[k];
+      if (c.B.kind == glora_kind::scalar) grad.Bd.data()[0] += totals[1];
+      if (c.A.kind == glora_kind::lora)
+        for (index k = 0; k < c.A.rank * I; ++k) grad.Au.data()[k] += au[k];
+      if (c.A.kind == glora_kind::scalar) grad.Ad.data()[0] += totals[0];
+    }
+    if (prompt) {
+      for (index i = 0; i < I; ++i) col[i] = first ? pcol[i] : col[i] + pcol[i];
+    }
+    first = false;
+  }
+  if (prompt) {
+    T total = T(0);
+    glora_factor_grad(c.C, 0, I, 1, R, a.Cd.data(), a.Cu.data(), col, 1, true, grad.Cd.data(), grad.Cu.data(), &total,
+                      ws.partials.data() + 2 * R * I + I + 2);
+  }
 }
 
-// The C, D and E parts of the store gradient from gb (O). col: scratch of max(I, O) elements.
+// The D and E parts of the store gradient from gb (O).
 template <class T>
-void glora_bias_grad(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0, const T* b0,
-                     const T* gb, T* col, glora<T>& grad) {
-  const index O = d.out, I = d.in, R = d.rank;
+void glora_bias_grad(const glora_config& c, const glora_dims& d, const T* b0, const T* gb, glora<T>& grad) {
+  const index O = d.out;
   if (c.E.kind == glora_kind::vector) {
     std::copy(gb, gb + O, grad.E.data());
   } else if (c.E.kind == glora_kind::scalar) {
@@ -698,9 +832,6 @@ void glora_bias_grad(const glora<T>& a, const glora_config& c, const glora_dims&
       grad.D.data()[0] = s;
     }
   }
-  if (c.C.kind == glora_kind::none) return;
-  gemm<T>(true, false, I, 1, O, T(1), w0, I, gb, 1, T(0), col, 1);  // W0ᵀ · gb
-  glora_factor_grad(c.C, I, 1, R, a.Cd.data(), a.Cu.data(), col, 1, grad.Cd.data(), grad.Cu.data());
 }
 
 }  // namespace detail
@@ -721,7 +852,8 @@ void delta_weight(const glora<T>& a, const glora_config& c, nondeduced<const_ten
   detail::check_glora_weight(d, w0, fn, "w0");
   TA_CHECK(dw.dimensions() == w0.dimensions(), fn,
            "dw has shape " + detail::shape_string(dw) + " but w0 " + detail::shape_string(w0));
-  detail::glora_weight(a, c, d, w0.data(), false, dw.data());
+  detail::glora_layer(a, c, d, w0.data(), static_cast<const T*>(nullptr), false, static_cast<T*>(nullptr), dw.data(),
+                      static_cast<T*>(nullptr));
 }
 
 template <class T, int N>
@@ -745,7 +877,7 @@ void delta_bias(const glora<T>& a, const glora_config& c, nondeduced<const_tenso
   detail::check_glora_vector(b0, d.out, fn, "b0");
   detail::check_glora_vector(db, d.out, fn, "db");
   detail::glora_grow(ws.col, d.in);
-  detail::glora_bias(a, c, d, w0.data(), b0.data(), false, ws.col.data(), db.data());
+  detail::glora_layer(a, c, d, w0.data(), b0.data(), false, ws.col.data(), static_cast<T*>(nullptr), db.data());
 }
 template <class T, int N>
 void delta_bias(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
@@ -756,7 +888,8 @@ void delta_bias(const glora<T>& a, const glora_config& c, nondeduced<const_tenso
   detail::check_glora_weight(d, w0, fn, "w0");
   detail::check_glora_vector(db, d.out, fn, "db");
   detail::glora_grow(ws.col, d.in);
-  detail::glora_bias(a, c, d, w0.data(), static_cast<const T*>(nullptr), false, ws.col.data(), db.data());
+  detail::glora_layer(a, c, d, w0.data(), static_cast<const T*>(nullptr), false, ws.col.data(), static_cast<T*>(nullptr),
+                      db.data());
 }
 template <class T, int N>
 tensor<T, 1> delta_bias(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0, const tensor<T, 1>& b0) {
@@ -791,7 +924,8 @@ void delta_weight_vjp(const glora<T>& a, const glora_config& c, nondeduced<const
   detail::zero_store(grad);
   detail::glora_grow(ws.gw, d.out * d.in);
   std::copy(gw.data(), gw.data() + d.out * d.in, ws.gw.data());
-  detail::glora_weight_grad(a, c, d, w0.data(), ws.gw.data(), grad);
+  detail::glora_backward_rows(a, c, d, w0.data(), ws.gw.data(), static_cast<const T*>(nullptr), static_cast<T*>(nullptr),
+                              static_cast<T*>(nullptr), ws, grad);
 }
 template <class T, int N>
 glora<T> delta_weight_vjp(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0, const tensor<T, N>& gw) {
@@ -818,7 +952,9 @@ void delta_bias_vjp(const glora<T>& a, const glora_config& c, nondeduced<const_t
   detail::ensure_store_shape(a, grad);
   detail::zero_store(grad);
   detail::glora_grow(ws.col, d.in);
-  detail::glora_bias_grad(a, c, d, w0.data(), b0.data(), gb.data(), ws.col.data(), grad);
+  detail::glora_bias_grad(c, d, b0.data(), gb.data(), grad);
+  detail::glora_backward_rows(a, c, d, w0.data(), static_cast<T*>(nullptr), gb.data(), ws.col.data(),
+                              static_cast<T*>(nullptr), ws, grad);
 }
 template <class T, int N>
 void delta_bias_vjp(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
@@ -831,7 +967,9 @@ void delta_bias_vjp(const glora<T>& a, const glora_config& c, nondeduced<const_t
   detail::ensure_store_shape(a, grad);
   detail::zero_store(grad);
   detail::glora_grow(ws.col, d.in);
-  detail::glora_bias_grad(a, c, d, w0.data(), static_cast<const T*>(nullptr), gb.data(), ws.col.data(), grad);
+  detail::glora_bias_grad(c, d, static_cast<const T*>(nullptr), gb.data(), grad);
+  detail::glora_backward_rows(a, c, d, w0.data(), static_cast<T*>(nullptr), gb.data(), ws.col.data(),
+                              static_cast<T*>(nullptr), ws, grad);
 }
 
 // The merged layer for inference.
@@ -857,8 +995,7 @@ void merge(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_vie
            "w_eff has shape " + detail::shape_string(w_eff) + " but w0 " + detail::shape_string(w0));
   detail::check_glora_vector(b_eff, d.out, fn, "b_eff");
   detail::glora_grow(ws.col, d.in);
-  detail::glora_bias(a, c, d, w0.data(), b0.data(), true, ws.col.data(), b_eff.data());
-  detail::glora_weight(a, c, d, w0.data(), true, w_eff.data());
+  detail::glora_layer(a, c, d, w0.data(), b0.data(), true, ws.col.data(), w_eff.data(), b_eff.data());
 }
 template <class T, int N>
 void merge(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
@@ -871,8 +1008,8 @@ void merge(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_vie
            "w_eff has shape " + detail::shape_string(w_eff) + " but w0 " + detail::shape_string(w0));
   detail::check_glora_vector(b_eff, d.out, fn, "b_eff");
   detail::glora_grow(ws.col, d.in);
-  detail::glora_bias(a, c, d, w0.data(), static_cast<const T*>(nullptr), true, ws.col.data(), b_eff.data());
-  detail::glora_weight(a, c, d, w0.data(), true, w_eff.data());
+  detail::glora_layer(a, c, d, w0.data(), static_cast<const T*>(nullptr), true, ws.col.data(), w_eff.data(),
+                      b_eff.data());
 }
 template <class T, int N>
 glora_merged<T, N> merge(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0, const tensor<T, 1>& b0) {
@@ -905,27 +1042,78 @@ glora_dims check_glora_linear(const glora<T>& a, const glora_config& c, const co
   return d;
 }
 
-// The weight the batch sees: W0 itself when A and B are none, else W_eff formed in ws.weight.
+// Linear layers take one of two paths (both give x · W_effᵀ + b_eff, up to rounding):
+//   A is lora:  W_eff = W0 + W0 ⊙ A + B is formed in row blocks (O·I work, the low-rank factors through
+//               GEMMs on each block) and the batch goes through one GEMM against it;
+//   otherwise:  A = a·1ᵀ is constant along the input dimension, so x · (W0 ⊙ A)ᵀ = (x · W0ᵀ) ⊙ aᵀ and B
+//               acts in activation space (lora: (x · Bu[:r]ᵀ) · Bd[:, :r]ᵀ; vector and scalar: the row
+//               sums of x times Bd[:, 0] or Bd[0, 0]): W_eff is never formed.
+// The vector (1 + a) per output (O): A's column, or its scalar, or zero.
 template <class T>
-const T* glora_effective_weight(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0,
-                                glora_workspace<T>& ws) {
-  if (c.A.kind == glora_kind::none && c.B.kind == glora_kind::none) return w0;
-  glora_grow(ws.weight, d.out * d.in);
-  glora_weight(a, c, d, w0, true, ws.weight.data());
-  return ws.weight.data();
+T glora_a_factor(const glora<T>& a, const glora_config& c, index o, index R) {
+  if (c.A.kind == glora_kind::vector) return a.Ad.data()[o * R];
+  if (c.A.kind == glora_kind::scalar) return a.Ad.data()[0];
+  return T(0);
+}
+
+// sx (n) = Σ_cols x
+template <class T>
+void glora_row_sums(const const_tensor_view<T, 2>& x, T* sx) {
+  const index n = x.dimension(0), I = x.dimension(1);
+  for (index i = 0; i < n; ++i) {
+    const T* row = x.data() + i * I;
+    T s = T(0);
+    for (index k = 0; k < I; ++k) s += row[k];
+    sx[i] = s;
+  }
 }
 
 template <class T>
 void glora_linear_forward(const glora<T>& a, const glora_config& c, const glora_dims& d,
                           const const_tensor_view<T, 2>& x, const T* w0, const T* b0, T* y, glora_workspace<T>& ws) {
-  const index n = x.dimension(0), O = d.out, I = d.in;
+  const index n = x.dimension(0), O = d.out, I = d.in, R = d.rank;
   glora_grow(ws.bias, O);
   glora_grow(ws.col, I);
-  glora_bias(a, c, d, w0, b0, true, ws.col.data(), ws.bias.data());
-  const T* w = glora_effective_weight(a, c, d, w0, ws);
+  if (c.A.kind == glora_kind::lora) {
+    glora_grow(ws.weight, O * I);
+    glora_layer(a, c, d, w0, b0, true, ws.col.data(), ws.weight.data(), ws.bias.data());
+    const T* b = ws.bias.data();
+    for (index i = 0; i < n; ++i) std::copy(b, b + O, y + i * O);
+    gemm<T>(false, true, n, O, I, T(1), x.data(), I, ws.weight.data(), I, T(1), y, O);
+    return;
+  }
+  glora_layer(a, c, d, w0, b0, true, ws.col.data(), static_cast<T*>(nullptr), ws.bias.data());
   const T* b = ws.bias.data();
-  for (index i = 0; i < n; ++i) std::copy(b, b + O, y + i * O);
-  gemm<T>(false, true, n, O, I, T(1), x.data(), I, w, I, T(1), y, O);
+  if (c.A.kind == glora_kind::none) {
+    for (index i = 0; i < n; ++i) std::copy(b, b + O, y + i * O);
+    gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(1), y, O);
+  } else {
+    // y = (x · W0ᵀ) + (x · W0ᵀ) ⊙ aᵀ + b_eff
+    gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), y, O);
+    for (index i = 0; i < n; ++i) {
+      T* row = y + i * O;
+      for (index o = 0; o < O; ++o) row[o] = (row[o] + row[o] * glora_a_factor(a, c, o, R)) + b[o];
+    }
+  }
+  if (c.B.kind == glora_kind::lora) {
+    const index r = c.B.rank;
+    glora_grow(ws.h, n * r);
+    gemm<T>(false, true, n, r, I, T(1), x.data(), I, a.Bu.data(), I, T(0), ws.h.data(), r);
+    gemm<T>(false, true, n, O, r, T(1), ws.h.data(), r, a.Bd.data(), R, T(1), y, O);
+  } else if (c.B.kind != glora_kind::none) {
+    glora_grow(ws.h, n);
+    glora_row_sums(x, ws.h.data());
+    for (index i = 0; i < n; ++i) {
+      T* row = y + i * O;
+      const T s = ws.h.data()[i];
+      if (c.B.kind == glora_kind::vector) {
+        for (index o = 0; o < O; ++o) row[o] += s * a.Bd.data()[o * R];
+      } else {
+        const T t = s * a.Bd.data()[0];
+        for (index o = 0; o < O; ++o) row[o] += t;
+      }
+    }
+  }
 }
 
 template <class T>
@@ -936,7 +1124,7 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
   ensure_store_shape(a, grad);
   zero_store(grad);
   glora_grow(ws.bias, O);
-  glora_grow(ws.col, std::max(I, O));
+  glora_grow(ws.col, I);
   // gb = Σ_rows dy
   T* gb = ws.bias.data();
   std::fill(gb, gb + O, T(0));
@@ -944,16 +1132,51 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
     const T* row = dy.data() + i * O;
     for (index o = 0; o < O; ++o) gb[o] += row[o];
   }
-  glora_bias_grad(a, c, d, w0, b0, gb, ws.col.data(), grad);
+  glora_bias_grad(c, d, b0, gb, grad);
 
-  if (c.A.kind != glora_kind::none) {
-    // A needs W0 ⊙ gW, which has no low-rank structure: form gW = dyᵀ · x once.
+  if (c.A.kind == glora_kind::lora) {
+    // A needs W0 ⊙ gW, which has no low-rank structure: form gW = dyᵀ · x once, then one pass over W0 for
+    // A's and B's gradients, C's from W0ᵀ · gb, and W_eff for dx = dy · W_eff.
     glora_grow(ws.gw, O * I);
+    glora_grow(ws.weight, O * I);
     gemm<T>(true, false, O, I, n, T(1), dy.data(), O, x.data(), I, T(0), ws.gw.data(), I);
-    glora_weight_grad(a, c, d, w0, ws.gw.data(), grad);
-  } else if (c.B.kind == glora_kind::lora) {
-    // B alone stays in activation space: h = x · Bu[:r]ᵀ, gBd[:, :r] = dyᵀ · h, dh = dy · Bd[:, :r],
-    // gBu[:r] = dhᵀ · x.
+    glora_backward_rows(a, c, d, w0, ws.gw.data(), gb, ws.col.data(), ws.weight.data(), ws, grad);
+    gemm<T>(false, false, n, I, O, T(1), dy.data(), O, ws.weight.data(), I, T(0), dx, I);
+    return;
+  }
+
+  // C's gradient from W0ᵀ · gb.
+  glora_backward_rows(a, c, d, w0, static_cast<T*>(nullptr), gb, ws.col.data(), static_cast<T*>(nullptr), ws, grad);
+
+  // A (vector or scalar) sees W0 ⊙ gW reduced over the input dimension: Σ_i W0[o, i]·gW[o, i] =
+  // Σ_rows dy ⊙ (x · W0ᵀ). dx = (dy ⊙ (1 + a)ᵀ) · W0 + the B term.
+  const T* dyw = dy.data();  // dy ⊙ (1 + a)ᵀ
+  if (c.A.kind != glora_kind::none) {
+    glora_grow(ws.gw, 2 * n * O);
+    T* z = ws.gw.data();
+    T* dys = z + n * O;
+    gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), z, O);
+    T total = T(0);
+    T* col = grad.Ad.data();
+    for (index o = 0; o < O; ++o) col[o * R] = T(0);
+    for (index i = 0; i < n; ++i) {
+      const T* zr = z + i * O;
+      const T* dr = dy.data() + i * O;
+      T* sr = dys + i * O;
+      for (index o = 0; o < O; ++o) {
+        const T v = dr[o] * zr[o];
+        if (c.A.kind == glora_kind::vector) col[o * R] += v;
+        total += v;
+        sr[o] = dr[o] + dr[o] * glora_a_factor(a, c, o, R);
+      }
+    }
+    if (c.A.kind == glora_kind::scalar) grad.Ad.data()[0] = total;
+    dyw = dys;
+  }
+  gemm<T>(false, false, n, I, O, T(1), dyw, O, w0, I, T(0), dx, I);
+
+  if (c.B.kind == glora_kind::lora) {
+    // h = x · Bu[:r]ᵀ, gBd[:, :r] = dyᵀ · h, dh = dy · Bd[:, :r], gBu[:r] = dhᵀ · x, dx += dh · Bu[:r].
     const index r = c.B.rank;
     glora_grow(ws.h, n * r);
     glora_grow(ws.dh, n * r);
@@ -961,42 +1184,41 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
     gemm<T>(true, false, O, r, n, T(1), dy.data(), O, ws.h.data(), r, T(0), grad.Bd.data(), R);
     gemm<T>(false, false, n, r, O, T(1), dy.data(), O, a.Bd.data(), R, T(0), ws.dh.data(), r);
     gemm<T>(true, false, r, I, n, T(1), ws.dh.data(), r, x.data(), I, T(0), grad.Bu.data(), I);
+    gemm<T>(false, false, n, I, r, T(1), ws.dh.data(), r, a.Bu.data(), I, T(1), dx, I);
   } else if (c.B.kind != glora_kind::none) {
-    // Row sums of gW = dyᵀ · sx with sx = Σ_cols x; the total is gbᵀ · sx.
+    // gW's row sums are dyᵀ · sx with sx = Σ_cols x (the total: Σ_rows (Σ_o dy)·sx); dx gains, in every
+    // column of row n, Σ_o dy[n, o]·Bd[o, 0] (vector) or Bd[0, 0]·Σ_o dy[n, o] (scalar).
     glora_grow(ws.h, n);
-    glora_grow(ws.dh, O);
     T* sx = ws.h.data();
+    glora_row_sums(x, sx);
+    T total = T(0);
+    for (index o = 0; o < O; ++o) grad.Bd.data()[o * R] = T(0);
     for (index i = 0; i < n; ++i) {
-      const T* row = x.data() + i * I;
-      T s = T(0);
-      for (index k = 0; k < I; ++k) s += row[k];
-      sx[i] = s;
-    }
-    if (c.B.kind == glora_kind::vector) {
-      gemm<T>(true, false, O, 1, n, T(1), dy.data(), O, sx, 1, T(0), ws.dh.data(), 1);
-      for (index o = 0; o < O; ++o) grad.Bd.data()[o * R] = ws.dh.data()[o];
-    } else {
-      T s = T(0);
-      for (index i = 0; i < n; ++i) {
-        const T* row = dy.data() + i * O;
-        T t = T(0);
-        for (index o = 0; o < O; ++o) t += row[o];
-        s += t * sx[i];
+      const T* dr = dy.data() + i * O;
+      T t = T(0), u = T(0);
+      for (index o = 0; o < O; ++o) {
+        t += dr[o];
+        if (c.B.kind == glora_kind::vector) {
+          grad.Bd.data()[o * R] += dr[o] * sx[i];
+          u += dr[o] * a.Bd.data()[o * R];
+        }
       }
-      grad.Bd.data()[0] = s;
+      total += t * sx[i];
+      if (c.B.kind == glora_kind::scalar) u = t * a.Bd.data()[0];
+      T* xr = dx + i * I;
+      for (index k = 0; k < I; ++k) xr[k] += u;
     }
+    if (c.B.kind == glora_kind::scalar) grad.Bd.data()[0] = total;
   }
-  // dx = dy · W_eff
-  const T* w = glora_effective_weight(a, c, d, w0, ws);
-  gemm<T>(false, false, n, I, O, T(1), dy.data(), O, w, I, T(0), dx, I);
 }
 
 }  // namespace detail
 
 // y (n, O) = x · W_effᵀ + b_eff with W_eff = W0 + W0 ⊙ A + B and b_eff = b0 + b0 ⊙ D + E + W0 · C.
 //   x: (n, I), w0: (O, I), b0: (O), y: (n, O).
-// W_eff (O·I work, the low-rank factors through one GEMM each) and b_eff are formed once per call and the
-// batch goes through one GEMM. Throws argument_error, before writing anything, if a shape or the
+// With A lora, W_eff is formed once per call (O·I work in row blocks, the low-rank factors through GEMMs)
+// and the batch goes through one GEMM against it; otherwise y = (x · W0ᵀ) ⊙ (1 + a)ᵀ + the B term in
+// activation space + b_eff. Throws argument_error, before writing anything, if a shape or the
 // configuration does not fit. Makes no allocation when the workspace has already served this layer.
 template <class T>
 void forward(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, 2>> x,
@@ -1039,8 +1261,9 @@ tensor<T, 2> forward(const glora<T>& a, const glora_config& c, const tensor<T, 2
 // Backward of the linear forward with W0 and b0 frozen, given dy = ∂L/∂y (n, O):
 //   gW = dyᵀ · x,  gb = Σ_rows dy,  dx = dy · W_eff;
 //   A sees W0 ⊙ gW, B sees gW, C sees W0ᵀ · gb, D sees b0 ⊙ gb, E sees gb, each reduced to its kind.
-// Every store entry the configuration does not read gets exactly zero. gW is formed only when A is not
-// none; B alone is handled in activation space.
+// Every store entry the configuration does not read gets exactly zero. gW (O, I) is formed only when A
+// is lora; with A vector or scalar its reduction Σ_i W0 ⊙ gW is Σ_rows dy ⊙ (x · W0ᵀ), and B is handled in
+// activation space.
 //   x: (n, I), w0: (O, I), b0: (O), dy: (n, O), dx: (n, I); grad is resized to the store's shapes if
 // needed and overwritten. Throws argument_error, before writing anything, if a shape or the
 // configuration does not fit. Makes no allocation when the workspace has already served this layer and
