@@ -304,6 +304,17 @@ void encode(const T* x, std::size_t n, dtype type, std::vector<unsigned char>& o
 
 }  // namespace detail
 
+// The value x becomes when stored as `type` (F64, F32, F16 or BF16): rounded once to nearest-even, as
+// safetensors_writer stores it. Other dtypes return x unchanged.
+inline double stored_value(double x, dtype type) {
+  switch (type) {
+    case dtype::F32: return static_cast<double>(static_cast<float>(x));
+    case dtype::F16: return static_cast<double>(static_cast<float>(Eigen::half(detail::round_to_odd(x))));
+    case dtype::BF16: return static_cast<double>(static_cast<float>(Eigen::bfloat16(detail::round_to_odd(x))));
+    default: return x;
+  }
+}
+
 // A parsed, fully validated safetensors file held in memory.
 class safetensors_file {
  public:
