@@ -615,23 +615,29 @@ void glora_weight_rows(const glora<T>& a, const glora_config& c, const glora_dim
   }
 }
 
-// The O·I work runs over blocks of rows small enough to stay in cache (about 128 KiB of each operand).
-template <class T>
-index glora_block_rows(const glora_dims& d) {
-  return std::max<index>(1, static_cast<index>(131072 / sizeof(T)) / d.in);
-}
+// How a pass over the O·I work is split: `blocks` blocks of `step` rows (the last may be shorter), each
+// about 512 KiB of each operand so that a block stays in cache between the products and elementwise
+// steps applied to it, and `threads` threads (with OpenMP, outside a parallel region and for weights of
+// at least 2^17 elements: up to omp_get_max_threads(), the block count then a multiple of it; else 1).
+struct glora_plan {
+  index step, blocks;
+  int threads;
+};
 
-// The threads a pass over `blocks` row blocks of an (O, I) weight uses: with OpenMP, outside a parallel
-// region and for weights of at least 2^17 elements, up to omp_get_max_threads(); else 1.
-inline int glora_threads(const glora_dims& d, index blocks) {
+template <class T>
+glora_plan glora_blocks(const glora_dims& d) {
+  const index per_block = std::max<index>(1, static_cast<index>(524288 / sizeof(T)) / d.in);  // rows
+  index blocks = (d.out + per_block - 1) / per_block;
+  int threads = 1;
 #ifdef _OPENMP
-  if (blocks < 2 || omp_in_parallel() || d.out * d.in < 131072) return 1;
-  return static_cast<int>(std::max<index>(1, std::min<index>(omp_get_max_threads(), blocks)));
-#else
-  (void)d;
-  (void)blocks;
-  return 1;
+  if (!omp_in_parallel() && d.out * d.in >= 131072) {
+    threads = static_cast<int>(std::max<index>(1, std::min<index>(omp_get_max_threads(), d.out)));
+    blocks = (blocks + threads - 1) / threads * threads;
+  }
 #endif
+  const index step = (d.out + blocks - 1) / blocks;
+  blocks = (d.out + step - 1) / step;
+  return {step, blocks, static_cast<int>(std::min<index>(threads, blocks))};
 }
 
 // Runs body(first_block, end_block) over contiguous chunks of `blocks` row blocks on `threads` threads;
@@ -696,8 +702,9 @@ void glora_layer(const glora<T>& a, const glora_config& c, const glora_dims& d, 
     prompt = glora_prompt_column(a, c, d, col);
   }
   if (out_w == nullptr && !prompt) return;
-  const index step = glora_block_rows<T>(d), blocks = (O + step - 1) / step;
-  glora_parallel_blocks(blocks, glora_threads(d, blocks), [&](int, index b0, index b1) {
+  const glora_plan plan = glora_blocks<T>(d);
+  const index step = plan.step;
+  glora_parallel_blocks(plan.blocks, plan.threads, [&](int, index b0, index b1) {
     for (index b = b0; b < b1; ++b) {
       const index o0 = b * step, o1 = std::min(O, o0 + step);
       if (out_w != nullptr) glora_weight_rows(a, c, d, o0, o1, w0 + o0 * I, add_base, out_w + o0 * I);
@@ -755,8 +762,9 @@ void glora_backward_rows(const glora<T>& a, const glora_config& c, const glora_d
   const index O = d.out, I = d.in, R = d.rank;
   const bool prompt = gb != nullptr && c.C.kind != glora_kind::none;
   if (gw == nullptr && !prompt && weff == nullptr) return;
-  const index step = glora_block_rows<T>(d), blocks = (O + step - 1) / step;
-  const int threads = glora_threads(d, blocks);
+  const glora_plan plan = glora_blocks<T>(d);
+  const index step = plan.step, blocks = plan.blocks;
+  const int threads = plan.threads;
   // Per thread: gAu (R, I), gBu (R, I), W0ᵀ · gb (I), two totals, scratch (R, max(I, step)).
   const index stride = 2 * R * I + I + 2 + R * std::max(I, step);
   glora_grow(ws.partials, threads * stride);

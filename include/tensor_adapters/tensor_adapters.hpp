@@ -3,6 +3,8 @@
 
 #include "error.hpp"
 #include "flora.hpp"
+#include "glora.hpp"
+#include "glora_search.hpp"
 #include "init.hpp"
 #include "lora.hpp"
 #include "mode_product.hpp"
