@@ -84,9 +84,10 @@ int main(int argc, char** argv) {
                            ", lora_B " + ta::detail::shape_string(layer.adapter.B) + ") need " +
                            shape_text(layer.weight_shape));
     }
-    const bool all_linear = adapter.config.target_modules_regex == "all-linear";
+    const bool targets_unknown = adapter.config.target_modules_regex == "all-linear" ||
+                            (adapter.config.target_modules.empty() && adapter.config.target_modules_regex.empty());
     for (const io::tensor_info& t : base.tensors()) {
-      if (all_linear || t.shape.size() < 2 || !io::is_floating(t.type) || t.name.size() <= weight_suffix.size() ||
+      if (targets_unknown || t.shape.size() < 2 || !io::is_floating(t.type) || t.name.size() <= weight_suffix.size() ||
           t.name.compare(t.name.size() - weight_suffix.size(), weight_suffix.size(), weight_suffix) != 0)
         continue;
       const std::string module = t.name.substr(0, t.name.size() - weight_suffix.size());

@@ -146,6 +146,7 @@ TEST_CASE("PEFT pattern and target rules", "[peft]") {
   CHECK(io::peft_pattern_matches("layers\\.[0-3]\\..*_proj", "model.layers.2.mlp.up_proj"));  // a regex key
 
   io::peft_lora_config c;
+  CHECK(io::peft_targets(c, "anything"));  // no target_modules: every module
   c.r = 8;
   c.lora_alpha = 16;
   c.rank_pattern = {{"q_proj", 4}, {"layers.0.self_attn.q_proj", 2}};
@@ -211,6 +212,7 @@ TEST_CASE("PEFT adapters built in C++ save with rank and alpha patterns PEFT res
   io::add_peft_lora_layer(a, "model.q_proj", q, {6, 5}, 8.0);
   io::add_peft_lora_layer(a, "model.v_proj", v, {6, 5}, 3.0);
   io::add_peft_lora_layer(a, "model.conv", conv, {3, 2, 3, 3}, 8.0);
+  CHECK(a.config.target_modules == std::vector<std::string>{"model.q_proj", "model.v_proj", "model.conv"});
   CHECK(a.config.rank_pattern.size() == 2);
   CHECK(a.config.alpha_pattern.size() == 1);
   CHECK(a.layers.at("model.v_proj").adapter.scale == 1.5f);

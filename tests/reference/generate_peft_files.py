@@ -8,6 +8,7 @@ Writes, under peft/ (run from tests/reference/):
                                           (out, r, 1, 1)), "__metadata__": {"format": "pt"}
   peft/<case>/adapter_config.json         PEFT's LoraConfig fields (r, lora_alpha, use_rslora, target_modules,
                                           rank_pattern, alpha_pattern, ...)
+  peft/lora_f32_missing_module/          lora_f32 without model.proj_1x1's factors (which its config targets)
   peft/base_model.safetensors             F32 base weights for every module of the cases, plus tensors no
                                           adapter touches (biases, a norm weight, an I64 buffer)
   peft_lora.txt                           (refio) for every case and module: delta_weight, PEFT's
@@ -295,6 +296,20 @@ def generate():
         for k, v in merged.items():
             w.add("merged/" + case + "/" + k, v)
     w.close()
+
+    # lora_f32 without the factors of one module its target_modules selects (merge_adapter must refuse it).
+    config, stored, dt = cases["lora_f32"]
+    d = os.path.join(OUT, "lora_f32_missing_module")
+    os.makedirs(d, exist_ok=True)
+    files = {}
+    for m, (a, b) in stored.items():
+        if m != "model.proj_1x1":
+            files["base_model.model." + m + ".lora_A.weight"] = (a, dt)
+            files["base_model.model." + m + ".lora_B.weight"] = (b, dt)
+    write_safetensors(os.path.join(d, "adapter_model.safetensors"), files, {"format": "pt"})
+    with open(os.path.join(d, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def check(directory, case):

@@ -116,8 +116,10 @@ inline double peft_scale(const peft_lora_config& c, const std::string& module) {
   return lora_scale(peft_alpha(c, module), peft_rank(c, module), c.use_rslora);
 }
 
-// True if the config's target_modules selects `module`.
+// True if the config's target_modules selects `module`. A config without target_modules (null or absent
+// in the file) selects every module.
 inline bool peft_targets(const peft_lora_config& c, const std::string& module) {
+  if (c.target_modules.empty() && c.target_modules_regex.empty()) return true;
   if (!c.target_modules_regex.empty()) {
     if (c.target_modules_regex == "all-linear") return true;
     return std::regex_match(module, detail::compile_pattern(c.target_modules_regex, "PEFT target_modules"));
@@ -243,7 +245,8 @@ inline std::string peft_lora_config_json(const peft_lora_config& c) {
   j["rank_pattern"] = rank;
   j["revision"] = nullptr;
   if (!c.target_modules_regex.empty()) j["target_modules"] = c.target_modules_regex;
-  else j["target_modules"] = c.target_modules;
+  else if (!c.target_modules.empty()) j["target_modules"] = c.target_modules;
+  else j["target_modules"] = nullptr;
   j["task_type"] = nullptr;
   j["use_rslora"] = c.use_rslora;
   return j.dump(2) + "\n";
@@ -346,7 +349,7 @@ void add_peft_lora_layer(peft_lora_adapter<T>& adapter, const std::string& modul
   const index r = layer.A.dimension(0);
   if (peft_rank(c, module) != r) c.rank_pattern.insert(c.rank_pattern.begin(), {module, r});
   if (peft_alpha(c, module) != alpha) c.alpha_pattern.insert(c.alpha_pattern.begin(), {module, alpha});
-  if (!peft_targets(c, module)) {
+  if (!peft_targets(c, module) || (c.target_modules.empty() && c.target_modules_regex.empty())) {
     if (!c.target_modules_regex.empty())
       throw format_error(where + " is not selected by target_modules \"" + c.target_modules_regex + "\"");
     c.target_modules.push_back(module);
@@ -359,9 +362,12 @@ void add_peft_lora_layer(peft_lora_adapter<T>& adapter, const std::string& modul
 // adapter_model.safetensors with "__metadata__": {"format": "pt"}, factors stored as `type` (F32, F64, F16
 // or BF16). Throws format_error, before writing anything, if a layer's rank or scale is not what the
 // config gives its module, if the config does not target it, or if its shapes do not fit its weight shape.
+// A config without target_modules is saved with the adapted modules' full names as its list.
 template <class T>
 void save_peft_lora(const peft_lora_adapter<T>& adapter, const std::string& directory, dtype type = dtype_of<T>()) {
-  const peft_lora_config& c = adapter.config;
+  peft_lora_config c = adapter.config;
+  if (c.target_modules.empty() && c.target_modules_regex.empty())
+    for (const auto& kv : adapter.layers) c.target_modules.push_back(kv.first);
   safetensors_writer w;
   w.set_metadata("format", "pt");
   for (const auto& [module, layer] : adapter.layers) {
