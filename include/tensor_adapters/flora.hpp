@@ -55,7 +55,7 @@ template <class T, int N>
 struct flora_weight_workspace {
   tucker_workspace<T> chain;                  // intermediates of the Tucker chains
   std::array<tensor<T, N>, N> z;              // chain plan: z[n] = gW ×_{m≠n} U_mᵀ
-  std::vector<T> kron, h, m, y, zs, c;        // channel plan: K, H, M, Y, Zs, C
+  std::vector<T> kron, h, m, y, yp, hp, zs, c;  // channel plan: K, H, M, Y, Yp, Hp, Zs, C
 };
 
 // The ranks (r0, …, r(N-1)): the extents of the core.
@@ -144,7 +144,7 @@ std::array<const_tensor_view<T, 2>, N> factor_views(const flora<T, N>& a) {
 //            and the VJP, given gW seen as (I0, I1·S):
 //              grad.U0 = scale · gW · Mᵀ,   Y (r0, I1·S) = U0ᵀ · gW      (the two reads of gW)
 //              grad.U1 = scale · Σ_a Y[a] (I1, S) · H[a] (r1, S)ᵀ
-//              Zs (r0, r1, S) = Y ×1 U1ᵀ;   grad.G = scale · Zs · K
+//              Zs (r0, r1, S) = Y ×1 U1ᵀ;   grad.G = scale · Zs · K      (G, grad.G seen as (r0·r1, Rk))
 //              C (S, Rk) = scale · Zsᵀ · G;  grad.U_k[i, b] = Σ_{s_k = i, ρ_k = b} C[s, ρ] · Π_{m≥2, m≠k} U_m[s_m, ρ_m]
 //
 // The chain needs the fewest flops, but it passes several times over intermediates as large as the
@@ -204,6 +204,20 @@ void grow_buffer(std::vector<T>& buffer, index size) {
   if (static_cast<index>(buffer.size()) < size) buffer.resize(static_cast<std::size_t>(size));
 }
 
+// out (cols, rows) = in (rows, cols)ᵀ, for the small matrices of the rank-r products.
+template <class T>
+void transpose_into(const T* in, index rows, index cols, T* out) {
+  for (index i = 0; i < rows; ++i)
+    for (index j = 0; j < cols; ++j) out[j * rows + i] = in[i * cols + j];
+}
+
+// out (b, a, s) = in (a, b, s): the first two modes of a row-major (A, B, S) block exchanged.
+template <class T>
+void exchange_leading_modes(const T* in, index a_extent, index b_extent, index s, T* out) {
+  for (index i = 0; i < a_extent; ++i)
+    for (index j = 0; j < b_extent; ++j) std::copy(in + (i * b_extent + j) * s, in + (i * b_extent + j + 1) * s, out + (j * a_extent + i) * s);
+}
+
 // K (S, Rk): K[(i2 … i(N-1)), (a2 … a(N-1))] = Π_{m≥2} U_m[i_m, a_m]; then H and M as above.
 template <class T, int N>
 void channel_prepare(const flora<T, N>& a, const channel_dims& d, flora_weight_workspace<T, N>& ws) {
@@ -242,26 +256,40 @@ void expand(const flora<T, N>& a, T alpha, T beta, tensor_view<T, N> w, flora_we
   gemm<T>(false, false, d.o, cols, d.r0, alpha, a.U[0].data(), d.r0, ws.m.data(), cols, beta, w.data(), cols);
 }
 
-// The channel plan of delta_weight_vjp (grad already has the adapter's shapes).
+// The channel plan of delta_weight_vjp (grad already has the adapter's shapes). Y and H are also
+// used with their first two modes exchanged, Yp (I1, r0, S) and Hp (r1, r0, S), so that grad.U1 and Zs
+// are single GEMMs over (r0, S) instead of r0 products of depth S.
 template <class T, int N>
 void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_weight_workspace<T, N>& ws) {
   const channel_dims d = channel_plan_dims(a);
   channel_prepare(a, d, ws);
-  const index cols = d.i1 * d.s, p = d.r0 * d.r1;
+  const index cols = d.i1 * d.s, p = d.r0 * d.r1, rs = d.r0 * d.s;
   grow_buffer(ws.y, d.r0 * cols);
+  grow_buffer(ws.yp, d.r0 * cols);
+  grow_buffer(ws.hp, p * d.s);
   grow_buffer(ws.zs, p * d.s);
-  grow_buffer(ws.c, d.s * d.rk);
+  grow_buffer(ws.c, std::max(d.s * d.rk, d.r0 * d.o));
   const T* u0 = a.U[0].data();
   const T* u1 = a.U[1].data();
   T* y = ws.y.data();
+  T* yp = ws.yp.data();
+  T* hp = ws.hp.data();
   T* zs = ws.zs.data();
   T* c = ws.c.data();
-  gemm<T>(false, true, d.o, d.r0, cols, a.scale, gw, cols, ws.m.data(), cols, T(0), grad.U[0].data(), d.r0);
+  // grad.U0 (O, r0) = scale · gW · Mᵀ, formed as its transpose (r0, O) = scale · M · gWᵀ.
+  gemm<T>(false, true, d.r0, d.o, cols, a.scale, ws.m.data(), cols, gw, cols, T(0), c, d.o);
+  transpose_into(c, d.r0, d.o, grad.U[0].data());
+  // Y (r0, I1·S) = U0ᵀ · gW, then Yp (I1, r0, S) and Hp (r1, r0, S).
   gemm<T>(true, false, d.r0, cols, d.o, T(1), u0, d.r0, gw, cols, T(0), y, cols);
-  for (index r = 0; r < d.r0; ++r)
-    gemm<T>(false, true, d.i1, d.r1, d.s, a.scale, y + r * d.i1 * d.s, d.s, ws.h.data() + r * d.r1 * d.s, d.s,
-            r == 0 ? T(0) : T(1), grad.U[1].data(), d.r1);
-  mode_product_kernel<T>(y, d.r0, d.i1, d.s, u1, true, d.r1, T(1), T(0), zs);
+  exchange_leading_modes(y, d.r0, d.i1, d.s, yp);
+  exchange_leading_modes(ws.h.data(), d.r0, d.r1, d.s, hp);
+  // grad.U1 (I1, r1) = scale · Yp (I1, r0·S) · Hpᵀ
+  gemm<T>(false, true, d.i1, d.r1, rs, a.scale, yp, rs, hp, rs, T(0), grad.U[1].data(), d.r1);
+  // Zs (r1, r0, S) = U1ᵀ · Yp, then back to (r0, r1, S) in hp (Hp is not needed any more).
+  gemm<T>(true, false, d.r1, rs, d.i1, T(1), u1, d.r1, yp, rs, T(0), zs, rs);
+  exchange_leading_modes(zs, d.r1, d.r0, d.s, hp);
+  zs = hp;
+  // grad.G (r0·r1, Rk) = scale · Zs · K;  C (S, Rk) = scale · Zsᵀ · G
   gemm<T>(false, false, p, d.rk, d.s, a.scale, zs, d.s, ws.kron.data(), d.rk, T(0), grad.G.data(), d.rk);
   gemm<T>(true, false, d.s, d.rk, p, a.scale, zs, d.s, a.G.data(), d.rk, T(0), c, d.rk);
   for (int k = 2; k < N; ++k) {
@@ -532,10 +560,14 @@ void safe_merge(const flora<T, N>& a, tensor<T, N>& w) {
 // serves every batch of up to n rows without allocating.
 template <class T>
 struct flora_workspace {
-  std::vector<T> h1;   // (n, r1): x · U1
-  std::vector<T> h0;   // (n, r0): h1 · Gᵀ
-  std::vector<T> dh0;  // (n, r0): scale · dy · U0
-  std::vector<T> dh1;  // (n, r1): dh0 · G
+  // The rank-sized activations are kept transposed, (r, n): the products that make and use them then
+  // have the short rank as their row count, which the GEMM kernel's register tiles cover better.
+  std::vector<T> h1;   // (r1, n): (x · U1)ᵀ
+  std::vector<T> h0;   // (r0, n): (h1 · Gᵀ)ᵀ; in forward (n, r0 [+ 1]): h1 · Gᵀ [and a column of ones]
+  std::vector<T> dh0;  // (r0, n): (scale · dy · U0)ᵀ
+  std::vector<T> dh1;  // (r1, n): (dh0 · G)ᵀ
+  std::vector<T> t;    // forward: [scale · U0, b0]ᵀ (r0 [+ 1], O); backward: a factor gradient (r, O or I)
+                       // before it is transposed into place
 };
 
 namespace detail {
@@ -562,17 +594,28 @@ void flora_linear_forward(const flora<T, 2>& a, const const_tensor_view<T, 2>& x
                           const T* b0, tensor_view<T, 2> y, flora_workspace<T>& ws) {
   const index n = x.dimension(0), in = x.dimension(1), out = w0.dimension(0);
   const index r0 = a.G.dimension(0), r1 = a.G.dimension(1);
+  // h1 = (x · U1)ᵀ (r1, n); h0 = h1ᵀ · Gᵀ (n, r0), with a column of ones beside it when there is a bias;
+  // u = [scale · U0, b0]ᵀ (r0 + 1, O), or scale · U0ᵀ (r0, O) without a bias.
+  const index k = b0 != nullptr ? r0 + 1 : r0;
   grow_buffer(ws.h1, n * r1);
-  grow_buffer(ws.h0, n * r0);
-  // The low-rank term first, over the bias; the base product then accumulates into y (a GEMM with
-  // beta = 1 adds in its own pass, so y is not cleared or revisited after it).
-  gemm<T>(false, false, n, r1, in, T(1), x.data(), in, a.U[1].data(), r1, T(0), ws.h1.data(), r1);
-  gemm<T>(false, true, n, r0, r1, T(1), ws.h1.data(), r1, a.G.data(), r1, T(0), ws.h0.data(), r0);
+  grow_buffer(ws.h0, n * k);
+  grow_buffer(ws.t, out * k);
+  T* h1 = ws.h1.data();
+  T* h0 = ws.h0.data();
+  T* u = ws.t.data();
+  gemm<T>(true, true, r1, n, in, T(1), a.U[1].data(), r1, x.data(), in, T(0), h1, n);
+  gemm<T>(true, true, n, r0, r1, T(1), h1, n, a.G.data(), r1, T(0), h0, k);
+  const T* u0 = a.U[0].data();
+  for (index c = 0; c < r0; ++c)
+    for (index o = 0; o < out; ++o) u[c * out + o] = a.scale * u0[o * r0 + c];
   if (b0 != nullptr) {
-    for (index i = 0; i < n; ++i) std::copy(b0, b0 + out, y.data() + i * out);
+    for (index i = 0; i < n; ++i) h0[i * k + r0] = T(1);
+    std::copy(b0, b0 + out, u + r0 * out);
   }
-  gemm<T>(false, true, n, out, r0, a.scale, ws.h0.data(), r0, a.U[0].data(), r0, b0 != nullptr ? T(1) : T(0),
-          y.data(), out);
+  // y = h0 · u = scale · ((x · U1) · Gᵀ) · U0ᵀ + b0 in one pass; the base product then accumulates into
+  // y (a GEMM with beta = 1 adds in its own pass), so y is written twice in all, as by the frozen layer
+  // alone (bias rows, then the accumulating GEMM).
+  gemm<T>(false, false, n, out, k, T(1), h0, k, u, out, T(0), y.data(), out);
   gemm<T>(false, true, n, out, in, T(1), x.data(), in, w0.data(), in, T(1), y.data(), out);
 }
 
@@ -621,7 +664,7 @@ tensor<T, 2> forward(const flora<T, 2>& a, const tensor<T, 2>& x, const tensor<T
 }
 
 // Backward of the linear forward with W0 and b0 frozen, given dy = ∂L/∂y (n, O):
-//   h1 = x · U1;  h0 = h1 · Gᵀ;  dh0 = scale · dy · U0;  dh1 = dh0 · G;
+//   h1 = x · U1;  h0 = h1 · Gᵀ;  dh0 = scale · dy · U0;  dh1 = dh0 · G   (kept transposed, (r, n));
 //   grad.U0 = scale · dyᵀ · h0;  grad.G = dh0ᵀ · h1;  grad.U1 = xᵀ · dh1;  dx = dy · W0 + dh1 · U1ᵀ.
 //   x: (n, I), w0: (O, I), dy: (n, O), dx: (n, I).  grad is resized if needed and overwritten.
 // (The bias does not enter: ∂L/∂b0 would be Σ_rows dy, and b0 is frozen.)
@@ -642,21 +685,28 @@ void backward(const flora<T, 2>& a, nondeduced<const_tensor_view<T, 2>> x, nonde
   detail::grow_buffer(ws.h0, n * r0);
   detail::grow_buffer(ws.dh0, n * r0);
   detail::grow_buffer(ws.dh1, n * r1);
+  detail::grow_buffer(ws.t, std::max(r0 * out, r1 * in));
   T* h1 = ws.h1.data();
   T* h0 = ws.h0.data();
   T* dh0 = ws.dh0.data();
   T* dh1 = ws.dh1.data();
+  T* t = ws.t.data();
   const T* u0 = a.U[0].data();
   const T* u1 = a.U[1].data();
-  detail::gemm<T>(false, false, n, r1, in, T(1), x.data(), in, u1, r1, T(0), h1, r1);
-  detail::gemm<T>(false, true, n, r0, r1, T(1), h1, r1, a.G.data(), r1, T(0), h0, r0);
-  detail::gemm<T>(false, false, n, r0, out, a.scale, dy.data(), out, u0, r0, T(0), dh0, r0);
-  detail::gemm<T>(false, false, n, r1, r0, T(1), dh0, r0, a.G.data(), r1, T(0), dh1, r1);
-  detail::gemm<T>(true, false, out, r0, n, a.scale, dy.data(), out, h0, r0, T(0), grad.U[0].data(), r0);
-  detail::gemm<T>(true, false, r0, r1, n, T(1), dh0, r0, h1, r1, T(0), grad.G.data(), r1);
-  detail::gemm<T>(true, false, in, r1, n, T(1), x.data(), in, dh1, r1, T(0), grad.U[1].data(), r1);
+  // Transposed activations (r, n), as in forward.
+  detail::gemm<T>(true, true, r1, n, in, T(1), u1, r1, x.data(), in, T(0), h1, n);
+  detail::gemm<T>(false, false, r0, n, r1, T(1), a.G.data(), r1, h1, n, T(0), h0, n);
+  detail::gemm<T>(true, true, r0, n, out, a.scale, u0, r0, dy.data(), out, T(0), dh0, n);
+  detail::gemm<T>(true, false, r1, n, r0, T(1), a.G.data(), r1, dh0, n, T(0), dh1, n);
+  // grad.U0 = scale · dyᵀ · h0, formed as its transpose (r0, O) = scale · h0ᵀ · dy.
+  detail::gemm<T>(false, false, r0, out, n, a.scale, h0, n, dy.data(), out, T(0), t, out);
+  detail::transpose_into(t, r0, out, grad.U[0].data());
+  detail::gemm<T>(false, true, r0, r1, n, T(1), dh0, n, h1, n, T(0), grad.G.data(), r1);
+  // grad.U1 = xᵀ · dh1, formed as its transpose (r1, I) = dh1ᵀ · x.
+  detail::gemm<T>(false, false, r1, in, n, T(1), dh1, n, x.data(), in, T(0), t, in);
+  detail::transpose_into(t, r1, in, grad.U[1].data());
   detail::gemm<T>(false, false, n, in, out, T(1), dy.data(), out, w0.data(), in, T(0), dx.data(), in);
-  detail::gemm<T>(false, true, n, in, r1, T(1), dh1, r1, u1, r1, T(1), dx.data(), in);
+  detail::gemm<T>(true, true, n, in, r1, T(1), dh1, n, u1, r1, T(1), dx.data(), in);
 }
 
 template <class T>
