@@ -67,14 +67,15 @@ struct gemm_shape {
 template <class T>
 struct gemm_shape<T, avx2_isa> {
   static constexpr int mr = 6, nv = 2;
-  static constexpr index kc = 256, mc = 120, nc = 2048;
+  static constexpr index kc = 256, mc = 120, nc = 1024;
 };
 #endif
 #ifdef TA_HAVE_AVX512
 template <class T>
 struct gemm_shape<T, avx512_isa> {
   static constexpr int mr = 12, nv = 2;
-  static constexpr index kc = 256, mc = 192, nc = 2048;
+  // kc·NR (32 KB) stays in L1 beside an A panel; mc·kc (256 KB float) and kc·nc (512 KB) in L2.
+  static constexpr index kc = 256, mc = 252, nc = 512;
 };
 #endif
 
@@ -243,7 +244,8 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
     for (index pc = 0; pc < k; pc += KC) {
       const index kc = std::min(KC, k - pc);
       const T beta_k = pc == 0 ? beta : T(1);
-      const grouped_matrix<const T> b_slice{b.data + pc * b.rs, b.rs, b.group, b.gs, b.cu};
+      pack_b<T, Isa, NR>(kc, nc, grouped_matrix<const T>{b.data + pc * b.rs, b.rs, b.group, b.gs, b.cu}, c0 + jc,
+                         bpack);
       for (index ic = 0; ic < m; ic += MC) {
         const index mc = std::min(MC, m - ic);
         pack_a<T, MR>(mc, kc, strided_matrix<T>{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs}, apack);
@@ -252,8 +254,6 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
           const index col = c0 + jc + jr;
           for (index t = 0; t < nr; ++t) off[t] = c.column(col + t);
           const bool contiguous = nr == NR && c.cu == 1 && col % c.group + NR <= c.group;
-          // B's micro-panel is packed while the first block of rows uses it, still in L1.
-          if (ic == 0) pack_b<T, Isa, NR>(kc, nr, b_slice, col, bpack + jr * kc);
           const T* bp = bpack + jr * kc;
           for (index ir = 0; ir < mc; ir += MR) {
             const index mr = std::min<index>(MR, mc - ir);
