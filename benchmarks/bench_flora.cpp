@@ -8,8 +8,8 @@
 //   linear layer   forward and forward+backward at (batch 512, 768 → 768, ranks 8, 8) beside the frozen
 //                  base layer x · W0ᵀ (+ dx = dy · W0 for the backward) and LoRA at the closest rank.
 //
-// Counters: GFLOP/s of the flops each benchmark does (for FLoRA, the flop-minimal count of the Tucker
-// chains, whichever plan runs); GB/s of the weight-sized bytes it produces or consumes (ΔW written by
+// Counters: GFLOP/s of the flops each benchmark executes (for FLoRA, those of the plan that runs: the
+// channel plan's, or the Tucker chain's in the flop-minimal order); GB/s of the weight-sized bytes it produces or consumes (ΔW written by
 // delta_weight, gW read by delta_weight_vjp, the copied weight for the copy: each counted once), so
 // that a GB/s ratio is a time ratio against copying the weight. Everything runs on one thread and is
 // timed in CPU time (the machine's cores are shared with other work), so the FMA peak and the copy
@@ -95,6 +95,18 @@ double vjp_flops(const ta::shape<N>& w, const ta::shape<N>& r) {
   return flops + 2.0 * core * static_cast<double>(smallest);  // grad.G from the z of least extent
 }
 
+// The flops the channel plan executes (flora.hpp, detail::channel_dims): H, M and the final GEMM for
+// delta_weight; for the VJP also grad.U0, Y, grad.U1, Zs, grad.G and C.
+double channel_expand_flops(const ta::detail::channel_dims& d) {
+  return 2.0 * (double(d.r0 * d.r1) * double(d.rk * d.s) + double(d.r0 * d.r1) * double(d.s * d.i1) +
+                double(d.o * d.i1) * double(d.s * d.r0));
+}
+double channel_vjp_flops(const ta::detail::channel_dims& d) {
+  const double cols = double(d.i1 * d.s), p = double(d.r0 * d.r1);
+  return channel_expand_flops(d) - 2.0 * double(d.o) * cols * double(d.r0) + 2.0 * 2.0 * double(d.o) * cols * double(d.r0) +
+         2.0 * 2.0 * double(d.i1) * double(d.r1) * double(d.r0 * d.s) + 2.0 * 2.0 * p * double(d.rk * d.s);
+}
+
 struct conv_problem {
   ta::shape<4> w_shape, r;
   ta::flora<float, 4> adapter, grad;
@@ -145,7 +157,9 @@ void flora_delta_weight(benchmark::State& state) {
     benchmark::DoNotOptimize(p.dw.data());
     benchmark::ClobberMemory();
   }
-  set_rates(state, expand_flops<4>(p.w_shape, p.r), sizeof(float) * p.size);
+  set_rates(state, ta::detail::use_channel_plan(p.adapter) ? channel_expand_flops(ta::detail::channel_plan_dims(p.adapter))
+                                                          : expand_flops<4>(p.w_shape, p.r),
+            sizeof(float) * p.size);
   report_counts(state, p, false);
 }
 
@@ -156,7 +170,9 @@ void flora_delta_weight_vjp(benchmark::State& state) {
     benchmark::DoNotOptimize(p.grad.G.data());
     benchmark::ClobberMemory();
   }
-  set_rates(state, vjp_flops<4>(p.w_shape, p.r), sizeof(float) * p.size);
+  set_rates(state, ta::detail::use_channel_plan(p.adapter) ? channel_vjp_flops(ta::detail::channel_plan_dims(p.adapter))
+                                                          : vjp_flops<4>(p.w_shape, p.r),
+            sizeof(float) * p.size);
   report_counts(state, p, false);
 }
 
