@@ -662,6 +662,26 @@ int glora_parallel_blocks(index blocks, int threads, Body&& body) {
   return team;
 }
 
+// Runs body(begin, end) over [0, total) in contiguous chunks, one per thread when OpenMP is on, the
+// call is outside a parallel region and `work` (elements touched) is at least 2^17; else in one call.
+template <class Body>
+void glora_parallel_for(index total, index work, Body&& body) {
+#ifdef _OPENMP
+  if (total > 1 && work >= 131072 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+    const int threads = static_cast<int>(std::min<index>(omp_get_max_threads(), total));
+#pragma omp parallel num_threads(threads)
+    {
+      const index t = omp_get_thread_num(), n = omp_get_num_threads();
+      body(total * t / n, total * (t + 1) / n);
+    }
+    return;
+  }
+#else
+  (void)work;
+#endif
+  body(index(0), total);
+}
+
 // C as a column (I) into col; false when C is none.
 template <class T>
 bool glora_prompt_column(const glora<T>& a, const glora_config& c, const glora_dims& d, T* col) {
@@ -701,16 +721,21 @@ void glora_layer(const glora<T>& a, const glora_config& c, const glora_dims& d, 
     }
     prompt = glora_prompt_column(a, c, d, col);
   }
-  if (out_w == nullptr && !prompt) return;
-  const glora_plan plan = glora_blocks<T>(d);
-  const index step = plan.step;
-  glora_parallel_blocks(plan.blocks, plan.threads, [&](int, index b0, index b1) {
-    for (index b = b0; b < b1; ++b) {
-      const index o0 = b * step, o1 = std::min(O, o0 + step);
-      if (out_w != nullptr) glora_weight_rows(a, c, d, o0, o1, w0 + o0 * I, add_base, out_w + o0 * I);
-      if (prompt) gemm<T>(false, true, 1, o1 - o0, I, T(1), col, I, w0 + o0 * I, I, T(1), out_b + o0, o1 - o0);
-    }
-  });
+  if (out_w != nullptr) {
+    const glora_plan plan = glora_blocks<T>(d);
+    const index step = plan.step;
+    glora_parallel_blocks(plan.blocks, plan.threads, [&](int, index b0, index b1) {
+      for (index b = b0; b < b1; ++b) {
+        const index o0 = b * step, o1 = std::min(O, o0 + step);
+        glora_weight_rows(a, c, d, o0, o1, w0 + o0 * I, add_base, out_w + o0 * I);
+      }
+    });
+  }
+  // The prompt term W0 · C, as the row cᵀ · W0ᵀ (split by output rows over the threads).
+  if (prompt)
+    glora_parallel_for(O, O * I, [&](index o0, index o1) {
+      gemm<T>(false, true, 1, o1 - o0, I, T(1), col, I, w0 + o0 * I, I, T(1), out_b + o0, o1 - o0);
+    });
 }
 
 // The gradient of one factored support tensor X (rows, cols) read by choice `k` from (Xd, Xu), given
@@ -1064,16 +1089,42 @@ T glora_a_factor(const glora<T>& a, const glora_config& c, index o, index R) {
   return T(0);
 }
 
+// y (n, O) += 1 · bᵀ
+template <class T>
+void glora_add_rows(const T* b, index n, index O, T* y) {
+  glora_parallel_for(n, n * O, [&](index i0, index i1) {
+    for (index i = i0; i < i1; ++i) {
+      T* row = y + i * O;
+      for (index o = 0; o < O; ++o) row[o] += b[o];
+    }
+  });
+}
+
+// gb (O) = Σ_rows dy, split by columns over the threads.
+template <class T>
+void glora_column_sums(const const_tensor_view<T, 2>& dy, T* gb) {
+  const index n = dy.dimension(0), O = dy.dimension(1);
+  glora_parallel_for(O, n * O, [&](index o0, index o1) {
+    std::fill(gb + o0, gb + o1, T(0));
+    for (index i = 0; i < n; ++i) {
+      const T* row = dy.data() + i * O;
+      for (index o = o0; o < o1; ++o) gb[o] += row[o];
+    }
+  });
+}
+
 // sx (n) = Σ_cols x
 template <class T>
 void glora_row_sums(const const_tensor_view<T, 2>& x, T* sx) {
   const index n = x.dimension(0), I = x.dimension(1);
-  for (index i = 0; i < n; ++i) {
-    const T* row = x.data() + i * I;
-    T s = T(0);
-    for (index k = 0; k < I; ++k) s += row[k];
-    sx[i] = s;
-  }
+  glora_parallel_for(n, n * I, [&](index i0, index i1) {
+    for (index i = i0; i < i1; ++i) {
+      const T* row = x.data() + i * I;
+      T s = T(0);
+      for (index k = 0; k < I; ++k) s += row[k];
+      sx[i] = s;
+    }
+  });
 }
 
 template <class T>
@@ -1085,42 +1136,41 @@ void glora_linear_forward(const glora<T>& a, const glora_config& c, const glora_
   if (c.A.kind == glora_kind::lora) {
     glora_grow(ws.weight, O * I);
     glora_layer(a, c, d, w0, b0, true, ws.col.data(), ws.weight.data(), ws.bias.data());
-    const T* b = ws.bias.data();
-    for (index i = 0; i < n; ++i) std::copy(b, b + O, y + i * O);
-    gemm<T>(false, true, n, O, I, T(1), x.data(), I, ws.weight.data(), I, T(1), y, O);
+    gemm<T>(false, true, n, O, I, T(1), x.data(), I, ws.weight.data(), I, T(0), y, O);
+    glora_add_rows(ws.bias.data(), n, O, y);
     return;
   }
   glora_layer(a, c, d, w0, b0, true, ws.col.data(), static_cast<T*>(nullptr), ws.bias.data());
-  const T* b = ws.bias.data();
-  if (c.A.kind == glora_kind::none) {
-    for (index i = 0; i < n; ++i) std::copy(b, b + O, y + i * O);
-    gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(1), y, O);
-  } else {
-    // y = (x · W0ᵀ) + (x · W0ᵀ) ⊙ aᵀ + b_eff
-    gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), y, O);
-    for (index i = 0; i < n; ++i) {
-      T* row = y + i * O;
-      for (index o = 0; o < O; ++o) row[o] = (row[o] + row[o] * glora_a_factor(a, c, o, R)) + b[o];
-    }
+  // One pass over y after the GEMM: y[i, o] = z[i, o] + z[i, o]·a[o] + b_eff[o] + sx[i]·bv[o], where
+  // bv is B's column (vector) or value (scalar) and sx[i] = Σ_cols x[i, :].
+  const bool b_sums = c.B.kind == glora_kind::vector || c.B.kind == glora_kind::scalar;
+  glora_grow(ws.dh, 2 * O);
+  T* av = ws.dh.data();
+  T* bv = av + O;
+  for (index o = 0; o < O; ++o) {
+    av[o] = glora_a_factor(a, c, o, R);
+    bv[o] = c.B.kind == glora_kind::vector ? a.Bd.data()[o * R] : c.B.kind == glora_kind::scalar ? a.Bd.data()[0] : T(0);
   }
+  const T* b = ws.bias.data();
+  gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), y, O);
+  glora_parallel_for(n, n * (O + I), [&](index i0, index i1) {
+    for (index i = i0; i < i1; ++i) {
+      T* row = y + i * O;
+      if (b_sums) {
+        const T* xr = x.data() + i * I;
+        T sx = T(0);
+        for (index k = 0; k < I; ++k) sx += xr[k];
+        for (index o = 0; o < O; ++o) row[o] = (row[o] + row[o] * av[o]) + b[o] + sx * bv[o];
+      } else {
+        for (index o = 0; o < O; ++o) row[o] = (row[o] + row[o] * av[o]) + b[o];
+      }
+    }
+  });
   if (c.B.kind == glora_kind::lora) {
     const index r = c.B.rank;
     glora_grow(ws.h, n * r);
     gemm<T>(false, true, n, r, I, T(1), x.data(), I, a.Bu.data(), I, T(0), ws.h.data(), r);
     gemm<T>(false, true, n, O, r, T(1), ws.h.data(), r, a.Bd.data(), R, T(1), y, O);
-  } else if (c.B.kind != glora_kind::none) {
-    glora_grow(ws.h, n);
-    glora_row_sums(x, ws.h.data());
-    for (index i = 0; i < n; ++i) {
-      T* row = y + i * O;
-      const T s = ws.h.data()[i];
-      if (c.B.kind == glora_kind::vector) {
-        for (index o = 0; o < O; ++o) row[o] += s * a.Bd.data()[o * R];
-      } else {
-        const T t = s * a.Bd.data()[0];
-        for (index o = 0; o < O; ++o) row[o] += t;
-      }
-    }
   }
 }
 
@@ -1133,13 +1183,8 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
   zero_store(grad);
   glora_grow(ws.bias, O);
   glora_grow(ws.col, I);
-  // gb = Σ_rows dy
   T* gb = ws.bias.data();
-  std::fill(gb, gb + O, T(0));
-  for (index i = 0; i < n; ++i) {
-    const T* row = dy.data() + i * O;
-    for (index o = 0; o < O; ++o) gb[o] += row[o];
-  }
+  glora_column_sums(dy, gb);
   glora_bias_grad(c, d, b0, gb, grad);
 
   if (c.A.kind == glora_kind::lora) {
@@ -1161,24 +1206,31 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
   const T* dyw = dy.data();  // dy ⊙ (1 + a)ᵀ
   if (c.A.kind != glora_kind::none) {
     glora_grow(ws.gw, 2 * n * O);
+    glora_grow(ws.dh, 2 * O);
     T* z = ws.gw.data();
     T* dys = z + n * O;
+    T* av = ws.dh.data();
+    T* acc = av + O;  // Σ_rows dy ⊙ z
+    for (index o = 0; o < O; ++o) av[o] = glora_a_factor(a, c, o, R), acc[o] = T(0);
     gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), z, O);
-    T total = T(0);
-    T* col = grad.Ad.data();
-    for (index o = 0; o < O; ++o) col[o * R] = T(0);
-    for (index i = 0; i < n; ++i) {
-      const T* zr = z + i * O;
-      const T* dr = dy.data() + i * O;
-      T* sr = dys + i * O;
-      for (index o = 0; o < O; ++o) {
-        const T v = dr[o] * zr[o];
-        if (c.A.kind == glora_kind::vector) col[o * R] += v;
-        total += v;
-        sr[o] = dr[o] + dr[o] * glora_a_factor(a, c, o, R);
+    glora_parallel_for(O, n * O, [&](index o0, index o1) {
+      for (index i = 0; i < n; ++i) {
+        const T* zr = z + i * O;
+        const T* dr = dy.data() + i * O;
+        T* sr = dys + i * O;
+        for (index o = o0; o < o1; ++o) {
+          acc[o] += dr[o] * zr[o];
+          sr[o] = dr[o] + dr[o] * av[o];
+        }
       }
+    });
+    if (c.A.kind == glora_kind::vector) {
+      for (index o = 0; o < O; ++o) grad.Ad.data()[o * R] = acc[o];
+    } else {
+      T total = T(0);
+      for (index o = 0; o < O; ++o) total += acc[o];
+      grad.Ad.data()[0] = total;
     }
-    if (c.A.kind == glora_kind::scalar) grad.Ad.data()[0] = total;
     dyw = dys;
   }
   gemm<T>(false, false, n, I, O, T(1), dyw, O, w0, I, T(0), dx, I);
@@ -1196,27 +1248,32 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
   } else if (c.B.kind != glora_kind::none) {
     // gW's row sums are dyᵀ · sx with sx = Σ_cols x (the total: Σ_rows (Σ_o dy)·sx); dx gains, in every
     // column of row n, Σ_o dy[n, o]·Bd[o, 0] (vector) or Bd[0, 0]·Σ_o dy[n, o] (scalar).
-    glora_grow(ws.h, n);
+    glora_grow(ws.h, 2 * n);
+    glora_grow(ws.dh, 2 * O);
     T* sx = ws.h.data();
+    T* u = sx + n;  // dx[i, :] gains u[i]
     glora_row_sums(x, sx);
-    T total = T(0);
-    for (index o = 0; o < O; ++o) grad.Bd.data()[o * R] = T(0);
-    for (index i = 0; i < n; ++i) {
-      const T* dr = dy.data() + i * O;
-      T t = T(0), u = T(0);
-      for (index o = 0; o < O; ++o) {
-        t += dr[o];
-        if (c.B.kind == glora_kind::vector) {
-          grad.Bd.data()[o * R] += dr[o] * sx[i];
-          u += dr[o] * a.Bd.data()[o * R];
-        }
-      }
-      total += t * sx[i];
-      if (c.B.kind == glora_kind::scalar) u = t * a.Bd.data()[0];
-      T* xr = dx + i * I;
-      for (index k = 0; k < I; ++k) xr[k] += u;
+    if (c.B.kind == glora_kind::vector) {
+      T* bv = ws.dh.data();
+      T* acc = bv + O;
+      for (index o = 0; o < O; ++o) bv[o] = a.Bd.data()[o * R];
+      gemm<T>(false, false, 1, O, n, T(1), sx, n, dy.data(), O, T(0), acc, O);  // sxᵀ · dy
+      gemm<T>(false, true, 1, n, O, T(1), bv, O, dy.data(), O, T(0), u, n);     // (dy · bv)ᵀ
+      for (index o = 0; o < O; ++o) grad.Bd.data()[o * R] = acc[o];
+    } else {
+      // Scalar: with t[i] = Σ_o dy[i, o], the total is Σ_i t[i]·sx[i] and u[i] = Bd[0, 0]·t[i].
+      glora_row_sums(dy, u);
+      T total = T(0);
+      for (index i = 0; i < n; ++i) total += u[i] * sx[i], u[i] *= a.Bd.data()[0];
+      grad.Bd.data()[0] = total;
     }
-    if (c.B.kind == glora_kind::scalar) grad.Bd.data()[0] = total;
+    glora_parallel_for(n, n * I, [&](index i0, index i1) {
+      for (index i = i0; i < i1; ++i) {
+        T* xr = dx + i * I;
+        const T ui = u[i];
+        for (index k = 0; k < I; ++k) xr[k] += ui;
+      }
+    });
   }
 }
 
