@@ -13,8 +13,11 @@
 // Activation space (linear, N = 2): forward, backward — ΔW is never materialised.
 // Checkpoints of the official code:  flora_from_official, flora_to_official.
 //
-// Chains of mode products run through tucker.hpp in the flop-minimal order; the gradient shares its
-// partial products between modes.
+// Weight space runs one of two plans (see detail::channel_dims): tucker.hpp's chains of mode products in
+// the flop-minimal order, or, for conv weights, a plan that folds the kernel modes into one Kronecker
+// factor so that ΔW is written, and gW read, by single GEMMs; either way the gradient shares its
+// partial products between modes. The workspace forms (flora_weight_workspace for the channel plan,
+// flora_workspace) make no allocation once warm.
 //
 // Example:
 //   std::mt19937_64 gen(0);
@@ -50,7 +53,8 @@ struct flora {
 
 // Scratch for the weight-space operations (delta_weight, merge, unmerge, delta_weight_vjp). Its
 // buffers grow when needed and never shrink, so reusing one for adapters of the same shapes makes no
-// further allocation, except in the chain plan of delta_weight_vjp (see detail::use_channel_plan).
+// further allocation in the channel plan (see detail::use_channel_plan); the chain plan allocates
+// inside tucker.hpp (its mode ordering and its shared compression).
 template <class T, int N>
 struct flora_weight_workspace {
   tucker_workspace<T> chain;                  // intermediates of the Tucker chains
@@ -136,7 +140,7 @@ std::array<const_tensor_view<T, 2>, N> factor_views(const flora<T, N>& a) {
 //
 //   chain    tucker.hpp's chains: every mode a mode product, in the flop-minimal order, the VJP's
 //            partial compressions shared between modes (tucker_compress_all_but_one).
-//   channel  (N ≥ 3) the kernel modes 2 … N-1 fold into one Kronecker factor K = U2 ⊗ … ⊗ U(N-1)
+//   channel  the kernel modes 2 … N-1 (none for N = 2: S = Rk = 1) fold into one Kronecker factor K = U2 ⊗ … ⊗ U(N-1)
 //            (S, Rk), S = Π_{m≥2} I_m, Rk = Π_{m≥2} r_m. With G seen as (r0, r1, Rk):
 //              H (r0, r1, S)  = G ×2 K                       one GEMM
 //              M (r0, I1, S)  = H ×1 U1                      r0 GEMMs
@@ -185,18 +189,13 @@ enum class flora_plan { automatic, chain, channel };
 template <class T, int N>
 bool use_channel_plan(const flora<T, N>& a, flora_plan plan = flora_plan::automatic) {
   if (plan != flora_plan::automatic) return plan == flora_plan::channel;
-  if constexpr (N == 2) {
-    (void)a;
-    return false;
-  } else {
-    const shape<N> w = weight_shape(a), r = ranks(a);
-    const std::array<int, N> order = flora_expansion_order<N>(r, w);
-    const double chain = chain_flops<N>(r, w, order.data(), N);
-    const channel_dims d = channel_plan_dims(a);
-    const double channel = 2.0 * (double(d.r0 * d.r1) * double(d.rk * d.s) + double(d.r0 * d.r1) * double(d.s * d.i1) +
-                                  double(d.o * d.i1) * double(d.s * d.r0));
-    return channel <= 2.0 * chain;
-  }
+  const shape<N> w = weight_shape(a), r = ranks(a);
+  const std::array<int, N> order = flora_expansion_order<N>(r, w);
+  const double chain = chain_flops<N>(r, w, order.data(), N);
+  const channel_dims d = channel_plan_dims(a);
+  const double channel = 2.0 * (double(d.r0 * d.r1) * double(d.rk * d.s) + double(d.r0 * d.r1) * double(d.s * d.i1) +
+                                double(d.o * d.i1) * double(d.s * d.r0));
+  return channel <= 2.0 * chain;
 }
 
 template <class T>
