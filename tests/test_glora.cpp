@@ -532,11 +532,12 @@ ta::glora_gradients<T> loop_backward(const ta::glora<T>& a, const ta::glora_conf
 TEMPLATE_TEST_CASE("large layers (row blocks over several threads) match the formulas", "[glora]", float, double) {
   using T = TestType;
   std::mt19937_64 gen(14);
-  // 520 × 300 is above the size at which the O·I work is split over threads, in uneven blocks.
-  const ta::index n = 3, O = 520, I = 300, R = 4;
+  // 1500 × 1400 is above the size at which the O·I work is split over threads, and several row blocks
+  // (about 2 MiB each) fall to each thread.
+  const ta::index n = 3, O = 1500, I = 1400, R = 4;
 #ifdef _OPENMP
   const int saved = omp_get_max_threads();
-  omp_set_num_threads(3);
+  omp_set_num_threads(2);
 #endif
   auto a = trained_glora<T>(O, I, R, gen);
   ta::tensor<T, 2> x(n, I), w0(O, I), dy(n, O);

@@ -616,7 +616,7 @@ void glora_weight_rows(const glora<T>& a, const glora_config& c, const glora_dim
 }
 
 // How a pass over the O·I work is split: `blocks` blocks of `step` rows (the last may be shorter), each
-// about 512 KiB of each operand so that a block stays in cache between the products and elementwise
+// about 2 MiB of each operand (the size of a core's L2) so that a block stays in cache between the products and elementwise
 // steps applied to it, and `threads` threads (with OpenMP, outside a parallel region and for weights of
 // at least 2^17 elements: up to omp_get_max_threads(), the block count then a multiple of it; else 1).
 struct glora_plan {
@@ -626,7 +626,7 @@ struct glora_plan {
 
 template <class T>
 glora_plan glora_blocks(const glora_dims& d) {
-  const index per_block = std::max<index>(1, static_cast<index>(524288 / sizeof(T)) / d.in);  // rows
+  const index per_block = std::max<index>(1, static_cast<index>(2097152 / sizeof(T)) / d.in);  // rows
   index blocks = (d.out + per_block - 1) / per_block;
   int threads = 1;
 #ifdef _OPENMP
