@@ -140,10 +140,10 @@ std::array<const_tensor_view<T, 2>, N> factor_views(const flora<T, N>& a) {
 //
 //   chain    tucker.hpp's chains: every mode a mode product, in the flop-minimal order, the VJP's
 //            partial compressions shared between modes (tucker_compress_all_but_one).
-//   channel  the kernel modes 2 … N-1 (none for N = 2: S = Rk = 1) fold into one Kronecker factor K = U2 ⊗ … ⊗ U(N-1)
-//            (S, Rk), S = Π_{m≥2} I_m, Rk = Π_{m≥2} r_m. With G seen as (r0, r1, Rk):
+//   channel  the kernel modes 2 … N-1 fold into one Kronecker factor K = U2 ⊗ … ⊗ U(N-1) (S, Rk),
+//            S = Π_{m≥2} I_m, Rk = Π_{m≥2} r_m (S = Rk = 1 for N = 2). With G seen as (r0, r1, Rk):
 //              H (r0, r1, S)  = G ×2 K                       one GEMM
-//              M (r0, I1, S)  = H ×1 U1                      r0 GEMMs
+//              M (r0, I1, S)  = H ×1 U1                      one mode product
 //              ΔW (I0, I1·S)  = scale · U0 · M               one GEMM: the weight is written once
 //            and the VJP, given gW seen as (I0, I1·S):
 //              grad.U0 = scale · gW · Mᵀ,   Y (r0, I1·S) = U0ᵀ · gW      (the two reads of gW)
@@ -151,9 +151,10 @@ std::array<const_tensor_view<T, 2>, N> factor_views(const flora<T, N>& a) {
 //              Zs (r0, r1, S) = Y ×1 U1ᵀ;   grad.G = scale · Zs · K      (G, grad.G seen as (r0·r1, Rk))
 //              C (S, Rk) = scale · Zsᵀ · G;  grad.U_k[i, b] = Σ_{s_k = i, ρ_k = b} C[s, ρ] · Π_{m≥2, m≠k} U_m[s_m, ρ_m]
 //
-// The chain needs the fewest flops, but it passes several times over intermediates as large as the
-// weight, and its products on the small kernel modes are many tiny GEMMs (one per slice); the channel
-// plan touches the weight in single GEMMs only. The channel plan is taken when its flops are at most
+// The chain needs the fewest flops among chains of mode products, but it passes several times over
+// intermediates as large as the weight, and its products on the small kernel modes (2 → 3, 3 → 3) are
+// GEMMs with two or three rows or columns, slow on a register-tiled kernel; the channel plan touches
+// the weight in single well-shaped GEMMs only. The channel plan is taken when its flops are at most
 // twice the chain's (for conv weights with kernel ranks ≤ 3 they are about equal or less than 1.6×).
 
 struct channel_dims {
