@@ -188,6 +188,15 @@ TEMPLATE_TEST_CASE("mode products with full register tiles and several cache blo
         std::vector<double> abs;
         reference<TestType, 3>(x, u, false, mode, TestType(1), TestType(0), want, abs);
         require_close<TestType, 3>(got, want, abs, dims[std::size_t(mode)]);
+        // The factor given transposed, accumulating.
+        ta::tensor<TestType, 2> ut = u.shuffle(std::array<int, 2>{1, 0});
+        ta::tensor<TestType, 3> acc = got;
+        ta::fill_normal(acc, 0, 1, gen);
+        want = acc;
+        reference<TestType, 3>(x, ut, true, mode, TestType(0.5), TestType(2), want, abs);
+        ta::mode_product_transposed<TestType, 3>(ta::view(x), ut, mode, ta::writable_view(acc), TestType(0.5),
+                                                 TestType(2));
+        require_close<TestType, 3>(acc, want, abs, dims[std::size_t(mode)]);
       }
     }
   }

@@ -58,6 +58,20 @@ void mode_product_kernel(const T* x, index p, index i, index q, const T* u, bool
     gemm_packed<T, Isa>(false, !transposed, p, j, i, alpha, x, i, u, ldu, beta, y, j);
     return;
   }
+  if (q < 8 && i * q <= 64 && j * q <= 16 && p >= 64) {
+    // A tiny trailing extent (a conv kernel's 3×3) with small I and J: each slice x_p (I·Q) maps to
+    // y_p (J·Q) by the small matrix K = op(u) ⊗ 1_Q, K[(a, t), (b, s)] = op(u)[a, b]·[t = s], so the
+    // whole product is the narrow y (P, J·Q) = x (P, I·Q)·Kᵀ, which streams x once.
+    const index jq = j * q, iq = i * q;
+    T* kron = gemm_buffers<T, Isa>::local().a.get(jq * iq);
+    for (index a = 0; a < j; ++a)
+      for (index t = 0; t < q; ++t)
+        for (index b = 0; b < i; ++b)
+          for (index s = 0; s < q; ++s)
+            kron[(a * q + t) * iq + b * q + s] = s == t ? (transposed ? u[b * ldu + a] : u[a * ldu + b]) : T(0);
+    gemm_narrow<T, Isa>(p, jq, iq, alpha, x, iq, true, kron, iq, beta, y, jq);
+    return;
+  }
   // y (J, P·Q) = op(u) (J, I) · x (I, P·Q): column (s, t) of x sits at s·I·Q + t, row r at r·Q.
   gemm_packed<T, Isa>(j, p * q, i, alpha, strided_matrix<T>{u, transposed ? 1 : ldu, transposed ? ldu : 1},
                       grouped_matrix<const T>{x, q, q, i * q, 1}, beta, grouped_matrix<T>{y, q, q, j * q, 1});

@@ -19,6 +19,9 @@
 // (12×32 float / 12×16 double). native_isa picks the widest compiled in; TA_FORCE_SCALAR forces
 // scalar_isa.
 //
+// Narrow products (n ≤ 16, A not transposed) take a dot-product kernel instead, which reads A in
+// place (see gemm_narrow).
+//
 // Memory: the packing buffers are thread_local, allocated on first use and grown when a larger
 // problem needs more; a repeated call of the same size allocates nothing.
 //
@@ -60,20 +63,20 @@ struct grouped_matrix {
 // Register tile and cache blocking per instruction set and type.
 template <class T, class Isa>
 struct gemm_shape {
-  static constexpr int mr = 4, nv = 4;
+  static constexpr int mr = 4, nv = 4, dot_acc = 12;
   static constexpr index kc = 256, mc = 64, nc = 1024;
 };
 #ifdef TA_HAVE_AVX2
 template <class T>
 struct gemm_shape<T, avx2_isa> {
-  static constexpr int mr = 6, nv = 2;
+  static constexpr int mr = 6, nv = 2, dot_acc = 12;
   static constexpr index kc = 256, mc = 120, nc = 1024;
 };
 #endif
 #ifdef TA_HAVE_AVX512
 template <class T>
 struct gemm_shape<T, avx512_isa> {
-  static constexpr int mr = 12, nv = 2;
+  static constexpr int mr = 12, nv = 2, dot_acc = 24;
   // kc·NR (32 KB) stays in L1 beside an A panel; mc·kc (256 KB float) and kc·nc (512 KB) in L2.
   static constexpr index kc = 256, mc = 252, nc = 512;
 };
@@ -330,10 +333,122 @@ void gemm_packed(index m, index n, index k, T alpha, const strided_matrix<T>& a,
 #endif
 }
 
+// Narrow products, n ≤ 16 (a mode product's last mode with a small output extent): the packed kernel
+// would fill few lanes of its NR-wide tiles, so these are dot products along k instead, R rows of A
+// against J ≤ 8 rows of B (both contiguous along k) at a time, reduced across lanes at the end.
+// A is read once, straight from memory: nothing of it is packed.
+template <class T, class Isa, int R, int J>
+inline void dot_kernel(index k, const T* __restrict a, index lda, const T* __restrict b, index ldb, T* __restrict c,
+                       index ldc, T alpha, T beta) {
+  using S = simd<T, Isa>;
+  using reg = typename S::reg;
+  constexpr int W = S::width;
+  if (k < W) {  // shorter than one register: plain sums
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int j = 0; j < J; ++j) {
+        T sum = T(0);
+        for (index q = 0; q < k; ++q) sum += a[r * lda + q] * b[j * ldb + q];
+        T& x = c[r * ldc + j];
+        x = alpha * sum + (beta == T(0) ? T(0) : beta * x);
+      }
+    return;
+  }
+  reg acc[R][J];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) acc[r][j] = S::zero();
+  index p = 0;
+  for (; p + W <= k; p += W) {
+    reg av[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) av[r] = S::load(a + r * lda + p);
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) {
+      const reg bv = S::load(b + j * ldb + p);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][j] = S::fma(av[r], bv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) {
+      T sum = S::sum(acc[r][j]);
+      for (index q = p; q < k; ++q) sum += a[r * lda + q] * b[j * ldb + q];
+      T& x = c[r * ldc + j];
+      x = alpha * sum + (beta == T(0) ? T(0) : beta * x);
+    }
+}
+
+template <class T, class Isa, int J>
+void dot_rows(index m, index k, const T* a, index lda, const T* b, index ldb, T* c, index ldc, T alpha, T beta) {
+  constexpr int acc = gemm_shape<T, Isa>::dot_acc;
+  constexpr int R = acc / J < 1 ? 1 : (acc / J > 4 ? 4 : acc / J);
+  index r = 0;
+  for (; r + R <= m; r += R) dot_kernel<T, Isa, R, J>(k, a + r * lda, lda, b, ldb, c + r * ldc, ldc, alpha, beta);
+  for (; r < m; ++r) dot_kernel<T, Isa, 1, J>(k, a + r * lda, lda, b, ldb, c + r * ldc, ldc, alpha, beta);
+}
+
+template <class T, class Isa>
+void dot_columns(index m, index n, index k, T alpha, const T* a, index lda, const T* b, index ldb, T beta, T* c,
+                 index ldc) {
+  constexpr index rows = 64;  // a block of A's rows stays in cache while every 8 columns pass over it
+  for (index r0 = 0; r0 < m; r0 += rows) {
+    const index mr = std::min(rows, m - r0);
+    for (index j0 = 0; j0 < n; j0 += 8) {
+      const T* bj = b + j0 * ldb;
+      const T* ar = a + r0 * lda;
+      T* cr = c + r0 * ldc + j0;
+      switch (std::min<index>(8, n - j0)) {
+        case 1: dot_rows<T, Isa, 1>(mr, k, ar, lda, bj, ldb, cr, ldc, alpha, beta); break;
+        case 2: dot_rows<T, Isa, 2>(mr, k, ar, lda, bj, ldb, cr, ldc, alpha, beta); break;
+        case 3: dot_rows<T, Isa, 3>(mr, k, ar, lda, bj, ldb, cr, ldc, alpha, beta); break;
+        case 4: dot_rows<T, Isa, 4>(mr, k, ar, lda, bj, ldb, cr, ldc, alpha, beta); break;
+        case 5: dot_rows<T, Isa, 5>(mr, k, ar, lda, bj, ldb, cr, ldc, alpha, beta); break;
+        case 6: dot_rows<T, Isa, 6>(mr, k, ar, lda, bj, ldb, cr, ldc, alpha, beta); break;
+        case 7: dot_rows<T, Isa, 7>(mr, k, ar, lda, bj, ldb, cr, ldc, alpha, beta); break;
+        default: dot_rows<T, Isa, 8>(mr, k, ar, lda, bj, ldb, cr, ldc, alpha, beta); break;
+      }
+    }
+  }
+}
+
+// C (m, n) = alpha · A (m, k) · op(B) + beta · C for n ≤ 16, A row-major. op(B) = Bᵀ is used in
+// place; a plain B (k, n) is first copied transposed into the calling thread's grow-only scratch.
+template <class T, class Isa>
+void gemm_narrow(index m, index n, index k, T alpha, const T* a, index lda, bool trans_b, const T* b, index ldb,
+                 T beta, T* c, index ldc) {
+  if (!trans_b) {
+    T* bt = gemm_buffers<T, Isa>::local().b.get(n * k);
+    for (index p = 0; p < k; ++p)
+      for (index j = 0; j < n; ++j) bt[j * k + p] = b[p * ldb + j];
+    b = bt;
+    ldb = k;
+  }
+  const int threads = gemm_threads(m, n, k * 8);  // memory-bound: worth a second thread sooner
+  if (threads <= 1) {
+    dot_columns<T, Isa>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+  {
+    const index t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const index begin = m * t / nt, end = m * (t + 1) / nt;
+    if (begin < end)
+      dot_columns<T, Isa>(end - begin, n, k, alpha, a + begin * lda, lda, b, ldb, beta, c + begin * ldc, ldc);
+  }
+#endif
+}
+
 // The plain row-major product with leading dimensions, in the layouts above.
 template <class T, class Isa>
 void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha, const T* a, index lda, const T* b,
                  index ldb, T beta, T* c, index ldc) {
+  if (!trans_a && n <= 16 && m >= 2 * n && k > 0 && m > 0 && alpha != T(0)) {
+    gemm_narrow<T, Isa>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
+    return;
+  }
   const index group = std::max<index>(n, 1);
   gemm_packed<T, Isa>(m, n, k, alpha, strided_matrix<T>{a, trans_a ? 1 : lda, trans_a ? lda : 1},
                       grouped_matrix<const T>{b, trans_b ? 1 : ldb, group, 0, trans_b ? ldb : 1}, beta,

@@ -5,6 +5,7 @@
 //   load(p), store(p, v)         `width` elements at p (any alignment)
 //   fma(a, b, c)                 a·b + c, fused where the instruction set has it
 //   mul(a, b)                    a·b
+//   sum(v)                       the sum of v's lanes
 //
 //   transpose_block<T, Isa>::size, ::run(src, lds, dst, ldd)
 //                                a size×size block: dst[p·ldd + t] = src[t·lds + p]
@@ -43,6 +44,7 @@ struct simd<T, scalar_isa> {
   static void store(T* p, reg v) { *p = v; }
   static reg fma(reg a, reg b, reg c) { return a * b + c; }
   static reg mul(reg a, reg b) { return a * b; }
+  static T sum(reg v) { return v; }
 };
 
 #if !defined(TA_FORCE_SCALAR) && defined(__AVX2__) && defined(__FMA__)
@@ -58,6 +60,11 @@ struct simd<float, avx2_isa> {
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static float sum(reg v) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
 };
 template <>
 struct simd<double, avx2_isa> {
@@ -69,6 +76,10 @@ struct simd<double, avx2_isa> {
   static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
   static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
+  static double sum(reg v) {
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+  }
 };
 
 // 8×8 floats and 4×4 doubles in 256-bit registers (shared by the AVX-512 path).
@@ -114,7 +125,7 @@ struct transpose_block<double, avx2_isa> {
 };
 #endif
 
-#if !defined(TA_FORCE_SCALAR) && defined(__AVX512F__)
+#if !defined(TA_FORCE_SCALAR) && defined(__AVX512F__) && defined(TA_HAVE_AVX2)  // (AVX-512F machines have both)
 #define TA_HAVE_AVX512 1
 struct avx512_isa {};
 template <>
@@ -127,6 +138,12 @@ struct simd<float, avx512_isa> {
   static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static float sum(reg v) {  // (the maskz form: g++ 12 warns about the undefined lanes of the others)
+    const __m512d d = _mm512_castps_pd(v);
+    const __m256 low = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, d, 0));
+    const __m256 high = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, d, 1));
+    return simd<float, avx2_isa>::sum(_mm256_add_ps(low, high));
+  }
 };
 template <>
 struct simd<double, avx512_isa> {
@@ -138,6 +155,10 @@ struct simd<double, avx512_isa> {
   static void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
   static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
+  static double sum(reg v) {
+    const __m256d low = _mm512_maskz_extractf64x4_pd(0xF, v, 0), high = _mm512_maskz_extractf64x4_pd(0xF, v, 1);
+    return simd<double, avx2_isa>::sum(_mm256_add_pd(low, high));
+  }
 };
 #endif
 
