@@ -487,17 +487,18 @@ void for_each_parameter(glora<T>& params, const glora<T>& grads, F&& fn) {
   fn("glora_E", params.E, grads.E);
 }
 
-// Scratch for forward, backward and the weight-space functions. Sized on first use; a workspace that
-// has served a layer (O, I) and a batch of n rows serves every call up to those sizes without allocating.
+// Scratch for forward, backward and the weight-space functions. Buffers only grow: a workspace that has
+// served a call serves every later call of the same layer, batch size and configuration (or smaller
+// ones) without allocating.
 template <class T>
 struct glora_workspace {
-  std::vector<T> weight;  // (O, I): W_eff, or W0 ⊙ gW
-  std::vector<T> gw;      // (O, I): dyᵀ · x; or 2 (n, O): x · W0ᵀ and dy ⊙ (1 + a)ᵀ
-  std::vector<T> bias;    // (O): b_eff, or Σ_rows dy
-  std::vector<T> col;     // (I): C as a column, or W0ᵀ · gb
-  std::vector<T> h;       // (n, R) or (n): activation-space scratch
-  std::vector<T> dh;      // (n, R) or (O)
-  std::vector<T> partials;  // per thread: shares of the reductions over row blocks, and scratch
+  std::vector<T> weight;    // (O, I): W_eff
+  std::vector<T> gw;        // (O, I): dyᵀ · x, then W0 ⊙ gW; or 2 × (n, O): x · W0ᵀ and dy ⊙ (1 + a)ᵀ
+  std::vector<T> bias;      // (O): b_eff, or Σ_rows dy
+  std::vector<T> col;       // (I): C as a column, or W0ᵀ · gb
+  std::vector<T> h;         // (n, r) or 2 × (n): x · Bu[:r]ᵀ, or row sums
+  std::vector<T> dh;        // (n, r) or 2 × (O): dy · Bd[:, :r], or per-output factors
+  std::vector<T> partials;  // per thread: its shares of the reductions over row blocks, and scratch
 };
 
 namespace detail {
@@ -1284,7 +1285,8 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
 // With A lora, W_eff is formed once per call (O·I work in row blocks, the low-rank factors through GEMMs)
 // and the batch goes through one GEMM against it; otherwise y = (x · W0ᵀ) ⊙ (1 + a)ᵀ + the B term in
 // activation space + b_eff. Throws argument_error, before writing anything, if a shape or the
-// configuration does not fit. Makes no allocation when the workspace has already served this layer.
+// configuration does not fit. Makes no allocation once the workspace has served a call of this layer,
+// batch size and configuration.
 template <class T>
 void forward(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, 2>> x,
              nondeduced<const_tensor_view<T, 2>> w0, nondeduced<const_tensor_view<T, 1>> b0,
@@ -1331,8 +1333,8 @@ tensor<T, 2> forward(const glora<T>& a, const glora_config& c, const tensor<T, 2
 // activation space.
 //   x: (n, I), w0: (O, I), b0: (O), dy: (n, O), dx: (n, I); grad is resized to the store's shapes if
 // needed and overwritten. Throws argument_error, before writing anything, if a shape or the
-// configuration does not fit. Makes no allocation when the workspace has already served this layer and
-// batch size and grad has the store's shapes.
+// configuration does not fit. Makes no allocation once the workspace has served a call of this layer,
+// batch size and configuration and grad has the store's shapes.
 template <class T>
 void backward(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, 2>> x,
               nondeduced<const_tensor_view<T, 2>> w0, nondeduced<const_tensor_view<T, 1>> b0,
