@@ -698,8 +698,8 @@ bool glora_prompt_column(const glora<T>& a, const glora_config& c, const glora_d
   return false;
 }
 
-// The layer in one pass over row blocks of W0:
-//   out_w (O, I) = [W0 +] W0 ⊙ A + B              (skipped when out_w is null)
+// The layer's effective weight and bias:
+//   out_w (O, I) = [W0 +] W0 ⊙ A + B              (skipped when out_w is null; in row blocks)
 //   out_b (O)    = [b0 +] b0 ⊙ D + E + W0 · C      (skipped when out_b is null; b0 == nullptr: no bias)
 // the bracketed terms only with add_base. col: scratch of I elements.
 template <class T>
@@ -725,8 +725,8 @@ void glora_layer(const glora<T>& a, const glora_config& c, const glora_dims& d, 
   if (out_w != nullptr) {
     const glora_plan plan = glora_blocks<T>(d);
     const index step = plan.step;
-    glora_parallel_blocks(plan.blocks, plan.threads, [&](int, index b0, index b1) {
-      for (index b = b0; b < b1; ++b) {
+    glora_parallel_blocks(plan.blocks, plan.threads, [&](int, index first, index end) {
+      for (index b = first; b < end; ++b) {
         const index o0 = b * step, o1 = std::min(O, o0 + step);
         glora_weight_rows(a, c, d, o0, o1, w0 + o0 * I, add_base, out_w + o0 * I);
       }
