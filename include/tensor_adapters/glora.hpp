@@ -498,7 +498,7 @@ struct glora_workspace {
   std::vector<T> col;       // (I): C as a column, or W0ᵀ · gb
   std::vector<T> h;         // (n, r) or 2 × (n): x · Bu[:r]ᵀ, or row sums
   std::vector<T> dh;        // (n, r) or 2 × (O): dy · Bd[:, :r], or per-output factors
-  std::vector<T> partials;  // per thread: its shares of the reductions over row blocks, and scratch
+  std::vector<T> partials;  // per thread: its shares of the reductions over row blocks
 };
 
 namespace detail {
@@ -732,10 +732,10 @@ void glora_layer(const glora<T>& a, const glora_config& c, const glora_dims& d, 
       }
     });
   }
-  // The prompt term W0 · C, as the row cᵀ · W0ᵀ (split by output rows over the threads).
+  // The prompt term W0 · C (a one-column product, split by output rows over the threads).
   if (prompt)
     glora_parallel_for(O, O * I, [&](index o0, index o1) {
-      gemm<T>(false, true, 1, o1 - o0, I, T(1), col, I, w0 + o0 * I, I, T(1), out_b + o0, o1 - o0);
+      gemm<T>(false, false, o1 - o0, 1, I, T(1), w0 + o0 * I, I, col, 1, T(1), out_b + o0, 1);
     });
 }
 
@@ -744,15 +744,13 @@ void glora_layer(const glora<T>& a, const glora_config& c, const glora_dims& d, 
 //   lora:   gXd[o0 : o0 + m, :r] = G·Xu[:r]ᵀ, and gXu[:r] = Xd[o0 : o0 + m, :r]ᵀ·G, added to gXu unless first;
 //   vector: gXd[o0 : o0 + m, 0] = Σ_cols G;
 //   scalar: *total += Σ G.
-// gXd has leading dimension R, gXu leading dimension cols. scratch: r·m elements.
+// gXd has leading dimension R, gXu leading dimension cols.
 template <class T>
 void glora_factor_grad(const glora_choice& k, index o0, index m, index cols, index R, const T* xd, const T* xu,
-                       const T* g, index ldg, bool first, T* gxd, T* gxu, T* total, T* scratch) {
+                       const T* g, index ldg, bool first, T* gxd, T* gxu, T* total) {
   if (k.kind == glora_kind::lora) {
     const index r = k.rank;
-    gemm<T>(false, true, r, m, cols, T(1), xu, cols, g, ldg, T(0), scratch, m);  // (G · Xu[:r]ᵀ)ᵀ, r the short side
-    for (index o = 0; o < m; ++o)
-      for (index j = 0; j < r; ++j) gxd[(o0 + o) * R + j] = scratch[j * m + o];
+    gemm<T>(false, true, m, r, cols, T(1), g, ldg, xu, cols, T(0), gxd + o0 * R, R);
     gemm<T>(true, false, r, cols, m, T(1), xd + o0 * R, R, g, ldg, first ? T(0) : T(1), gxu, cols);
   } else if (k.kind == glora_kind::vector) {
     for (index o = 0; o < m; ++o) {
@@ -791,15 +789,14 @@ void glora_backward_rows(const glora<T>& a, const glora_config& c, const glora_d
   const glora_plan plan = glora_blocks<T>(d);
   const index step = plan.step, blocks = plan.blocks;
   const int threads = plan.threads;
-  // Per thread: gAu (R, I), gBu (R, I), W0ᵀ · gb (I), two totals, scratch (R, max(I, step)).
-  const index stride = 2 * R * I + I + 2 + R * std::max(I, step);
+  // Per thread: gAu (R, I), gBu (R, I), W0ᵀ · gb (I), two totals.
+  const index stride = 2 * R * I + I + 2;
   glora_grow(ws.partials, threads * stride);
   const int team = glora_parallel_blocks(blocks, threads, [&](int t, index b0, index b1) {
     T* au = ws.partials.data() + t * stride;
     T* bu = au + R * I;
     T* pcol = bu + R * I;
     T* totals = pcol + I;
-    T* scratch = totals + 2;
     totals[0] = totals[1] = T(0);
     for (index b = b0; b < b1; ++b) {
       const index o0 = b * step, o1 = std::min(O, o0 + step), m = o1 - o0;
@@ -807,12 +804,10 @@ void glora_backward_rows(const glora<T>& a, const glora_config& c, const glora_d
       const T* w0b = w0 + o0 * I;
       if (gw != nullptr) {
         T* g = gw + o0 * I;
-        glora_factor_grad(c.B, o0, m, I, R, a.Bd.data(), a.Bu.data(), g, I, first, grad.Bd.data(), bu, totals + 1,
-                          scratch);
+        glora_factor_grad(c.B, o0, m, I, R, a.Bd.data(), a.Bu.data(), g, I, first, grad.Bd.data(), bu, totals + 1);
         if (c.A.kind != glora_kind::none) {
           for (index k = 0; k < m * I; ++k) g[k] *= w0b[k];
-          glora_factor_grad(c.A, o0, m, I, R, a.Ad.data(), a.Au.data(), g, I, first, grad.Ad.data(), au, totals,
-                            scratch);
+          glora_factor_grad(c.A, o0, m, I, R, a.Ad.data(), a.Au.data(), g, I, first, grad.Ad.data(), au, totals);
         }
       }
       if (prompt) gemm<T>(false, false, 1, I, m, T(1), gb + o0, m, w0b, I, first ? T(0) : T(1), pcol, I);
@@ -841,8 +836,7 @@ void glora_backward_rows(const glora<T>& a, const glora_config& c, const glora_d
   }
   if (prompt) {
     T total = T(0);
-    glora_factor_grad(c.C, 0, I, 1, R, a.Cd.data(), a.Cu.data(), col, 1, true, grad.Cd.data(), grad.Cu.data(), &total,
-                      ws.partials.data() + 2 * R * I + I + 2);
+    glora_factor_grad(c.C, 0, I, 1, R, a.Cd.data(), a.Cu.data(), col, 1, true, grad.Cd.data(), grad.Cu.data(), &total);
   }
 }
 
@@ -1259,7 +1253,7 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
       T* acc = bv + O;
       for (index o = 0; o < O; ++o) bv[o] = a.Bd.data()[o * R];
       gemm<T>(false, false, 1, O, n, T(1), sx, n, dy.data(), O, T(0), acc, O);  // sxᵀ · dy
-      gemm<T>(false, true, 1, n, O, T(1), bv, O, dy.data(), O, T(0), u, n);     // (dy · bv)ᵀ
+      gemm<T>(false, false, n, 1, O, T(1), dy.data(), O, bv, 1, T(0), u, 1);    // dy · bv
       for (index o = 0; o < O; ++o) grad.Bd.data()[o * R] = acc[o];
     } else {
       // Scalar: with t[i] = Σ_o dy[i, o], the total is Σ_i t[i]·sx[i] and u[i] = Bd[0, 0]·t[i].
