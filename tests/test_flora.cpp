@@ -302,6 +302,7 @@ TEMPLATE_TEST_CASE("FLoRA's chain and channel plans agree", "[flora]", float, do
   check_plans_agree<TestType, 3>({8, 6, 5}, {2, 6, 3}, 44);
   check_plans_agree<TestType, 4>({12, 8, 3, 3}, {4, 2, 2, 3}, 45);
   check_plans_agree<TestType, 4>({16, 4, 1, 1}, {3, 2, 1, 1}, 46);  // a 1x1 conv
+  check_plans_agree<TestType, 4>({40, 6, 3, 3}, {20, 3, 2, 2}, 146);  // r0 > 16: grad.U0 formed transposed
   check_plans_agree<TestType, 5>({6, 5, 3, 2, 3}, {2, 5, 1, 2, 2}, 47);
   // The automatic choice: the channel plan for linear weights and conv weights of small kernel ranks;
   // the chain where the channel plan would need more than twice its flops (a full-rank first mode).
