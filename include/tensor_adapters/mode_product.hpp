@@ -7,7 +7,14 @@
 // detail/gemm_kernel.hpp, without transposing or copying a tensor: the last mode (Q = 1) is
 // y (P, J) = x (P, I)·uᵀ; any other mode is y (J, P·Q) = u · x (I, P·Q), whose columns (p, q) the
 // kernel addresses in place (p·I·Q + q), so a middle mode is as fast as the first and the packing of
-// u is shared by all P slices. Large products use every OpenMP thread (see detail/gemm.hpp).
+// u is shared by all P slices. A small output extent of the last mode (J ≤ 16) takes the kernel's
+// dot-product path, which streams x once without packing it; a tiny trailing extent (Q < 8, such as
+// a conv kernel's 3×3, with I·Q ≤ 64 and J·Q ≤ 16) is folded into such a product with op(u) ⊗ 1_Q.
+//
+// Threads: built with OpenMP (-fopenmp), a large product is split over omp_get_max_threads()
+// threads; OMP_NUM_THREADS=1, omp_set_num_threads(1) or a build without OpenMP keeps it on one. A
+// call from inside a parallel region runs on its calling thread only. Repeated calls of the same
+// sizes allocate nothing.
 //
 // Views: x, u and y must be contiguous row-major memory (const_tensor_view / tensor_view, which
 // Eigen's TensorMap always is); y must not overlap x or u.

@@ -26,13 +26,14 @@
 // problem needs more; a repeated call of the same size allocates nothing.
 //
 // Threads: when the translation unit is compiled with OpenMP (-fopenmp; the _OPENMP macro), a product
-// of more than about 2 million multiply-adds is split over omp_get_max_threads() threads (two halves
+// of more than about 8 million multiply-adds is split over omp_get_max_threads() threads (two halves
 // of the columns or of the rows), unless it is already inside a parallel region. To run on one
 // thread: compile without OpenMP, set OMP_NUM_THREADS=1, or call omp_set_num_threads(1).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #ifdef _OPENMP
@@ -182,6 +183,33 @@ void pack_a(index mc, index kc, const strided_matrix<T>& a, T* out) {
 // Packs columns [c0, c0 + nc) and rows [0, kc) of b into kc×NR panels, zero-padding the last panel.
 template <class T, class Isa, int NR>
 void pack_b(index kc, index nc, const grouped_matrix<const T>& b, index c0, T* out) {
+  if (b.cu == 1 && (b.group >= 16 || c0 % b.group + nc <= b.group)) {
+    // Rows of contiguous runs (one run per group of columns): read each row once from start to end,
+    // which the hardware prefetcher follows far better than kc·nc/NR short hops, and deal its
+    // elements out to the panels.
+    const index full = nc / NR * NR;
+    for (index p = 0; p < kc; ++p) {
+      for (index c = c0; c < c0 + nc;) {
+        const index within = c % b.group;
+        const index len = std::min(b.group - within, c0 + nc - c);
+        const T* src = b.data + p * b.rs + (c / b.group) * b.gs + within;
+        for (index e = 0, t = c - c0; e < len;) {  // t: the column within the block
+          const index lane = t % NR, chunk = std::min(NR - lane, len - e);
+          T* dst = out + t / NR * NR * kc + p * NR + lane;
+          if (chunk == NR)
+            std::memcpy(dst, src + e, sizeof(T) * NR);  // a fixed size: a few register moves
+          else
+            std::memcpy(dst, src + e, sizeof(T) * std::size_t(chunk));
+          e += chunk;
+          t += chunk;
+        }
+        c += len;
+      }
+      if (full < nc)
+        for (index t = nc - full; t < NR; ++t) out[full * kc + p * NR + t] = T(0);
+    }
+    return;
+  }
   index off[NR];
   for (index j0 = 0; j0 < nc; j0 += NR) {
     const index nr = std::min<index>(NR, nc - j0);
@@ -283,11 +311,12 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
 }
 
 // The number of threads for a product of this size: 1 without OpenMP, inside a parallel region, or
-// below about 2 million multiply-adds.
+// below about 8 million multiply-adds (a few tens of microseconds: less is not worth waking a
+// thread, and on a loaded machine a sleeping second core costs far more).
 inline int gemm_threads(index m, index n, index k) {
 #ifdef _OPENMP
   if (omp_in_parallel()) return 1;
-  if (double(m) * double(n) * double(k) < double(1 << 21)) return 1;
+  if (double(m) * double(n) * double(k) < double(1 << 23)) return 1;
   return std::max(1, omp_get_max_threads());
 #else
   (void)m, (void)n, (void)k;
