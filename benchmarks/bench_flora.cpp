@@ -295,12 +295,15 @@ struct linear_problem {
   double lora_flops() const { return 2.0 * double(n) * double(lora.A.dimension(0)) * double(in + out); }
 };
 
-// The frozen layer y = x · W0ᵀ + b0 at its fastest here: y starts as the bias rows and the GEMM
-// accumulates into it (beta = 1 costs the GEMM nothing; beta = 0 would clear y in a pass of its own).
+// The frozen layer y = x · W0ᵀ + b0: the GEMM, then the bias in one pass over y (measured a little
+// faster here than starting y as the bias rows and accumulating the GEMM into it).
 void base_forward(linear_problem& p) {
-  for (ta::index i = 0; i < p.n; ++i) std::copy(p.b0.data(), p.b0.data() + p.out, p.y.data() + i * p.out);
-  ta::detail::gemm<float>(false, true, p.n, p.out, p.in, 1.0f, p.x.data(), p.in, p.w0.data(), p.in, 1.0f, p.y.data(),
+  ta::detail::gemm<float>(false, true, p.n, p.out, p.in, 1.0f, p.x.data(), p.in, p.w0.data(), p.in, 0.0f, p.y.data(),
                           p.out);
+  for (ta::index i = 0; i < p.n; ++i) {
+    float* row = p.y.data() + i * p.out;
+    for (ta::index o = 0; o < p.out; ++o) row[o] += p.b0.data()[o];
+  }
 }
 
 void linear_base_forward(benchmark::State& state) {

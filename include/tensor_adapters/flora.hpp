@@ -618,11 +618,10 @@ void flora_linear_forward(const flora<T, 2>& a, const const_tensor_view<T, 2>& x
     for (index i = 0; i < n; ++i) h0[i * k + r0] = T(1);
     std::copy(b0, b0 + out, u + r0 * out);
   }
-  // y = h0 · u = scale · ((x · U1) · Gᵀ) · U0ᵀ + b0 in one pass; the base product then accumulates into
-  // y (a GEMM with beta = 1 adds in its own pass), so y is written twice in all, as by the frozen layer
-  // alone (bias rows, then the accumulating GEMM).
-  gemm<T>(false, false, n, out, k, T(1), h0, k, u, out, T(0), y.data(), out);
-  gemm<T>(false, true, n, out, in, T(1), x.data(), in, w0.data(), in, T(1), y.data(), out);
+  // y = x · W0ᵀ, then y += h0 · u = scale · ((x · U1) · Gᵀ) · U0ᵀ + b0 in one accumulating pass: y is
+  // written twice in all, as by the frozen layer alone (its product, then its bias).
+  gemm<T>(false, true, n, out, in, T(1), x.data(), in, w0.data(), in, T(0), y.data(), out);
+  gemm<T>(false, false, n, out, k, T(1), h0, k, u, out, T(1), y.data(), out);
 }
 
 }  // namespace detail
