@@ -46,15 +46,15 @@ case "${1:-}" in
   test)
     if [ "${2:-}" = "--sanitize" ]; then
       dir=build/sanitize
-      configure "$dir" -DTENSOR_ADAPTERS_SANITIZE=ON -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=OFF
+      configure "$dir" -DTENSOR_ADAPTERS_SANITIZE=ON -DTENSOR_ADAPTERS_BUILD_TESTS=ON -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=OFF
     else
       dir=build/release
-      configure "$dir"
+      configure "$dir" -DTENSOR_ADAPTERS_BUILD_TESTS=ON -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=ON
     fi
     ctest --test-dir "$dir" --output-on-failure -j "$jobs"
     ;;
   bench)
-    configure build/release
+    configure build/release -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=ON
     for b in build/release/benchmarks/bench_*; do
       [ -x "$b" ] || continue
       "$b" --benchmark_filter="${2:-.}" --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
