@@ -11,16 +11,24 @@
 // Structure (BLIS): for each NC-wide block of columns and KC-deep slice of k, B is packed into
 // KC×NR micro-panels; for each MC-tall block of rows, A is packed into MR×KC micro-panels; then an
 // MR×NR register tile of C is computed per pair of micro-panels by the micro-kernel, the only place
-// that does arithmetic. Tiles at the edges, or whose columns are not contiguous in C, go through a
-// small local tile and are added to C element by element.
+// that does arithmetic. A tile with fewer than MR rows uses the micro-kernel for that many rows; a
+// tile with fewer than NR columns, or whose columns are not contiguous in C, goes through a small
+// local tile and is added to C element by element.
 //
 // Instruction set: the micro-kernel is written once over simd<T, Isa> (simd.hpp) and instantiated
 // for scalar_isa (the reference, 4×4 tiles), avx2_isa (6×16 float / 6×8 double) and avx512_isa
 // (12×32 float / 12×16 double). native_isa picks the widest compiled in; TA_FORCE_SCALAR forces
 // scalar_isa.
 //
-// Narrow products (n ≤ 16, A not transposed) take a dot-product kernel instead, which reads A in
-// place (see gemm_narrow).
+// Narrow products (n ≤ 16, m ≥ 2n, A not transposed) take a dot-product kernel instead, which reads
+// A in place (see gemm_narrow).
+//
+// Cases of the plain-layout entry (the grouped entry, for middle modes, has all but the narrow one):
+//   m = 0 or n = 0                      nothing to do
+//   k = 0 or alpha = 0                  C = beta·C
+//   plain A, n ≤ 16, m ≥ 2n             gemm_narrow: dot products along k, A streamed once
+//   otherwise                           packed: B row runs copied into panels (transposed B in 8×8
+//                                       or 4×4 register blocks), A into MR panels, micro-kernel
 //
 // Memory: the packing buffers are thread_local, allocated on first use and grown when a larger
 // problem needs more; a repeated call of the same size allocates nothing.
