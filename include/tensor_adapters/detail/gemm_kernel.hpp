@@ -417,11 +417,47 @@ inline void dot_kernel(index k, const T* __restrict a, index lda, const T* __res
     }
 }
 
+// For k shorter than a register (a conv kernel's 3 or 9): `width` rows at a time, one lane per row,
+// with A's columns and C's columns gathered and scattered (row strides lda, ldc ≤ 16).
+template <class T, class Isa, int J>
+index dot_across_rows(index m, index k, const T* a, index lda, const T* b, index ldb, T* c, index ldc, T alpha,
+                      T beta) {
+  using S = simd<T, Isa>;
+  using reg = typename S::reg;
+  constexpr int W = S::width;
+  const auto in = S::strided(lda), out = S::strided(ldc);
+  const reg va = S::broadcast(alpha), vb = S::broadcast(beta);
+  index r = 0;
+  for (; r + W <= m; r += W) {
+    reg acc[J];
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) acc[j] = S::zero();
+    for (index q = 0; q < k; ++q) {
+      const reg xq = S::gather(a + r * lda + q, in);
+#pragma GCC unroll 8
+      for (int j = 0; j < J; ++j) acc[j] = S::fma(xq, S::broadcast(b[j * ldb + q]), acc[j]);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) {
+      T* cj = c + r * ldc + j;
+      S::scatter(cj, out, beta == T(0) ? S::mul(va, acc[j]) : S::fma(va, acc[j], S::mul(vb, S::gather(cj, out))));
+    }
+  }
+  return r;
+}
+
 template <class T, class Isa, int J>
 void dot_rows(index m, index k, const T* a, index lda, const T* b, index ldb, T* c, index ldc, T alpha, T beta) {
   constexpr int acc = gemm_shape<T, Isa>::dot_acc;
   constexpr int R = acc / J < 1 ? 1 : (acc / J > 4 ? 4 : acc / J);
   index r = 0;
+  if (simd<T, Isa>::width > 1 && k < simd<T, Isa>::width && lda <= 16 && ldc <= 16) {
+    r = dot_across_rows<T, Isa, J>(m, k, a, lda, b, ldb, c, ldc, alpha, beta);
+    a += r * lda;
+    c += r * ldc;
+    m -= r;
+    r = 0;
+  }
   for (; r + R <= m; r += R) dot_kernel<T, Isa, R, J>(k, a + r * lda, lda, b, ldb, c + r * ldc, ldc, alpha, beta);
   for (; r < m; ++r) dot_kernel<T, Isa, 1, J>(k, a + r * lda, lda, b, ldb, c + r * ldc, ldc, alpha, beta);
 }
