@@ -13,18 +13,6 @@
 
 namespace ta = tensor_adapters;
 
-// allocation_counter.hpp replaces operator new(size_t) and operator delete with malloc/free but not
-// the nothrow form, which Catch uses to register test cases; under AddressSanitizer a block from the
-// sanitizer's nothrow new then reaches free() and is reported as a mismatch. Routing the nothrow
-// form through the replaced one keeps every pair matched (and counts it too). This belongs in
-// allocation_counter.hpp, beside the other replacements.
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
-  try {
-    return ::operator new(size);
-  } catch (...) {
-    return nullptr;
-  }
-}
 
 namespace {
 

@@ -12,17 +12,6 @@
 
 #include <new>
 
-// allocation_counter.hpp replaces operator new(size_t) and operator delete but not the nothrow new,
-// which Catch uses to register test cases; under AddressSanitizer a block from the sanitizer's nothrow
-// new then reaches free() and is reported as a mismatch. Routing the nothrow form through the replaced
-// one keeps every pair matched.
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
-  try {
-    return ::operator new(size);
-  } catch (...) {
-    return nullptr;
-  }
-}
 
 #include <tensor_adapters/glora.hpp>
 

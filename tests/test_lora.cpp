@@ -106,7 +106,7 @@ TEMPLATE_TEST_CASE("make_lora follows PEFT's initialisation and scale", "[lora]"
   CHECK(max_abs(g.B) == T(0));
 
   // A conv weight (O, I, kh, kw) has fan-in I·kh·kw.
-  auto c = ta::make_lora<T, 4>(ta::shape<4>{8, 3, 3, 3}, {2, 2.0}, gen);
+  auto c = ta::make_lora<T>(ta::shape<4>{8, 3, 3, 3}, {2, 2.0}, gen);
   CHECK(c.A.dimension(1) == 27);
   CHECK(c.B.dimension(0) == 8);
 }

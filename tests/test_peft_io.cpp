@@ -207,7 +207,7 @@ TEST_CASE("PEFT adapters built in C++ save with rank and alpha patterns PEFT res
   a.config.lora_alpha = 8;
   auto q = ta::make_lora<float>(6, 5, {4, 8.0}, gen);
   auto v = ta::make_lora<float>(6, 5, {2, 8.0}, gen);
-  auto conv = ta::make_lora<float, 4>(ta::shape<4>{3, 2, 3, 3}, {3, 8.0}, gen);
+  auto conv = ta::make_lora<float>(ta::shape<4>{3, 2, 3, 3}, {3, 8.0}, gen);
   for (auto* l : {&q, &v, &conv}) ta::fill_normal(l->B, 0.0, 0.5, gen);
   io::add_peft_lora_layer(a, "model.q_proj", q, {6, 5}, 8.0);
   io::add_peft_lora_layer(a, "model.v_proj", v, {6, 5}, 3.0);

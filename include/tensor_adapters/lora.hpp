@@ -79,11 +79,12 @@ lora<T> make_lora(index out, index fan_in, const lora_options& options, Generato
 }
 
 // The same for a weight of any rank: shape is (O, I1, …, Ik), fan-in I1·…·Ik.
-template <class T, int N, class Generator>
-lora<T> make_lora(const shape<N>& weight_shape, const lora_options& options, Generator& gen) {
+// (N is a std::size_t so that it is deduced from a shape<N> argument.)
+template <class T, std::size_t N, class Generator>
+lora<T> make_lora(const std::array<index, N>& weight_shape, const lora_options& options, Generator& gen) {
   static_assert(N >= 2, "a LoRA weight has rank 2 or more");
   index fan_in = 1;
-  for (int d = 1; d < N; ++d) fan_in *= weight_shape[static_cast<std::size_t>(d)];
+  for (std::size_t d = 1; d < N; ++d) fan_in *= weight_shape[d];
   return make_lora<T>(weight_shape[0], fan_in, options, gen);
 }
 
