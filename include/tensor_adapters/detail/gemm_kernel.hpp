@@ -27,6 +27,7 @@
 //   m = 0 or n = 0                      nothing to do
 //   k = 0 or alpha = 0                  C = beta·C
 //   plain A, n ≤ 16, m ≥ 2n             gemm_narrow: dot products along k, A streamed once
+//   transposed A, n ≤ 16, m ≥ 2n, small gemm_narrow_transposed: rows of C as vectors, A read once
 //   otherwise                           packed: B row runs copied into panels (transposed B in 8×8
 //                                       or 4×4 register blocks), A into MR panels, micro-kernel
 //
@@ -514,12 +515,82 @@ void gemm_narrow(index m, index n, index k, T alpha, const T* a, index lda, bool
 #endif
 }
 
+// Narrow products with a transposed A (k, m), as a gradient dB = dYᵀ·H: C's rows are A's columns,
+// so V·width rows of C at a time accumulate a[p, rows] · B[p, j] over p, reading A once in rows.
+template <class T, class Isa, int J>
+void columns_kernel(index m, index k, const T* a, index lda, const T* b, index b_rs, index b_cs, T* c, index ldc,
+                    T alpha, T beta) {
+  using S = simd<T, Isa>;
+  using reg = typename S::reg;
+  constexpr int W = S::width;
+  constexpr int acc_regs = gemm_shape<T, Isa>::dot_acc;
+  constexpr int V = acc_regs / J < 1 ? 1 : (acc_regs / J > 4 ? 4 : acc_regs / J);
+  alignas(64) T tile[V * W * J];
+  index i0 = 0;
+  for (; i0 + V * W <= m; i0 += V * W) {
+    reg acc[V][J];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v)
+#pragma GCC unroll 8
+      for (int j = 0; j < J; ++j) acc[v][j] = S::zero();
+    for (index p = 0; p < k; ++p) {
+      reg av[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) av[v] = S::load(a + p * lda + i0 + v * W);
+#pragma GCC unroll 8
+      for (int j = 0; j < J; ++j) {
+        const reg bj = S::broadcast(b[p * b_rs + j * b_cs]);
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[v][j] = S::fma(av[v], bj, acc[v][j]);
+      }
+    }
+    for (int v = 0; v < V; ++v)
+      for (int j = 0; j < J; ++j) S::store(tile + (j * V + v) * W, acc[v][j]);
+    for (index r = 0; r < V * W; ++r)
+      for (int j = 0; j < J; ++j) {
+        T& x = c[(i0 + r) * ldc + j];
+        x = alpha * tile[(j * V + r / W) * W + r % W] + (beta == T(0) ? T(0) : beta * x);
+      }
+  }
+  for (; i0 < m; ++i0)  // the last rows, fewer than V·width
+    for (int j = 0; j < J; ++j) {
+      T sum = T(0);
+      for (index p = 0; p < k; ++p) sum += a[p * lda + i0] * b[p * b_rs + j * b_cs];
+      T& x = c[i0 * ldc + j];
+      x = alpha * sum + (beta == T(0) ? T(0) : beta * x);
+    }
+}
+
+template <class T, class Isa>
+void gemm_narrow_transposed(index m, index n, index k, T alpha, const T* a, index lda, bool trans_b, const T* b,
+                            index ldb, T beta, T* c, index ldc) {
+  const index b_rs = trans_b ? 1 : ldb, b_cs = trans_b ? ldb : 1;  // op(B)(p, j) = b[p·b_rs + j·b_cs]
+  for (index j0 = 0; j0 < n; j0 += 8) {
+    const T* bj = b + j0 * b_cs;
+    T* cj = c + j0;
+    switch (std::min<index>(8, n - j0)) {
+      case 1: columns_kernel<T, Isa, 1>(m, k, a, lda, bj, b_rs, b_cs, cj, ldc, alpha, beta); break;
+      case 2: columns_kernel<T, Isa, 2>(m, k, a, lda, bj, b_rs, b_cs, cj, ldc, alpha, beta); break;
+      case 3: columns_kernel<T, Isa, 3>(m, k, a, lda, bj, b_rs, b_cs, cj, ldc, alpha, beta); break;
+      case 4: columns_kernel<T, Isa, 4>(m, k, a, lda, bj, b_rs, b_cs, cj, ldc, alpha, beta); break;
+      case 5: columns_kernel<T, Isa, 5>(m, k, a, lda, bj, b_rs, b_cs, cj, ldc, alpha, beta); break;
+      case 6: columns_kernel<T, Isa, 6>(m, k, a, lda, bj, b_rs, b_cs, cj, ldc, alpha, beta); break;
+      case 7: columns_kernel<T, Isa, 7>(m, k, a, lda, bj, b_rs, b_cs, cj, ldc, alpha, beta); break;
+      default: columns_kernel<T, Isa, 8>(m, k, a, lda, bj, b_rs, b_cs, cj, ldc, alpha, beta); break;
+    }
+  }
+}
+
 // The plain row-major product with leading dimensions, in the layouts above.
 template <class T, class Isa>
 void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha, const T* a, index lda, const T* b,
                  index ldb, T beta, T* c, index ldc) {
   if (!trans_a && n <= 16 && m >= 2 * n && k > 0 && m > 0 && alpha != T(0)) {
     gemm_narrow<T, Isa>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
+    return;
+  }
+  if (trans_a && n <= 16 && m >= 2 * n && k > 0 && alpha != T(0) && gemm_threads(m, n, k) <= 1) {
+    gemm_narrow_transposed<T, Isa>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
     return;
   }
   const index group = std::max<index>(n, 1);
