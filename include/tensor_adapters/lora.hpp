@@ -14,6 +14,7 @@
 //   tensor_adapters::tensor<float, 2> y = tensor_adapters::forward(adapter, x, w0, b0);
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -234,8 +235,9 @@ void safe_merge(const lora<T>& a, tensor<T, N>& w) {
 // serves every batch of up to n rows without allocating.
 template <class T>
 struct lora_workspace {
-  std::vector<T> h;   // (n, r): x · Aᵀ
+  std::vector<T> h;   // (n, r + 1): x · Aᵀ (and a column of ones for the bias)
   std::vector<T> dh;  // (n, r): scale · dy · B
+  std::vector<T> u;   // (r + 1, O): scale · Bᵀ (and the bias row)
 };
 
 namespace detail {
@@ -266,16 +268,24 @@ template <class T>
 void linear_forward(const lora<T>& a, const const_tensor_view<T, 2>& x, const const_tensor_view<T, 2>& w0,
                     const T* b0, tensor_view<T, 2> y, lora_workspace<T>& ws) {
   const index n = x.dimension(0), in = x.dimension(1), out = w0.dimension(0), r = a.A.dimension(0);
-  grow(ws.h, n * r);
-  gemm<T>(false, true, n, out, in, T(1), x.data(), in, w0.data(), in, T(0), y.data(), out);
+  // h = [x · Aᵀ, 1] (n, r + 1) and u = [scale · Bᵀ; b0] (r + 1, O), the column of ones and the bias row
+  // only with a bias; then y = x · W0ᵀ and y += h · u. y is written twice in all, as by the frozen
+  // layer alone (its product, then its bias).
+  const index k = b0 != nullptr ? r + 1 : r;
+  grow(ws.h, n * k);
+  grow(ws.u, k * out);
+  T* h = ws.h.data();
+  T* u = ws.u.data();
+  gemm<T>(false, true, n, r, in, T(1), x.data(), in, a.A.data(), in, T(0), h, k);
+  const T* b = a.B.data();
+  for (index j = 0; j < r; ++j)
+    for (index o = 0; o < out; ++o) u[j * out + o] = a.scale * b[o * r + j];
   if (b0 != nullptr) {
-    for (index i = 0; i < n; ++i) {
-      T* row = y.data() + i * out;
-      for (index o = 0; o < out; ++o) row[o] += b0[o];
-    }
+    for (index i = 0; i < n; ++i) h[i * k + r] = T(1);
+    std::copy(b0, b0 + out, u + r * out);
   }
-  gemm<T>(false, true, n, r, in, T(1), x.data(), in, a.A.data(), in, T(0), ws.h.data(), r);
-  gemm<T>(false, true, n, out, r, a.scale, ws.h.data(), r, a.B.data(), r, T(1), y.data(), out);
+  gemm<T>(false, true, n, out, in, T(1), x.data(), in, w0.data(), in, T(0), y.data(), out);
+  gemm<T>(false, false, n, out, k, T(1), h, k, u, out, T(1), y.data(), out);
 }
 
 }  // namespace detail
