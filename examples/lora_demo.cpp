@@ -29,8 +29,8 @@ int main() {
   ta::fill_normal(w0, 0.0, 1.0 / std::sqrt(double(in)), gen);
   ta::fill_normal(u, 0.0, 0.5, gen);
   ta::fill_normal(v, 0.0, 1.0 / std::sqrt(double(in)), gen);
-  const Eigen::array<Eigen::IndexPair<int>, 1> inner{Eigen::IndexPair<int>(1, 0)};
-  const ta::tensor<double, 2> target_delta = u.contract(v, inner);  // ΔW*, rank 4
+  ta::lora<double> shift{v, u, 1.0};                                // A = v, B = u, scale 1
+  const ta::tensor<double, 2> target_delta = ta::delta_weight(shift);  // ΔW* = u · v, rank 4
   const ta::tensor<double, 2> w_task = w0 + target_delta;
   ta::tensor<double, 1> b0(out);
   b0.setZero();
