@@ -1,3 +1,5 @@
+#include "allocation_counter.hpp"
+
 #include <tensor_adapters/detail/gemm.hpp>
 
 #include <catch2/catch.hpp>
@@ -14,43 +16,6 @@
 #include <omp.h>
 #endif
 
-// Every operator new of this program is counted, to prove that the hot path does not allocate.
-namespace {
-std::atomic<long> allocations{0};
-}
-// Every form of new and delete is replaced (Catch uses the nothrow ones), so that the sanitizers see
-// matching pairs. g++ 12 inlines the pair and warns that free() meets "new": it is malloc's.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-void* operator new(std::size_t size) {
-  ++allocations;
-  if (void* p = std::malloc(size ? size : 1)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t size) {
-  ++allocations;
-  if (void* p = std::malloc(size ? size : 1)) return p;
-  throw std::bad_alloc();
-}
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
-  ++allocations;
-  return std::malloc(size ? size : 1);
-}
-void* operator new[](std::size_t size, const std::nothrow_t&) noexcept {
-  ++allocations;
-  return std::malloc(size ? size : 1);
-}
-void operator delete(void* p, const std::nothrow_t&) noexcept { ::operator delete(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { ::operator delete[](p); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { ::operator delete(p); }
-void operator delete[](void* p, std::size_t) noexcept { ::operator delete[](p); }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 
 namespace ta = tensor_adapters;
 namespace td = tensor_adapters::detail;
@@ -211,13 +176,13 @@ TEMPLATE_TEST_CASE("a repeated product allocates nothing", "[gemm]", float, doub
     std::vector<TestType> c = x.c;
     td::gemm<TestType>(p.ta, p.tb, p.m, p.n, p.k, TestType(1), x.a.data(), p.lda, x.b.data(), p.ldb, TestType(0), c.data(),
                        p.ldc);
-    const long before = allocations.load();
+    allocation_counter::scope counting;
     td::gemm<TestType>(p.ta, p.tb, p.m, p.n, p.k, TestType(1), x.a.data(), p.lda, x.b.data(), p.ldb, TestType(0), c.data(),
                        p.ldc);
-    REQUIRE(allocations.load() == before);
+    REQUIRE(counting.allocations() == 0);
   }
   // The counter does count: a vector allocates.
-  const long before = allocations.load();
+  allocation_counter::scope counting;
   std::vector<TestType> v(100);
-  REQUIRE(allocations.load() == before + 1);
+  REQUIRE(counting.allocations() == 1);
 }
