@@ -5,6 +5,8 @@
 
 #include <tensor_adapters/flora.hpp>
 
+#include "flora_test_support.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <cstring>
@@ -14,24 +16,9 @@
 namespace ta = tensor_adapters;
 
 
+using namespace flora_test;
+
 namespace {
-
-// An adapter with every parameter random (the core too), so that ΔW and every gradient are non-zero.
-template <class T, int N>
-ta::flora<T, N> random_flora(const ta::shape<N>& weight, const ta::shape<N>& ranks, double scale, std::uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  auto a = ta::make_flora<T, N>(weight, ranks, scale, gen);
-  ta::fill_normal(a.G, 0.0, 1.0, gen);
-  return a;
-}
-
-template <class T, int N>
-ta::tensor<T, N> random_tensor(const ta::shape<N>& s, std::uint64_t seed, double stddev = 1.0) {
-  std::mt19937_64 gen(seed);
-  ta::tensor<T, N> t(s);
-  ta::fill_normal(t, 0.0, stddev, gen);
-  return t;
-}
 
 template <class T, class Tensor>
 bool bit_identical(const Tensor& a, const Tensor& b) {

@@ -12,6 +12,8 @@
 
 #include <tensor_adapters/flora.hpp>
 
+#include "flora_test_support.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -21,29 +23,9 @@
 
 namespace ta = tensor_adapters;
 
+using namespace flora_test;
+
 namespace {
-
-template <class Tensor>
-double max_abs(const Tensor& t) {
-  double m = 0;
-  for (ta::index i = 0; i < t.size(); ++i) m = std::max(m, std::abs(static_cast<double>(t.data()[i])));
-  return m;
-}
-
-// max |a − b| / (1 + max |b|)
-template <class A, class B>
-double relative_error(const A& a, const B& b) {
-  REQUIRE(a.size() == b.size());
-  double e = 0;
-  for (ta::index i = 0; i < a.size(); ++i)
-    e = std::max(e, std::abs(static_cast<double>(a.data()[i]) - static_cast<double>(b.data()[i])));
-  return e / (1.0 + max_abs(b));
-}
-
-template <class T>
-double tolerance(double size) {
-  return 16.0 * std::numeric_limits<T>::epsilon() * std::max(1.0, size);
-}
 
 // W0[i] = 0.1 cos(0.23 i + 0.1) and gW[i] = sin(0.37 i + 0.5): the probes of generate_flora.py.
 template <class T, int N>
