@@ -63,10 +63,15 @@ case "${1:-}" in
   fuzz)
     configure build/fuzz -DCMAKE_CXX_COMPILER=clang++ -DTENSOR_ADAPTERS_BUILD_FUZZERS=ON \
       -DTENSOR_ADAPTERS_BUILD_TESTS=OFF -DTENSOR_ADAPTERS_BUILD_EXAMPLES=OFF -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=OFF
-    mkdir -p build/fuzz/corpus
-    # New inputs go to build/fuzz/corpus; fuzz/corpus holds the committed seeds. Any crash fails.
-    ./build/fuzz/fuzz/fuzz_safetensors -max_total_time="${2:-60}" -timeout=10 -rss_limit_mb=2048 \
+    # The time (default 60 s) is split between the two targets. New inputs go to build/fuzz/corpus*;
+    # fuzz/corpus* hold the committed seeds. Any crash fails.
+    seconds=$(( ${2:-60} / 2 > 0 ? ${2:-60} / 2 : 1 ))
+    mkdir -p build/fuzz/corpus build/fuzz/corpus_peft_config
+    ./build/fuzz/fuzz/fuzz_safetensors -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
       -dict=fuzz/safetensors.dict -artifact_prefix=build/fuzz/ -print_final_stats=1 build/fuzz/corpus fuzz/corpus
+    ./build/fuzz/fuzz/fuzz_peft_config -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+      -dict=fuzz/peft_config.dict -artifact_prefix=build/fuzz/peft_config- -print_final_stats=1 \
+      build/fuzz/corpus_peft_config fuzz/corpus_peft_config
     ;;
   *)
     sed -n '2,11p' "$0"
