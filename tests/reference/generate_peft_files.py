@@ -32,6 +32,8 @@ when re.fullmatch(target_modules, m).
   /usr/bin/python3 generate_peft_files.py                      regenerate everything
   /usr/bin/python3 generate_peft_files.py --check DIR CASE     check an adapter directory written by the
                                                                library against CASE, with these conventions
+                                                               (glora_* and flora_* cases: those of
+                                                               generate_adapter_files.py)
 """
 
 import json
@@ -338,7 +340,10 @@ def check(directory, case):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--check":
+    if len(sys.argv) == 4 and sys.argv[1] == "--check" and sys.argv[3].startswith(("glora", "flora")):
+        import generate_adapter_files  # GLoRA and FLoRA cases: their own conventions
+        generate_adapter_files.check(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 4 and sys.argv[1] == "--check":
         check(sys.argv[2], sys.argv[3])
     else:
         generate()

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "../lora.hpp"
+#include "detail/adapter_files.hpp"
 #include "safetensors.hpp"
 
 namespace tensor_adapters::io {
@@ -74,22 +75,6 @@ struct peft_lora_adapter {
 inline const std::string peft_prefix = "base_model.model.";
 inline const std::string peft_a_suffix = ".lora_A.weight";
 inline const std::string peft_b_suffix = ".lora_B.weight";
-
-namespace detail {
-
-inline std::regex compile_pattern(const std::string& regex, const std::string& what) {
-  try {
-    return std::regex(regex, std::regex::ECMAScript);
-  } catch (const std::regex_error& e) {
-    throw format_error(what + ": \"" + regex + "\" is not a valid regular expression (" + e.what() + ")");
-  }
-}
-
-inline bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-}  // namespace detail
 
 // PEFT's pattern rule: true if (.*\.)?(key)$ matches `module` from its start. Throws format_error if key
 // is not a valid regular expression.
@@ -141,8 +126,7 @@ inline peft_lora_config parse_peft_lora_config(const std::string& text, const st
     auto it = j.find(key);
     return it == j.end() || it->is_null() ? nullptr : &*it;
   };
-  if (auto* p = get("peft_type"); p && (!p->is_string() || p->get<std::string>() != "LORA"))
-    fail("peft_type is " + p->dump() + ", not \"LORA\"");
+  detail::check_peft_type(j, "LORA", false, name);
   const auto* r = get("r");
   if (!r || !r->is_number_unsigned() || r->get<std::uint64_t>() < 1 || r->get<std::uint64_t>() > (1u << 30))
     fail("\"r\" must be a positive integer");
@@ -161,20 +145,7 @@ inline peft_lora_config parse_peft_lora_config(const std::string& text, const st
   }
   if (auto* p = get("bias"); p && !(p->is_string() && p->get<std::string>() == "none"))
     fail("\"bias\" is " + p->dump() + "; only \"none\" is supported (the adapter must not train biases)");
-  if (auto* p = get("target_modules")) {
-    if (p->is_string()) {
-      c.target_modules_regex = p->get<std::string>();
-      if (c.target_modules_regex.empty()) fail("\"target_modules\" is an empty string");
-      if (c.target_modules_regex != "all-linear") detail::compile_pattern(c.target_modules_regex, name + " target_modules");
-    } else if (p->is_array()) {
-      for (const auto& t : *p) {
-        if (!t.is_string()) fail("\"target_modules\" holds " + t.dump() + ", not a string");
-        c.target_modules.push_back(t.get<std::string>());
-      }
-    } else {
-      fail("\"target_modules\" must be a list of names or a regular expression");
-    }
-  }
+  detail::parse_target_modules(j, name, c.target_modules, c.target_modules_regex);
   if (auto* p = get("rank_pattern")) {
     if (!p->is_object()) fail("\"rank_pattern\" must be an object");
     for (auto it = p->begin(); it != p->end(); ++it) {
@@ -196,24 +167,6 @@ inline peft_lora_config parse_peft_lora_config(const std::string& text, const st
   }
   return c;
 }
-
-namespace detail {
-
-inline std::string read_text_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw format_error(path + ": cannot open the file");
-  std::ostringstream s;
-  s << in.rdbuf();
-  if (in.bad()) throw format_error(path + ": cannot read the file");
-  return s.str();
-}
-
-inline void json_number(nlohmann::ordered_json& j, const std::string& key, double v) {
-  if (v == std::floor(v) && std::fabs(v) < 9.0e15) j[key] = static_cast<std::int64_t>(v);
-  else j[key] = v;
-}
-
-}  // namespace detail
 
 // Reads adapter_config.json at `path`.
 inline peft_lora_config read_peft_lora_config(const std::string& path) {
@@ -244,9 +197,7 @@ inline std::string peft_lora_config_json(const peft_lora_config& c) {
   for (const auto& kv : c.rank_pattern) rank[kv.first] = kv.second;
   j["rank_pattern"] = rank;
   j["revision"] = nullptr;
-  if (!c.target_modules_regex.empty()) j["target_modules"] = c.target_modules_regex;
-  else if (!c.target_modules.empty()) j["target_modules"] = c.target_modules;
-  else j["target_modules"] = nullptr;
+  detail::json_target_modules(j, c.target_modules, c.target_modules_regex);
   j["task_type"] = nullptr;
   j["use_rslora"] = c.use_rslora;
   return j.dump(2) + "\n";
@@ -324,8 +275,8 @@ peft_lora_adapter<T> load_peft_lora(const peft_lora_config& config, const safete
 template <class T>
 peft_lora_adapter<T> load_peft_lora(const std::string& directory) {
   const std::filesystem::path dir(directory);
-  const peft_lora_config config = read_peft_lora_config((dir / "adapter_config.json").string());
-  const safetensors_file file = read_safetensors((dir / "adapter_model.safetensors").string());
+  const peft_lora_config config = read_peft_lora_config((dir / adapter_config_file).string());
+  const safetensors_file file = read_safetensors((dir / adapter_model_file).string());
   return load_peft_lora<T>(config, file);
 }
 
@@ -400,16 +351,7 @@ void save_peft_lora(const peft_lora_adapter<T>& adapter, const std::string& dire
     w.add_values(peft_prefix + module + peft_a_suffix, a.A.data(), a_shape, type);
     w.add_values(peft_prefix + module + peft_b_suffix, a.B.data(), b_shape, type);
   }
-  const std::filesystem::path dir(directory);
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) throw format_error(directory + ": cannot create the directory (" + ec.message() + ")");
-  w.write((dir / "adapter_model.safetensors").string());
-  const std::string config_path = (dir / "adapter_config.json").string();
-  std::ofstream out(config_path, std::ios::binary | std::ios::trunc);
-  out << peft_lora_config_json(c);
-  out.close();
-  if (!out) throw format_error(config_path + ": writing the file failed");
+  detail::write_adapter_directory(directory, w, peft_lora_config_json(c));
 }
 
 }  // namespace tensor_adapters::io
