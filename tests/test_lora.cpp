@@ -374,3 +374,206 @@ TEMPLATE_TEST_CASE("bad input throws argument_error naming the function and shap
   ta::lora<T> empty;
   CHECK_THROWS_AS(ta::delta_weight(empty), ta::argument_error);
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Numerical edge cases
+
+namespace {
+
+template <class T, int N>
+bool same_bits(const ta::tensor<T, N>& a, const ta::tensor<T, N>& b) {
+  return a.dimensions() == b.dimensions() &&
+         std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0;
+}
+
+// A rank-r adapter with every entry of B equal to b and of A equal to s, scale `scale`: ΔW = scale·r·b·s.
+template <class T>
+ta::lora<T> constant_lora(ta::index out, ta::index fan_in, ta::index r, T b, T s, T scale) {
+  ta::lora<T> a;
+  a.A.resize(r, fan_in);
+  a.B.resize(out, r);
+  a.A.setConstant(s);
+  a.B.setConstant(b);
+  a.scale = scale;
+  return a;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("zero-rank and empty adapters and weights are rejected everywhere", "[lora][edge]", float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(12);
+  // Constructors: an empty weight, a zero or negative rank, in both forms.
+  CHECK_THROWS_WITH(ta::make_lora<T>(4, 0, {1, 1.0}, gen), Catch::Contains("make_lora") && Catch::Contains("(4, 0)"));
+  CHECK_THROWS_AS(ta::make_lora<T>(-3, 6, {1, 1.0}, gen), ta::argument_error);
+  CHECK_THROWS_AS(ta::make_lora<T>(4, 6, {-2, 1.0}, gen), ta::argument_error);
+  CHECK_THROWS_AS(ta::make_lora<T>(ta::shape<4>{4, 0, 3, 3}, {1, 1.0}, gen), ta::argument_error);
+  CHECK_THROWS_AS(ta::make_lora<T>(ta::shape<2>{0, 6}, {1, 1.0}, gen), ta::argument_error);
+  CHECK_THROWS_AS(ta::make_lora<T>(ta::shape<3>{4, 6, 1}, {0, 1.0}, gen), ta::argument_error);
+
+  // Adapters with an empty tensor: rank 0, fan-in 0, no output rows.
+  auto good = trained_lora<T>(4, 6, 2, gen);
+  ta::lora<T> rank0 = good, fan0 = good, out0 = good;
+  rank0.A.resize(0, 6);
+  rank0.B.resize(4, 0);
+  fan0.A.resize(2, 0);
+  out0.B.resize(0, 2);
+  ta::tensor<T, 2> x(3, 6), w0(4, 6), y(3, 4), dy(3, 4), dx(3, 6);
+  ta::tensor<T, 1> b0(4);
+  for (auto* t : {&x, &w0, &y, &dy, &dx}) ta::fill_normal(*t, 0, 1, gen);
+  ta::fill_normal(b0, 0, 1, gen);
+  const ta::tensor<T, 2> w_before = w0, y_before = y, dx_before = dx;
+  ta::lora_workspace<T> ws;
+  for (const ta::lora<T>* bad : {&rank0, &fan0, &out0}) {
+    INFO("A " << bad->A.dimension(0) << "x" << bad->A.dimension(1) << ", B " << bad->B.dimension(0) << "x"
+              << bad->B.dimension(1));
+    ta::lora<T> grad = good;
+    const ta::lora<T> grad_before = grad;
+    CHECK_THROWS_WITH(ta::merge(*bad, w0), Catch::Contains("lora merge") && Catch::Contains("empty"));
+    CHECK_THROWS_AS(ta::unmerge(*bad, w0), ta::argument_error);
+    CHECK_THROWS_AS(ta::safe_merge(*bad, w0), ta::argument_error);
+    CHECK_THROWS_AS(ta::delta_weight(*bad), ta::argument_error);
+    CHECK_THROWS_AS((ta::delta_weight<T, 2>(*bad, ta::shape<2>{4, 6})), ta::argument_error);
+    CHECK_THROWS_AS((ta::delta_weight<T, 2>(*bad, ta::writable_view(dx))), ta::argument_error);
+    CHECK_THROWS_AS((ta::delta_weight_vjp<T, 2>(*bad, ta::view(w0), grad)), ta::argument_error);
+    CHECK_THROWS_AS(ta::forward(*bad, x, w0, b0, y, ws), ta::argument_error);
+    CHECK_THROWS_AS(ta::forward(*bad, x, w0, y, ws), ta::argument_error);
+    CHECK_THROWS_AS(ta::forward(*bad, x, w0), ta::argument_error);
+    CHECK_THROWS_AS(ta::backward(*bad, x, w0, dy, dx, grad, ws), ta::argument_error);
+    CHECK_THROWS_AS(ta::backward(*bad, x, w0, dy), ta::argument_error);
+    CHECK(same_bits(grad.A, grad_before.A));
+    CHECK(same_bits(grad.B, grad_before.B));
+  }
+  // Weights with an empty mode never fit an adapter (its fan-in is at least 1).
+  ta::tensor<T, 3> empty_mode(4, 6, 0);
+  CHECK_THROWS_WITH(ta::merge(good, empty_mode), Catch::Contains("(4, 6, 0)"));
+  CHECK_THROWS_AS(ta::safe_merge(good, empty_mode), ta::argument_error);
+  CHECK_THROWS_AS((ta::delta_weight<T, 3>(good, ta::shape<3>{4, 0, 6})), ta::argument_error);
+  CHECK(same_bits(w0, w_before));
+  CHECK(same_bits(y, y_before));
+  CHECK(same_bits(dx, dx_before));
+  CHECK(ws.h.empty());
+
+  // An empty batch is not an empty adapter or weight: it gives an empty output and exactly zero
+  // gradients, as the sums over zero rows are.
+  ta::tensor<T, 2> x0(0, 6), y0(0, 4), dy0(0, 4), dx0(0, 6);
+  ta::forward(good, x0, w0, b0, y0, ws);
+  ta::lora<T> g0;
+  ta::backward(good, x0, w0, dy0, dx0, g0, ws);
+  CHECK(max_abs(g0.A) == T(0));
+  CHECK(max_abs(g0.B) == T(0));
+  CHECK(g0.A.dimensions() == good.A.dimensions());
+}
+
+TEMPLATE_TEST_CASE("NaN or Inf anywhere in the adapter or the weight is caught by safe_merge", "[lora][edge]", float,
+                   double) {
+  using T = TestType;
+  std::mt19937_64 gen(13);
+  const auto a = trained_lora<T>(5, 6, 2, gen);
+  ta::tensor<T, 2> w(5, 6);
+  ta::fill_normal(w, 0, 1, gen);
+  const T nan = std::numeric_limits<T>::quiet_NaN(), inf = std::numeric_limits<T>::infinity();
+  for (T bad : {nan, inf, -inf}) {
+    ta::lora<T> in_a = a, in_scale = a;
+    in_a.A(1, 4) = bad;
+    in_scale.scale = bad;
+    ta::tensor<T, 2> bad_w = w;
+    bad_w(2, 2) = bad;
+    for (const ta::lora<T>* p : {&in_a, &in_scale}) {
+      ta::tensor<T, 2> target = w;
+      CHECK_THROWS_WITH(ta::safe_merge(*p, target), Catch::Contains("lora safe_merge") && Catch::Contains("non-finite"));
+      CHECK(same_bits(target, w));
+    }
+    ta::tensor<T, 2> target = bad_w;
+    CHECK_THROWS_AS(ta::safe_merge(a, target), ta::argument_error);
+    CHECK(same_bits(target, bad_w));
+  }
+}
+
+TEMPLATE_TEST_CASE("merges near the largest and the subnormal values of T", "[lora][edge]", float, double) {
+  using T = TestType;
+  using limits = std::numeric_limits<T>;
+  const T max = limits::max();
+  SECTION("results near max are exact and finite: no spurious overflow") {
+    // ΔW = 2 · (max/8 · 1) = max/4 exactly; max/2 + max/4 and −max + max/4 round once.
+    const auto a = constant_lora<T>(3, 4, 1, max / 8, T(1), T(2));
+    ta::tensor<T, 2> w(3, 4);
+    w.setConstant(max / 2);
+    w(1, 2) = -max;
+    const ta::tensor<T, 2> w0 = w;
+    ta::safe_merge(a, w);
+    for (ta::index i = 0; i < w.size(); ++i) {
+      const T expected = w0.data()[i] + max / 4;
+      CHECK(w.data()[i] == expected);
+      CHECK(std::isfinite(w.data()[i]));
+    }
+    ta::unmerge(a, w);
+    CHECK(w(1, 2) == (-max + max / 4) - max / 4);  // each step rounds once, in range
+    CHECK(w(0, 0) == (max / 2 + max / 4) - max / 4);
+  }
+  SECTION("a sum beyond max: merge gives Inf, safe_merge throws and writes nothing") {
+    const auto a = constant_lora<T>(3, 4, 1, max / 8, T(1), T(4));  // ΔW = max/2
+    ta::tensor<T, 2> w(3, 4);
+    w.setConstant(T(1));
+    w(2, 1) = max * T(0.75);
+    w(0, 3) = -max;
+    const ta::tensor<T, 2> w0 = w;
+    CHECK_THROWS_WITH(ta::safe_merge(a, w), Catch::Contains("non-finite"));
+    CHECK(same_bits(w, w0));
+    ta::merge(a, w);
+    CHECK(std::isinf(w(2, 1)));
+    CHECK(w(2, 1) > 0);
+    CHECK(w(0, 3) == -max + max / 2);
+    CHECK(w(0, 0) == T(1) + max / 2);
+  }
+  SECTION("ΔW itself beyond max: Inf, or NaN where infinities of both signs meet") {
+    ta::lora<T> a = constant_lora<T>(2, 3, 2, max, T(4), T(1));
+    a.A(1, 2) = T(-4);  // column 2: max·4 + max·(−4), Inf − Inf unless a fused multiply-add meets it
+    ta::tensor<T, 2> w(2, 3);
+    w.setConstant(T(1));
+    const ta::tensor<T, 2> w0 = w;
+    CHECK_THROWS_AS(ta::safe_merge(a, w), ta::argument_error);
+    CHECK(same_bits(w, w0));
+    ta::merge(a, w);
+    CHECK(std::isinf(w(0, 0)));
+    CHECK_FALSE(std::isfinite(w(1, 2)));
+    // scale · (B · A), as PEFT orders it: B · A overflows although scale · B · A would be 2^k.
+    const int k = limits::max_exponent - 28;
+    const auto b = constant_lora<T>(2, 3, 1, std::ldexp(T(1), k), std::ldexp(T(1), k), std::ldexp(T(1), -k));
+    ta::tensor<T, 2> v(2, 3);
+    v.setZero();
+    CHECK_THROWS_AS(ta::safe_merge(b, v), ta::argument_error);
+    ta::merge(b, v);
+    CHECK(std::isinf(v(0, 0)));
+  }
+  SECTION("subnormal values: exact results, no flush to zero") {
+    const T tiny = limits::denorm_min();
+    const int e = limits::min_exponent - limits::digits + 4;  // 2^e = 16 · tiny
+    // ΔW = 2 · 2^(e/2) · 2^(e − e/2) = 32 · tiny in every element (rank 2, scale 1).
+    const auto a = constant_lora<T>(3, 5, 2, std::ldexp(T(1), e / 2), std::ldexp(T(1), e - e / 2), T(1));
+    ta::tensor<T, 2> w(3, 5);
+    w.setConstant(3 * tiny);
+    w(1, 1) = -40 * tiny;
+    w(2, 4) = limits::min();  // the smallest normal: min + 32 tiny is exact
+    const ta::tensor<T, 2> w0 = w;
+    ta::safe_merge(a, w);
+    CHECK(w(0, 0) == 35 * tiny);
+    CHECK(w(1, 1) == -8 * tiny);
+    CHECK(w(2, 4) == limits::min() + 32 * tiny);
+    const ta::tensor<T, 2> dw = ta::delta_weight(a);
+    CHECK(dw(0, 0) == 32 * tiny);
+    ta::unmerge(a, w);
+    CHECK(same_bits(w, w0));  // every step exact
+    // A scale below 1 keeps the subnormal result: 0.25 · 32 tiny = 8 tiny.
+    const auto q = constant_lora<T>(3, 5, 2, std::ldexp(T(1), e / 2), std::ldexp(T(1), e - e / 2), T(0.25));
+    ta::tensor<T, 2> z(3, 5);
+    z.setZero();
+    ta::merge(q, z);
+    CHECK(z(1, 3) == 8 * tiny);
+    // ΔW below the smallest subnormal rounds to zero (and safe_merge accepts it).
+    const auto u = constant_lora<T>(3, 5, 1, tiny, T(0.25), T(1));
+    z.setZero();
+    ta::safe_merge(u, z);
+    CHECK(max_abs(z) == T(0));
+  }
+}

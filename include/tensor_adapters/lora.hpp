@@ -190,6 +190,9 @@ lora<T> delta_weight_vjp(const lora<T>& a, const tensor<T, N>& gw) {
 }
 
 // w ← w + ΔW.  w: (O, I1, …, Ik).  Throws (and leaves w untouched) if w does not fit the adapter.
+// ΔW is formed as scale · (B · A), the order PEFT uses: where B · A or w + ΔW exceeds T's range the
+// result is ±Inf (NaN where infinities of both signs meet), even if scale · B · A alone would be finite.
+// safe_merge rejects such a merge instead. Subnormal values take part with no flush to zero.
 template <class T, int N>
 void merge(const lora<T>& a, tensor_view<T, N> w) {
   detail::check_weight(a, w, "lora merge", "w");
