@@ -1,25 +1,40 @@
-// merge_adapter: folds a PEFT LoRA adapter into base weights.
+// merge_adapter: folds an adapter — PEFT LoRA, GLoRA or FLoRA — into base weights.
 //
 //   merge_adapter <base.safetensors> <adapter directory> <merged.safetensors> [--dtype same|F64|F32|F16|BF16]
 //
-// The adapter directory holds PEFT's adapter_config.json and adapter_model.safetensors. For every adapted
-// module <m>, the base tensor "<m>.weight" becomes W + ΔW, ΔW = scale · reshape(B · A, W.shape), computed
-// and accumulated in float64 and rounded once to the output dtype (by default each tensor's own dtype).
+// The adapter directory holds adapter_config.json and adapter_model.safetensors; the config's
+// "peft_type" says which adapter it is ("LORA", or absent: io/peft.hpp; "GLORA": io/glora_file.hpp;
+// "FLORA": io/flora_file.hpp). For every adapted module <m>:
+//   LoRA   "<m>.weight" becomes W + scale · reshape(B · A, W.shape)
+//   FLoRA  "<m>.weight" becomes W + scale · G ×0 U0 … ×(N-1) U(N-1)
+//   GLoRA  "<m>.weight" becomes W + W ⊙ A + B and "<m>.bias" becomes b + b ⊙ D + E + W · C for the layer's
+//          eval_config (W seen as (O, fan-in)); a layer without a bias gains "<m>.bias" = E + W · C unless
+//          its C and E are none.
+// Adapters are read in float64 and every merge is computed and accumulated in float64, then rounded
+// once to the output dtype (by default each tensor's own dtype; an added bias takes its weight's).
 // Every other tensor is copied unchanged (byte for byte unless --dtype converts it). __metadata__ is kept.
 //
 // Nothing is written unless every check passes: each adapted module has a floating-point base weight of
-// the shape its factors imply; each base weight of a module target_modules selects has factors; every
+// the shape its tensors imply (and a GLoRA bias of shape (O) if it has one); each base weight of a module
+// the config's target_modules selects has adapter tensors; each GLoRA layer has a fixed eval_config; every
 // merged value is finite and representable in the output dtype. Each problem is reported on its own line
 // naming the tensor. One progress line per tensor goes to stdout. Exit status: 0 on success, 1 on a
 // problem with the files, 2 on bad usage.
+#include <tensor_adapters/io/flora_file.hpp>
+#include <tensor_adapters/io/glora_file.hpp>
 #include <tensor_adapters/io/peft.hpp>
 #include <tensor_adapters/io/safetensors.hpp>
 
 #include <cmath>
 #include <cstdio>
 #include <exception>
+#include <filesystem>
+#include <functional>
 #include <map>
+#include <memory>
+#include <set>
 #include <string>
+#include <variant>
 #include <vector>
 
 namespace ta = tensor_adapters;
@@ -40,7 +55,151 @@ std::string shape_text(const std::vector<ta::index>& s) {
   return t + ")";
 }
 
+std::string format(const char* fmt, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, fmt, v);
+  return buf;
+}
+
 const std::string weight_suffix = ".weight";
+const std::string bias_suffix = ".bias";
+
+// The module of a "<m>.weight" or "<m>.bias" key; empty for any other key.
+std::string module_of(const std::string& key, const std::string& suffix) {
+  if (key.size() <= suffix.size() || !io::detail::ends_with(key, suffix)) return std::string();
+  return key.substr(0, key.size() - suffix.size());
+}
+
+// What the tool does to one adapted module.
+struct module_plan {
+  std::string summary;                   // the progress line's description of the merge
+  std::string tensors;                   // the adapter's tensors, for messages
+  std::vector<ta::index> weight_shape;   // the exact base weight shape, or empty (GLoRA: any (O, …) of fan-in I)
+  ta::index out = 0, fan_in = 0;         // GLoRA: the store's (O, I)
+  bool glora = false;
+  bool adds_bias = false;                // GLoRA: the result has a bias even if the base has none
+  // LoRA, FLoRA: w ← w + ΔW, float64, shape the base weight's.
+  std::function<void(std::vector<double>& w, const std::vector<ta::index>& shape)> merge_weight;
+  // GLoRA: (W_eff, b_eff) from (W0, b0 or nullptr).
+  std::function<void(const std::vector<double>& w0, const std::vector<double>* b0, std::vector<double>& w_eff,
+                     std::vector<double>& b_eff)>
+      merge_layer;
+};
+
+struct adapter_plan {
+  std::string description;  // "LoRA, 8 modules (r 4, lora_alpha 8)"
+  std::string missing_tensors;  // "lora_A / lora_B tensors"
+  std::map<std::string, module_plan> modules;
+  std::function<bool(const std::string&)> targets;  // nullptr: target_modules does not name modules
+  std::vector<std::string> problems;                // found while planning
+  std::set<std::string> unmergeable;                // modules with tensors that cannot be merged (reported)
+};
+
+std::string peft_type_of(const std::string& directory) {
+  const std::string path = (std::filesystem::path(directory) / io::adapter_config_file).string();
+  const std::string text = io::detail::read_text_file(path);
+  const nlohmann::ordered_json j = io::detail::parse_json_strict(text.data(), text.size(), path);
+  const nlohmann::ordered_json* p = j.is_object() ? io::detail::json_field(j, "peft_type") : nullptr;
+  if (!p) return "LORA";
+  if (!p->is_string()) throw io::format_error(path + ": peft_type is " + p->dump() + ", not a string");
+  return p->get<std::string>();
+}
+
+adapter_plan plan_lora(const std::string& directory) {
+  auto adapter = std::make_shared<io::peft_lora_adapter<double>>(io::load_peft_lora<double>(directory));
+  adapter_plan plan;
+  const io::peft_lora_config& c = adapter->config;
+  plan.description = "LoRA, " + std::to_string(adapter->layers.size()) + " modules (r " + std::to_string(c.r) +
+                     format(", lora_alpha %g", c.lora_alpha) + (c.use_rslora ? ", rsLoRA)" : ")");
+  plan.missing_tensors = "lora_A / lora_B tensors";
+  if (!(c.target_modules_regex == "all-linear" || (c.target_modules.empty() && c.target_modules_regex.empty())))
+    plan.targets = [adapter](const std::string& m) { return io::peft_targets(adapter->config, m); };
+  for (const auto& [module, layer] : adapter->layers) {
+    module_plan p;
+    const ta::lora<double>* a = &layer.adapter;
+    p.summary = "merged LoRA rank " + std::to_string(ta::rank(*a)) + format(", scale %g", a->scale);
+    p.tensors = "lora_A " + ta::detail::shape_string(a->A) + ", lora_B " + ta::detail::shape_string(a->B);
+    p.weight_shape = layer.weight_shape;
+    p.merge_weight = [adapter, a](std::vector<double>& w, const std::vector<ta::index>&) {
+      ta::tensor_view<double, 2> view(w.data(), a->B.dimension(0), a->A.dimension(1));
+      ta::safe_merge<double, 2>(*a, view);  // throws on a non-finite result
+    };
+    plan.modules.emplace(module, std::move(p));
+  }
+  return plan;
+}
+
+adapter_plan plan_flora(const std::string& directory) {
+  auto adapter = std::make_shared<io::flora_adapter<double>>(io::load_flora_adapter<double>(directory));
+  adapter_plan plan;
+  plan.description = "FLoRA, " + std::to_string(adapter->layers.size()) + " modules" +
+                     format(" (scale %g)", adapter->config.scale);
+  plan.missing_tensors = "param_G / param_n tensors";
+  for (const auto& [module, layer] : adapter->layers) {
+    module_plan p;
+    const io::flora_any<double>* a = &layer;
+    p.weight_shape = io::flora_weight_shape(layer);
+    std::visit(
+        [&](const auto& f) {
+          const auto r = ta::ranks(f);
+          p.summary = "merged FLoRA ranks " + shape_text(std::vector<ta::index>(r.begin(), r.end())) +
+                      format(", scale %g", f.scale);
+          p.tensors = "FLoRA factors for a weight " + shape_text(p.weight_shape);
+        },
+        layer);
+    p.merge_weight = [adapter, a](std::vector<double>& w, const std::vector<ta::index>&) {
+      std::visit(
+          [&](const auto& f) {
+            constexpr int N = std::decay_t<decltype(f.G)>::NumIndices;
+            ta::tensor_view<double, N> view(w.data(), ta::weight_shape(f));
+            ta::safe_merge<double, N>(f, view);
+          },
+          *a);
+    };
+    plan.modules.emplace(module, std::move(p));
+  }
+  return plan;
+}
+
+adapter_plan plan_glora(const std::string& directory) {
+  auto adapter = std::make_shared<io::glora_adapter<double>>(io::load_glora_adapter<double>(directory));
+  adapter_plan plan;
+  const io::glora_adapter_config& c = adapter->config;
+  plan.description = "GLoRA, " + std::to_string(adapter->layers.size()) + " modules (r " + std::to_string(c.r) + ")";
+  plan.missing_tensors = "glora_Ad … glora_E tensors";
+  if (!(c.target_modules_regex == "all-linear" || (c.target_modules.empty() && c.target_modules_regex.empty())))
+    plan.targets = [adapter](const std::string& m) { return io::glora_targets(adapter->config, m); };
+  for (const auto& [module, layer] : adapter->layers) {
+    if (!layer.config) {
+      plan.problems.push_back("GLoRA module \"" + module + "\" has no eval_config in adapter_config.json: a " +
+                              "supernet layer has no single configuration to merge (pick one by search and add it)");
+      plan.unmergeable.insert(module);
+      continue;
+    }
+    module_plan p;
+    const io::glora_adapter_layer<double>* l = &layer;
+    const ta::glora_config& config = *layer.config;
+    p.glora = true;
+    p.out = layer.store.Ad.dimension(0);
+    p.fan_in = layer.store.Au.dimension(1);
+    p.adds_bias = config.C.kind != ta::glora_kind::none || config.E.kind != ta::glora_kind::none;
+    p.summary = "merged GLoRA " + ta::to_string(config);
+    p.tensors = "a GLoRA store for a weight (" + std::to_string(p.out) + ", " + std::to_string(p.fan_in) + ")";
+    p.merge_layer = [adapter, l, o = p.out, in = p.fan_in](const std::vector<double>& w0, const std::vector<double>* b0,
+                                                           std::vector<double>& w_eff, std::vector<double>& b_eff) {
+      w_eff.assign(w0.size(), 0.0);
+      b_eff.assign(static_cast<std::size_t>(o), 0.0);
+      ta::glora_workspace<double> ws;
+      ta::const_tensor_view<double, 2> w(w0.data(), o, in);
+      ta::tensor_view<double, 2> we(w_eff.data(), o, in);
+      ta::tensor_view<double, 1> be(b_eff.data(), o);
+      if (b0) ta::merge<double, 2>(l->store, *l->config, w, ta::const_tensor_view<double, 1>(b0->data(), o), we, be, ws);
+      else ta::merge<double, 2>(l->store, *l->config, w, we, be, ws);
+    };
+    plan.modules.emplace(module, std::move(p));
+  }
+  return plan;
+}
 
 }  // namespace
 
@@ -58,42 +217,61 @@ int main(int argc, char** argv) {
     }
   }
 
+  bool writing = false;
   try {
     const io::safetensors_file base = io::read_safetensors(base_path);
-    const io::peft_lora_adapter<double> adapter = io::load_peft_lora<double>(adapter_dir);
-    std::printf("base %s: %zu tensors; adapter %s: %zu LoRA modules (r %ld, lora_alpha %g%s)\n", base_path.c_str(),
-                base.tensors().size(), adapter_dir.c_str(), adapter.layers.size(),
-                static_cast<long>(adapter.config.r), adapter.config.lora_alpha,
-                adapter.config.use_rslora ? ", rsLoRA" : "");
+    const std::string type = peft_type_of(adapter_dir);
+    adapter_plan plan;
+    if (type == "LORA") plan = plan_lora(adapter_dir);
+    else if (type == "GLORA") plan = plan_glora(adapter_dir);
+    else if (type == "FLORA") plan = plan_flora(adapter_dir);
+    else throw io::format_error(adapter_dir + ": peft_type \"" + type + "\" is not LORA, GLORA or FLORA");
+    std::printf("base %s: %zu tensors; adapter %s: %s\n", base_path.c_str(), base.tensors().size(),
+                adapter_dir.c_str(), plan.description.c_str());
 
     // Every check before any output.
-    std::vector<std::string> problems;
-    for (const auto& [module, layer] : adapter.layers) {
+    std::vector<std::string> problems = plan.problems;
+    std::vector<std::string> added;  // GLoRA biases the base lacks
+    for (const auto& [module, p] : plan.modules) {
       const std::string name = module + weight_suffix;
       if (!base.contains(name)) {
         problems.push_back("the base weights have no tensor \"" + name + "\" for the adapted module \"" + module + "\"");
         continue;
       }
       const io::tensor_info& t = base.info(name);
-      if (!io::is_floating(t.type))
+      ta::index fan_in = 1;
+      for (std::size_t d = 1; d < t.shape.size(); ++d) fan_in *= t.shape[d];
+      if (!io::is_floating(t.type)) {
         problems.push_back("base tensor \"" + name + "\" has dtype " + io::dtype_name(t.type) +
-                           ", which cannot take a LoRA update");
-      else if (t.shape != layer.weight_shape)
+                           ", which cannot take an adapter's update");
+      } else if (!p.glora && t.shape != p.weight_shape) {
         problems.push_back("base tensor \"" + name + "\" has shape " + shape_text(t.shape) + " but the adapter's " +
-                           "factors for \"" + module + "\" (lora_A " + ta::detail::shape_string(layer.adapter.A) +
-                           ", lora_B " + ta::detail::shape_string(layer.adapter.B) + ") need " +
-                           shape_text(layer.weight_shape));
+                           "tensors for \"" + module + "\" (" + p.tensors + ") need " + shape_text(p.weight_shape));
+      } else if (p.glora && (t.shape.size() < 2 || t.shape[0] != p.out || fan_in != p.fan_in)) {
+        problems.push_back("base tensor \"" + name + "\" has shape " + shape_text(t.shape) + " but the adapter's " +
+                           "tensors for \"" + module + "\" are " + p.tensors + ", which needs (" +
+                           std::to_string(p.out) + ", …) with fan-in " + std::to_string(p.fan_in));
+      }
+      if (!p.glora) continue;
+      const std::string bias = module + bias_suffix;
+      if (base.contains(bias)) {
+        const io::tensor_info& b = base.info(bias);
+        if (!io::is_floating(b.type) || b.shape != std::vector<ta::index>{p.out})
+          problems.push_back("base tensor \"" + bias + "\" has shape " + shape_text(b.shape) + " and dtype " +
+                             io::dtype_name(b.type) + " but the GLoRA layer \"" + module +
+                             "\" needs a floating-point bias (" + std::to_string(p.out) + ")");
+      } else if (p.adds_bias) {
+        added.push_back(bias);
+      }
     }
-    const bool targets_unknown = adapter.config.target_modules_regex == "all-linear" ||
-                            (adapter.config.target_modules.empty() && adapter.config.target_modules_regex.empty());
-    for (const io::tensor_info& t : base.tensors()) {
-      if (targets_unknown || t.shape.size() < 2 || !io::is_floating(t.type) || t.name.size() <= weight_suffix.size() ||
-          t.name.compare(t.name.size() - weight_suffix.size(), weight_suffix.size(), weight_suffix) != 0)
-        continue;
-      const std::string module = t.name.substr(0, t.name.size() - weight_suffix.size());
-      if (io::peft_targets(adapter.config, module) && adapter.layers.count(module) == 0)
-        problems.push_back("adapter_config.json's target_modules selects \"" + module +
-                           "\" but the adapter has no lora_A / lora_B tensors for it");
+    if (plan.targets) {
+      for (const io::tensor_info& t : base.tensors()) {
+        const std::string module = module_of(t.name, weight_suffix);
+        if (module.empty() || t.shape.size() < 2 || !io::is_floating(t.type)) continue;
+        if (plan.targets(module) && plan.modules.count(module) == 0 && plan.unmergeable.count(module) == 0)
+          problems.push_back("adapter_config.json's target_modules selects \"" + module + "\" but the adapter has no " +
+                             plan.missing_tensors + " for it");
+      }
     }
     if (!problems.empty()) {
       for (const std::string& p : problems) std::fprintf(stderr, "merge_adapter: %s\n", p.c_str());
@@ -101,62 +279,102 @@ int main(int argc, char** argv) {
       return 1;
     }
 
+    // GLoRA merges weight and bias together: the first of the two tensors met computes both.
+    std::map<std::string, std::pair<std::vector<double>, std::vector<double>>> glora_results;
+    auto glora_result = [&](const std::string& module, const module_plan& p) -> const auto& {
+      auto it = glora_results.find(module);
+      if (it != glora_results.end()) return it->second;
+      const std::vector<double> w0 = base.load_values<double>(module + weight_suffix);
+      std::vector<double> b0;
+      const bool has_bias = base.contains(module + bias_suffix);
+      if (has_bias) b0 = base.load_values<double>(module + bias_suffix);
+      auto& r = glora_results[module];
+      p.merge_layer(w0, has_bias ? &b0 : nullptr, r.first, r.second);
+      return r;
+    };
+
     io::safetensors_writer out;
     for (const auto& [key, value] : base.metadata()) out.set_metadata(key, value);
-    const std::size_t n = base.tensors().size();
+    const std::size_t n = base.tensors().size() + added.size();
     std::size_t i = 0, merged = 0;
+    // Checks one result and adds it, or reports the first value that is not finite in `type`.
+    auto add = [&](const std::string& name, const std::vector<double>& w, const std::vector<ta::index>& shape,
+                   io::dtype type) {
+      for (std::size_t k = 0; k < w.size(); ++k) {
+        if (!std::isfinite(io::stored_value(w[k], type))) {
+          std::fprintf(stderr,
+                       "merge_adapter: tensor \"%s\": element %zu (%g) is not finite in %s; nothing was written\n",
+                       name.c_str(), k, w[k], io::dtype_name(type));
+          return false;
+        }
+      }
+      out.add_values(name, w.data(), shape, type);
+      return true;
+    };
     for (const io::tensor_info& t : base.tensors()) {
       ++i;
       const io::dtype type = same_dtype || !io::is_floating(t.type) ? t.type : out_type;
-      const std::string module = t.name.size() > weight_suffix.size()
-                                     ? t.name.substr(0, t.name.size() - weight_suffix.size())
-                                     : std::string();
-      auto layer = adapter.layers.end();
-      if (t.name.size() > weight_suffix.size() &&
-          t.name.compare(t.name.size() - weight_suffix.size(), weight_suffix.size(), weight_suffix) == 0)
-        layer = adapter.layers.find(module);
+      const std::string weight_module = module_of(t.name, weight_suffix), bias_module = module_of(t.name, bias_suffix);
+      auto wp = plan.modules.find(weight_module);
+      auto bp = plan.modules.find(bias_module);
+      const bool is_weight = !weight_module.empty() && wp != plan.modules.end();
+      const bool is_bias = !bias_module.empty() && bp != plan.modules.end() && bp->second.glora;
 
-      if (layer == adapter.layers.end() && type == t.type) {
+      if (!is_weight && !is_bias && type == t.type) {
         out.add_raw(t.name, t.type, t.shape, base.raw(t), static_cast<std::size_t>(t.end - t.begin));
         std::printf("[%zu/%zu] %s %s %s: copied\n", i, n, t.name.c_str(), shape_text(t.shape).c_str(),
                     io::dtype_name(t.type));
         continue;
       }
-      std::vector<double> w = base.load_values<double>(t.name);
-      if (layer != adapter.layers.end()) {
-        const ta::lora<double>& a = layer->second.adapter;
-        ta::tensor_view<double, 2> view(w.data(), a.B.dimension(0), a.A.dimension(1));
-        try {
-          ta::safe_merge<double, 2>(a, view);  // float64 accumulation; throws on a non-finite result
-        } catch (const ta::argument_error& e) {
-          std::fprintf(stderr, "merge_adapter: tensor \"%s\": %s; nothing was written\n", t.name.c_str(), e.what());
-          return 1;
+      std::vector<double> w;
+      std::string what;
+      try {
+        if (is_weight && wp->second.glora) {
+          w = glora_result(weight_module, wp->second).first;
+          what = wp->second.summary;
+        } else if (is_weight) {
+          w = base.load_values<double>(t.name);
+          wp->second.merge_weight(w, t.shape);
+          what = wp->second.summary;
+        } else if (is_bias) {
+          w = glora_result(bias_module, bp->second).second;
+          what = "merged GLoRA bias b + b ⊙ D + E + W · C";
+        } else {
+          w = base.load_values<double>(t.name);
+          what = std::string("converted from ") + io::dtype_name(t.type);
         }
+      } catch (const ta::argument_error& e) {
+        std::fprintf(stderr, "merge_adapter: tensor \"%s\": %s; nothing was written\n", t.name.c_str(), e.what());
+        return 1;
       }
-      for (std::size_t k = 0; k < w.size(); ++k) {
-        if (!std::isfinite(io::stored_value(w[k], type))) {
-          std::fprintf(stderr,
-                       "merge_adapter: tensor \"%s\": element %zu (%g) is not finite in %s; nothing was written\n",
-                       t.name.c_str(), k, w[k], io::dtype_name(type));
-          return 1;
-        }
-      }
-      out.add_values(t.name, w.data(), t.shape, type);
-      if (layer != adapter.layers.end()) {
-        ++merged;
-        std::printf("[%zu/%zu] %s %s %s: merged LoRA rank %ld, scale %g\n", i, n, t.name.c_str(),
-                    shape_text(t.shape).c_str(), io::dtype_name(type),
-                    static_cast<long>(ta::rank(layer->second.adapter)), layer->second.adapter.scale);
-      } else {
-        std::printf("[%zu/%zu] %s %s %s: converted from %s\n", i, n, t.name.c_str(), shape_text(t.shape).c_str(),
-                    io::dtype_name(type), io::dtype_name(t.type));
-      }
+      if (!add(t.name, w, t.shape, type)) return 1;
+      merged += is_weight;
+      std::printf("[%zu/%zu] %s %s %s: %s\n", i, n, t.name.c_str(), shape_text(t.shape).c_str(), io::dtype_name(type),
+                  what.c_str());
     }
+    for (const std::string& name : added) {
+      ++i;
+      const std::string module = module_of(name, bias_suffix);
+      const module_plan& p = plan.modules.at(module);
+      const io::dtype wtype = base.info(module + weight_suffix).type;
+      const io::dtype type = same_dtype ? wtype : out_type;
+      std::vector<double> b;
+      try {
+        b = glora_result(module, p).second;
+      } catch (const ta::argument_error& e) {
+        std::fprintf(stderr, "merge_adapter: tensor \"%s\": %s; nothing was written\n", name.c_str(), e.what());
+        return 1;
+      }
+      if (!add(name, b, {p.out}, type)) return 1;
+      std::printf("[%zu/%zu] %s %s %s: added GLoRA bias E + W · C (the base layer has none)\n", i, n, name.c_str(),
+                  shape_text({p.out}).c_str(), io::dtype_name(type));
+    }
+    writing = true;
     out.write(out_path);
-    std::printf("merged %zu LoRA modules into %s (%zu tensors)\n", merged, out_path.c_str(), n);
+    std::printf("merged %zu modules into %s (%zu tensors)\n", merged, out_path.c_str(), n);
     return 0;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "merge_adapter: %s\n", e.what());
+    std::fprintf(stderr, "merge_adapter: %s%s\n", e.what(), writing ? "" : "; nothing was written");
     return 1;
   }
 }
