@@ -546,3 +546,164 @@ TEST_CASE("FLoRA rejects bad input before writing anything", "[flora][errors]") 
     CHECK(ws.h1.empty());
   }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Numerical edge cases
+
+namespace {
+
+// N = 3, ranks (1, 1, 1): every factor all ones, core g, so ΔW = scale · g in every element.
+template <class T>
+ta::flora<T, 3> constant_flora(const ta::shape<3>& s, T g, T scale) {
+  ta::flora<T, 3> a;
+  a.G.resize(1, 1, 1);
+  a.G.setConstant(g);
+  for (std::size_t n = 0; n < 3; ++n) {
+    a.U[n].resize(s[n], 1);
+    a.U[n].setConstant(T(1));
+  }
+  a.scale = scale;
+  return a;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("FLoRA rejects zero-rank and empty adapters and weights everywhere", "[flora][edge]", float,
+                   double) {
+  using T = TestType;
+  std::mt19937_64 gen(131);
+  CHECK_THROWS_AS((ta::make_flora<T, 2>({0, 6}, {1, 1}, 1.0, gen)), ta::argument_error);
+  CHECK_THROWS_AS((ta::make_flora<T, 5>({2, 3, 3, 3, 0}, {1, 1, 1, 1, 1}, 1.0, gen)), ta::argument_error);
+  CHECK_THROWS_AS((ta::make_flora<T, 5>({2, 3, 3, 3, 2}, {1, 1, 1, 1, 0}, 1.0, gen)), ta::argument_error);
+
+  // A linear adapter whose rank in one mode is 0, and one fitting a weight with an empty mode.
+  const auto good = random_flora<T, 2>({5, 4}, {2, 3}, 1.0, 132);
+  auto rank0 = good;
+  rank0.G = ta::tensor<T, 2>(2, 0);
+  rank0.U[1] = ta::tensor<T, 2>(4, 0);
+  auto rows0 = good;
+  rows0.U[0] = ta::tensor<T, 2>(0, 2);
+  const auto x = random_tensor<T, 2>({3, 4}, 133);
+  const auto w0 = random_tensor<T, 2>({5, 4}, 134);
+  const auto b0 = random_tensor<T, 1>({5}, 135);
+  const auto dy = random_tensor<T, 2>({3, 5}, 136);
+  ta::tensor<T, 2> w = w0, y(3, 5), dx(3, 4);
+  y.setConstant(T(9));
+  dx.setConstant(T(9));
+  const ta::tensor<T, 2> y_before = y, dx_before = dx;
+  ta::flora_workspace<T> ws;
+  ta::flora_weight_workspace<T, 2> wws;
+  for (const auto* bad : {&rank0, &rows0}) {
+    ta::flora<T, 2> grad;
+    CHECK_THROWS_WITH(ta::merge(*bad, w), Catch::Contains("flora merge"));
+    CHECK_THROWS_AS(ta::merge(*bad, ta::writable_view(w), wws), ta::argument_error);
+    CHECK_THROWS_AS(ta::unmerge(*bad, w), ta::argument_error);
+    CHECK_THROWS_AS(ta::safe_merge(*bad, w), ta::argument_error);
+    CHECK_THROWS_AS(ta::delta_weight(*bad), ta::argument_error);
+    CHECK_THROWS_AS(ta::delta_weight(*bad, ta::writable_view(w)), ta::argument_error);
+    CHECK_THROWS_AS(ta::delta_weight_vjp(*bad, w0), ta::argument_error);
+    CHECK_THROWS_AS(ta::forward(*bad, x, w0, b0, y, ws), ta::argument_error);
+    CHECK_THROWS_AS(ta::forward(*bad, x, w0, y, ws), ta::argument_error);
+    CHECK_THROWS_AS(ta::backward(*bad, x, w0, dy, dx, grad, ws), ta::argument_error);
+    CHECK(grad.G.size() == 0);
+    ta::tensor<T, 2> g;
+    std::array<ta::tensor<T, 2>, 2> p;
+    CHECK_THROWS_AS(ta::flora_to_official(*bad, g, p), ta::argument_error);
+    CHECK_THROWS_AS(ta::flora_from_official(bad->G, bad->U, T(1)), ta::argument_error);
+    CHECK(g.size() == 0);
+  }
+  CHECK(bit_identical<T>(w, w0));
+  CHECK(bit_identical<T>(y, y_before));
+  CHECK(bit_identical<T>(dx, dx_before));
+  ta::tensor<T, 2> empty_rows(0, 4);
+  CHECK_THROWS_WITH(ta::merge(good, empty_rows), Catch::Contains("(0, 4)"));
+
+  // An empty batch gives an empty output and exactly zero gradients.
+  ta::tensor<T, 2> x0(0, 4), y0(0, 5), dy0(0, 5), dx0(0, 4);
+  ta::forward(good, x0, w0, b0, y0, ws);
+  ta::flora<T, 2> g0;
+  ta::backward(good, x0, w0, dy0, dx0, g0, ws);
+  CHECK(max_abs(g0.G) == 0.0);
+  CHECK(max_abs(g0.U[0]) + max_abs(g0.U[1]) == 0.0);
+}
+
+TEMPLATE_TEST_CASE("FLoRA: NaN or Inf in any factor, the core, the scale or the weight is caught by safe_merge",
+                   "[flora][edge]", float, double) {
+  using T = TestType;
+  const ta::shape<3> s{6, 5, 3};
+  const auto a = random_flora<T, 3>(s, {2, 3, 2}, 4.0, 141);
+  const auto w = random_tensor<T, 3>(s, 142);
+  const T nan = std::numeric_limits<T>::quiet_NaN(), inf = std::numeric_limits<T>::infinity();
+  for (T bad : {nan, inf, -inf}) {
+    std::vector<ta::flora<T, 3>> broken(5, a);
+    broken[0].G(1, 2, 0) = bad;
+    broken[1].U[0](4, 1) = bad;
+    broken[2].U[1](0, 0) = bad;
+    broken[3].U[2](2, 1) = bad;
+    broken[4].scale = bad;
+    for (const auto& b : broken) {
+      ta::tensor<T, 3> target = w;
+      CHECK_THROWS_WITH(ta::safe_merge(b, target), Catch::Contains("flora safe_merge") && Catch::Contains("non-finite"));
+      CHECK(bit_identical<T>(target, w));
+    }
+    ta::tensor<T, 3> bad_w = w;
+    bad_w(5, 4, 2) = bad;
+    const ta::tensor<T, 3> before = bad_w;
+    CHECK_THROWS_AS(ta::safe_merge(a, bad_w), ta::argument_error);
+    CHECK(bit_identical<T>(bad_w, before));
+  }
+}
+
+TEMPLATE_TEST_CASE("FLoRA merges near the largest and the subnormal values of T", "[flora][edge]", float, double) {
+  using T = TestType;
+  using limits = std::numeric_limits<T>;
+  const T max = limits::max();
+  const ta::shape<3> s{4, 3, 2};
+  SECTION("results near max are exact and finite") {
+    const auto a = constant_flora<T>(s, max / 8, T(2));  // ΔW = max/4
+    ta::tensor<T, 3> w(s);
+    w.setConstant(max / 2);
+    w(3, 2, 1) = -max;
+    const ta::tensor<T, 3> w0 = w;
+    ta::safe_merge(a, w);
+    for (ta::index i = 0; i < w.size(); ++i) CHECK(w.data()[i] == w0.data()[i] + max / 4);
+  }
+  SECTION("a sum beyond max: merge gives Inf, safe_merge throws and writes nothing") {
+    const auto a = constant_flora<T>(s, max / 8, T(4));  // ΔW = max/2
+    ta::tensor<T, 3> w(s);
+    w.setConstant(T(1));
+    w(1, 1, 1) = max * T(0.75);
+    const ta::tensor<T, 3> w0 = w;
+    CHECK_THROWS_WITH(ta::safe_merge(a, w), Catch::Contains("non-finite"));
+    CHECK(bit_identical<T>(w, w0));
+    ta::merge(a, w);
+    CHECK(std::isinf(w(1, 1, 1)));
+    CHECK(w(0, 0, 0) == T(1) + max / 2);
+  }
+  SECTION("ΔW itself beyond max gives Inf") {
+    const auto a = constant_flora<T>(s, max, T(4));
+    ta::tensor<T, 3> w(s);
+    w.setZero();
+    CHECK_THROWS_AS(ta::safe_merge(a, w), ta::argument_error);
+    CHECK(max_abs(w) == 0.0);
+    ta::merge(a, w);
+    CHECK(std::isinf(w(2, 0, 1)));
+  }
+  SECTION("subnormal values: exact results, no flush to zero") {
+    const T tiny = limits::denorm_min();
+    const auto a = constant_flora<T>(s, std::ldexp(T(1), limits::min_exponent - 1), std::ldexp(T(1), 5 - limits::digits));
+    // ΔW = 2^(5 − digits) · 2^(min_exponent − 1) = 16 · tiny; the core alone is the smallest normal.
+    ta::tensor<T, 3> w(s);
+    w.setConstant(3 * tiny);
+    w(0, 1, 1) = -20 * tiny;
+    w(3, 2, 0) = limits::min();
+    const ta::tensor<T, 3> w0 = w;
+    ta::safe_merge(a, w);
+    CHECK(w(1, 0, 0) == 19 * tiny);
+    CHECK(w(0, 1, 1) == -4 * tiny);
+    CHECK(w(3, 2, 0) == limits::min() + 16 * tiny);
+    CHECK(ta::delta_weight(a)(2, 2, 1) == 16 * tiny);
+    ta::unmerge(a, w);
+    CHECK(bit_identical<T>(w, w0));
+  }
+}

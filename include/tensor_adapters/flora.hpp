@@ -509,6 +509,9 @@ flora<T, N> delta_weight_vjp(const flora<T, N>& a, const tensor<T, N>& gw) {
 }
 
 // w ← w + ΔW.  w: (I0, …, I(N-1)).  Throws (and leaves w untouched) if w does not fit the adapter.
+// The scale multiplies the expanded core, as in the official code: where the chain of mode products or
+// w + ΔW exceeds T's range the result is ±Inf (NaN where infinities of both signs meet). safe_merge
+// rejects such a merge instead. Subnormal values take part with no flush to zero.
 template <class T, int N>
 void merge(const flora<T, N>& a, nondeduced<tensor_view<T, N>> w, flora_weight_workspace<T, N>& ws) {
   detail::check_flora_weight(a, w, "flora merge", "w");
