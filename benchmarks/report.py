@@ -64,6 +64,8 @@ def parse_args():
     p.add_argument("--from-json", default=None, metavar="DIR", help="render from the medians saved in DIR, run nothing")
     p.add_argument("--out-dir", default=None, help="where BENCHMARKS.md, the PNGs and data/ go")
     p.add_argument("--template", default=os.path.join(HERE, "BENCHMARKS.md.in"))
+    p.add_argument("--commit", default=None, help="the commit the programs were built from, for the report (default: "
+                   "this checkout's HEAD, noting uncommitted changes)")
     p.add_argument("--clock", choices=["cpu", "real"], default="cpu",
                    help="time of one-thread entries: CPU time (default; the cores are shared) or wall-clock; "
                         "anything on two threads is always wall-clock")
@@ -267,10 +269,9 @@ def caption(run, extra=""):
     else:
         threads = "threads as the columns say (the program sets them)"
     load = run["load_before"]["load_avg"]
-    return ("`%s`  \n%s UTC · %s · medians of %d repetitions (≥ %g s each), " + clock_words(t) + " · load average "
-            "before the run %s%s" % (run["command"].replace(ROOT + "/", ""), run["date"].replace("T", " ")[:16],
-                                     threads, run["repetitions"], run["min_time"],
-                                     " / ".join("%.2f" % v for v in load), extra))
+    return ("`%s`  \n%s UTC · %s · medians of %d repetitions (≥ %g s each), %s · load average before the run %s%s"
+            % (run["command"].replace(ROOT + "/", ""), run["date"].replace("T", " ")[:16], threads,
+               run["repetitions"], run["min_time"], clock_words(t), " / ".join("%.2f" % v for v in load), extra))
 
 
 class Goals:
@@ -357,8 +358,7 @@ def mode_product_cases(run, typ):
         if c and c[0] == typ and c[5] == 1:
             cases.append(c)
     order = {"256x256x256": 0, "512x512x3x3": 1, "256x256x3x3": 2}
-    jorder = {64: 0, 256: 1, 4: 2, 8: 3}
-    cases.sort(key=lambda c: (order.get(c[1], 9), c[3] >= 2 and len(c[2]) == 4, jorder.get(c[4], c[4]), c[3]))
+    cases.sort(key=lambda c: (order.get(c[1], 9), c[3] >= 2 and len(c[2]) == 4, c[4], c[3]))
     return cases
 
 
@@ -590,12 +590,11 @@ def pytorch_section(runs, torch, goals):
     out, pairs_all = [], []
     for (label, t), d in sorted(torch.items()):
         ctx = d["context"]
-        out.append("PyTorch %s (`%s`), %d thread%s, BLAS: `%s` · %s · medians of %d repetitions, " + clock_words(t) + " · "
-                   "load average before %s  \n`%s`\n" % (ctx["torch_version"], label, t, "" if t == 1 else "s",
-                                                         ctx["blas"], ctx["date"].replace("T", " ")[:16],
-                                                         ctx["repetitions"], " / ".join("%.2f" % v for v in
-                                                                                        ctx["load_avg"]),
-                                                         d.get("command", "").replace(ROOT + "/", "")))
+        out.append("PyTorch %s (`%s`), %d thread%s, BLAS: `%s` · %s UTC · medians of %d repetitions, %s · load "
+                   "average before %s  \n`%s`\n" % (ctx["torch_version"], label, t, "" if t == 1 else "s", ctx["blas"],
+                                                     ctx["date"].replace("T", " ")[:16], ctx["repetitions"],
+                                                     clock_words(t), " / ".join("%.2f" % v for v in ctx["load_avg"]),
+                                                     d.get("command", "").replace(ROOT + "/", "")))
         out += ["| program | benchmark | ours | PyTorch | PyTorch / ours | ours faster |", "|---|---|---:|---:|---:|---|"]
         pairs = []
         for (binary, name), e in d["by_name"].items():
@@ -665,17 +664,21 @@ def plot_mode_product(run, path):
             vals = [get(run, pattern % k, "GFLOP/s") or 0 for k in keys]
             xs = [i + (s - 1.5) * width for i in range(len(keys))]
             ax.bar(xs, vals, width, label=label, color=color)
+        top = max([peak or 0] + [get(run, p % k, "GFLOP/s") or 0 for _, p, _ in series for k in keys])
         if peak:
             ax.axhline(peak, color="#b22222", linestyle="--", linewidth=1.2)
-            ax.text(len(keys) - 0.5, peak, "FMA peak, 1 thread: %.0f GFLOP/s" % peak, color="#b22222",
-                    ha="right", va="bottom", fontsize=9)
-            ax.set_ylim(0, peak * 1.12)
+            ax.text(len(keys) - 0.5, peak, "FMA peak, 1 thread, same run: %.0f GFLOP/s" % peak, color="#b22222",
+                    ha="right", va="bottom", fontsize=9, bbox=dict(facecolor="white", edgecolor="none", pad=1))
+        ax.set_ylim(0, top * 1.12)
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels(["mode %d\nJ = %d" % (c[3], c[4]) for c in fc], fontsize=9)
         ax.set_ylabel("GFLOP/s")
         ax.set_title("x = %s (float, one thread)" % fam.replace("x", "×"), fontsize=11, loc="left")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(loc="upper right", ncol=4, fontsize=9, bbox_to_anchor=(1.0, 0.93))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for _, _, c in series]
+    fig.legend(handles, [l for l, _, _ in series], loc="upper center", ncol=4, fontsize=9, frameon=False,
+               bbox_to_anchor=(0.5, 0.975))
+    fig.get_layout_engine().set(rect=(0, 0, 1, 0.955))
     fig.suptitle("Mode-n product y = x ×mode u, u of shape (J, I_mode): GFLOP/s by mode and shape (medians)",
                  fontsize=12)
     fig.savefig(path, dpi=90)
@@ -879,7 +882,7 @@ def main():
                                os.path.abspath(args.from_json).startswith(os.path.join(ROOT, "build"))
                                else os.path.join(ROOT, "docs"))
     os.makedirs(out_dir, exist_ok=True)
-    meta = {"cpu": cpu_model(), "commit": git_commit(), "clock": args.clock}
+    meta = {"cpu": cpu_model(), "commit": args.commit or git_commit(), "clock": args.clock}
     if args.from_json:
         data_dir = args.from_json
         meta_path = os.path.join(data_dir, "meta.json")
