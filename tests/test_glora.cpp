@@ -898,3 +898,218 @@ TEMPLATE_TEST_CASE("bad input throws argument_error naming the function and shap
   CHECK_THROWS_WITH(ta::forward(ta::glora<T>{}, good, x, w0, b0), Catch::Contains("empty"));
   CHECK(max_abs_diff(y, y_before) == T(0));
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Numerical edge cases
+
+namespace {
+
+template <class T, int N>
+bool same_bits(const ta::tensor<T, N>& a, const ta::tensor<T, N>& b) {
+  return a.dimensions() == b.dimensions() &&
+         std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("empty and zero-rank stores and empty weights are rejected everywhere", "[glora][edge]", float,
+                   double) {
+  using T = TestType;
+  std::mt19937_64 gen(14);
+  CHECK_THROWS_WITH(ta::make_glora<T>(4, 0, {1}, gen), Catch::Contains("make_glora") && Catch::Contains("(4, 0)"));
+  CHECK_THROWS_AS(ta::make_glora<T>(-2, 6, {1}, gen), ta::argument_error);
+  CHECK_THROWS_AS(ta::make_glora<T>(4, 6, {-1}, gen), ta::argument_error);
+  CHECK_THROWS_AS((ta::make_glora<T, 3>(ta::shape<3>{4, 0, 3}, {1}, gen)), ta::argument_error);
+  CHECK_THROWS_AS((ta::make_glora<T, 2>(ta::shape<2>{0, 6}, {1}, gen)), ta::argument_error);
+  CHECK_THROWS_AS(ta::parameter_count(ta::glora_config{}, 4, 0), ta::argument_error);
+
+  const auto good = trained_glora<T>(4, 6, 2, gen);
+  ta::glora<T> rank0;  // R = 0: every factor has an empty mode
+  rank0.Ad.resize(4, 0);
+  rank0.Au.resize(0, 6);
+  rank0.Bd.resize(4, 0);
+  rank0.Bu.resize(0, 6);
+  rank0.Cd.resize(6, 0);
+  rank0.Cu.resize(0, 1);
+  rank0.D.resize(4);
+  rank0.E.resize(4);
+  ta::glora<T> in0 = good;  // no inputs
+  in0.Au.resize(2, 0);
+  in0.Bu.resize(2, 0);
+  in0.Cd.resize(0, 2);
+  ta::glora<T> none{};
+  const ta::glora_config c = ta::parse_glora_config("A=vector,B=scalar,C=none,D=vector,E=scalar");
+  ta::tensor<T, 2> x(3, 6), w0(4, 6), y(3, 4), dy(3, 4), dx(3, 6), w_eff(4, 6);
+  ta::tensor<T, 1> b0(4), b_eff(4);
+  for (auto* t : {&x, &w0, &y, &dy, &dx, &w_eff}) ta::fill_normal(*t, 0, 1, gen);
+  ta::fill_normal(b0, 0, 1, gen);
+  ta::fill_normal(b_eff, 0, 1, gen);
+  const ta::tensor<T, 2> y_before = y, dx_before = dx, w_before = w_eff;
+  const ta::tensor<T, 1> b_before = b_eff;
+  ta::glora_workspace<T> ws;
+  for (const ta::glora<T>* bad : {&rank0, &in0, &none}) {
+    ta::glora<T> grad;
+    CHECK_THROWS_WITH(ta::merge(*bad, c, w0, b0), Catch::Contains("glora merge") && Catch::Contains("empty"));
+    CHECK_THROWS_AS(ta::merge(*bad, c, w0), ta::argument_error);
+    CHECK_THROWS_AS((ta::merge<T, 2>(*bad, c, ta::view(w0), ta::view(b0), ta::writable_view(w_eff),
+                                     ta::writable_view(b_eff), ws)),
+                    ta::argument_error);
+    CHECK_THROWS_WITH(ta::safe_merge(*bad, c, w0, b0), Catch::Contains("glora safe_merge") && Catch::Contains("empty"));
+    CHECK_THROWS_AS((ta::safe_merge<T, 2>(*bad, c, ta::view(w0), ta::writable_view(w_eff), ta::writable_view(b_eff), ws)),
+                    ta::argument_error);
+    CHECK_THROWS_AS(ta::delta_weight(*bad, c, w0), ta::argument_error);
+    CHECK_THROWS_AS(ta::delta_bias(*bad, c, w0, b0), ta::argument_error);
+    CHECK_THROWS_AS(ta::delta_bias(*bad, c, w0), ta::argument_error);
+    CHECK_THROWS_AS(ta::delta_weight_vjp(*bad, c, w0, w0), ta::argument_error);
+    CHECK_THROWS_AS((ta::delta_bias_vjp<T, 2>(*bad, c, ta::view(w0), ta::view(b0), ta::view(b0), grad, ws)),
+                    ta::argument_error);
+    CHECK_THROWS_AS(ta::forward(*bad, c, x, w0, b0, y, ws), ta::argument_error);
+    CHECK_THROWS_AS(ta::forward(*bad, c, x, w0, y, ws), ta::argument_error);
+    CHECK_THROWS_AS(ta::backward(*bad, c, x, w0, b0, dy, dx, grad, ws), ta::argument_error);
+    CHECK_THROWS_AS(ta::backward(*bad, c, x, w0, dy, dx, grad, ws), ta::argument_error);
+    CHECK(grad.Ad.size() == 0);
+  }
+  CHECK(same_bits(y, y_before));
+  CHECK(same_bits(dx, dx_before));
+  CHECK(same_bits(w_eff, w_before));
+  CHECK(same_bits(b_eff, b_before));
+  // A weight with an empty mode never fits (the store's fan-in is at least 1).
+  ta::tensor<T, 3> empty_mode(4, 6, 0);
+  CHECK_THROWS_WITH(ta::merge(good, c, empty_mode), Catch::Contains("(4, 6, 0)"));
+  CHECK_THROWS_AS(ta::safe_merge(good, c, empty_mode), ta::argument_error);
+  CHECK_THROWS_AS(ta::delta_weight(good, c, empty_mode), ta::argument_error);
+
+  // An empty batch gives an empty output and exactly zero gradients.
+  ta::tensor<T, 2> x0(0, 6), y0(0, 4), dy0(0, 4), dx0(0, 6);
+  for (const char* text : {"A=lora_2,B=lora_1,C=lora_2,D=vector,E=vector", "A=vector,B=vector,C=vector,D=scalar,E=scalar"}) {
+    const ta::glora_config k = ta::parse_glora_config(text);
+    ta::forward(good, k, x0, w0, b0, y0, ws);
+    ta::glora<T> g0;
+    ta::backward(good, k, x0, w0, b0, dy0, dx0, g0, ws);
+    T m = 0;
+    ta::for_each_parameter(g0, [&](const char*, const auto& p) { m = std::max(m, max_abs(p)); });
+    CHECK(m == T(0));
+  }
+}
+
+TEMPLATE_TEST_CASE("safe_merge: the merge's bits when finite; NaN or Inf caught with nothing written", "[glora][edge]",
+                   float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(15);
+  const auto a = trained_glora<T>(5, 7, 3, gen);
+  ta::tensor<T, 2> w0(5, 7);
+  ta::tensor<T, 1> b0(5);
+  ta::fill_normal(w0, 0, 1, gen);
+  ta::fill_normal(b0, 0, 1, gen);
+  const ta::glora_config c = ta::parse_glora_config("A=lora_3,B=lora_2,C=lora_1,D=vector,E=scalar");
+  const auto m = ta::merge(a, c, w0, b0);
+  const auto s = ta::safe_merge(a, c, w0, b0);
+  CHECK(same_bits(s.weight, m.weight));
+  CHECK(same_bits(s.bias, m.bias));
+  const auto mn = ta::merge(a, c, w0);
+  const auto sn = ta::safe_merge(a, c, w0);
+  CHECK(same_bits(sn.weight, mn.weight));
+  CHECK(same_bits(sn.bias, mn.bias));
+  // In place: the layer is formed in the workspace, so w_eff and b_eff may be w0 and b0.
+  ta::tensor<T, 2> w = w0;
+  ta::tensor<T, 1> b = b0;
+  ta::glora_workspace<T> ws;
+  ta::safe_merge<T, 2>(a, c, ta::view(w), ta::view(b), ta::writable_view(w), ta::writable_view(b), ws);
+  CHECK(same_bits(w, m.weight));
+  CHECK(same_bits(b, m.bias));
+
+  const T nan = std::numeric_limits<T>::quiet_NaN(), inf = std::numeric_limits<T>::infinity();
+  for (T bad : {nan, inf, -inf}) {
+    // One bad entry in each tensor the configuration reads, then in W0 and b0.
+    std::vector<ta::glora<T>> broken(7, a);
+    broken[0].Ad(4, 2) = bad;
+    broken[1].Au(0, 6) = bad;
+    broken[2].Bd(2, 1) = bad;
+    broken[3].Bu(1, 3) = bad;
+    broken[4].Cd(5, 0) = bad;
+    broken[5].D(3) = bad;
+    broken[6].E(0) = bad;
+    ta::tensor<T, 2> out_w(5, 7);
+    ta::tensor<T, 1> out_b(5);
+    out_w.setConstant(T(7));
+    out_b.setConstant(T(7));
+    const ta::tensor<T, 2> out_w0 = out_w;
+    const ta::tensor<T, 1> out_b0 = out_b;
+    for (std::size_t k = 0; k < broken.size(); ++k) {
+      INFO("bad entry in store tensor " << k << ": " << bad);
+      CHECK_THROWS_WITH((ta::safe_merge<T, 2>(broken[k], c, ta::view(w0), ta::view(b0), ta::writable_view(out_w),
+                                              ta::writable_view(out_b), ws)),
+                        Catch::Contains("glora safe_merge") && Catch::Contains("non-finite"));
+      CHECK(same_bits(out_w, out_w0));
+      CHECK(same_bits(out_b, out_b0));
+    }
+    ta::tensor<T, 2> bad_w = w0;
+    bad_w(1, 1) = bad;
+    ta::tensor<T, 1> bad_b = b0;
+    bad_b(2) = bad;
+    CHECK_THROWS_AS((ta::safe_merge<T, 2>(a, c, ta::view(bad_w), ta::view(b0), ta::writable_view(out_w),
+                                          ta::writable_view(out_b), ws)),
+                    ta::argument_error);
+    CHECK_THROWS_AS((ta::safe_merge<T, 2>(a, c, ta::view(w0), ta::view(bad_b), ta::writable_view(out_w),
+                                          ta::writable_view(out_b), ws)),
+                    ta::argument_error);
+    CHECK(same_bits(out_w, out_w0));
+    CHECK(same_bits(out_b, out_b0));
+    // An entry the configuration does not read (beyond rank 2 of B, rank 1 of C) does not matter.
+    ta::glora<T> unread = a;
+    unread.Bu(2, 0) = bad;
+    unread.Cu(2, 0) = bad;
+    const auto u = ta::safe_merge(unread, c, w0, b0);
+    CHECK(same_bits(u.weight, m.weight));
+    CHECK(same_bits(u.bias, m.bias));
+  }
+}
+
+TEMPLATE_TEST_CASE("merges near the largest and the subnormal values of T", "[glora][edge]", float, double) {
+  using T = TestType;
+  using limits = std::numeric_limits<T>;
+  const T max = limits::max(), tiny = limits::denorm_min();
+  std::mt19937_64 gen(16);
+  ta::glora<T> a = trained_glora<T>(3, 4, 2, gen);
+  const ta::glora_config c = ta::parse_glora_config("A=scalar,B=scalar,C=vector,D=scalar,E=scalar");
+  ta::tensor<T, 2> w0(3, 4);
+  ta::tensor<T, 1> b0(3);
+  auto set = [&](T A, T B, T C, T D, T E) {
+    a.Ad(0, 0) = A;
+    a.Bd(0, 0) = B;
+    for (ta::index i = 0; i < 4; ++i) a.Cd(i, 0) = C;
+    a.D(0) = D;
+    a.E(0) = E;
+  };
+  SECTION("results near max are exact and finite") {
+    set(T(0.5), T(0), T(0), T(0.5), max / 8);
+    w0.setConstant(max / 2);
+    b0.setConstant(max / 2);
+    const auto m = ta::safe_merge(a, c, w0, b0);
+    for (ta::index k = 0; k < m.weight.size(); ++k) CHECK(m.weight.data()[k] == max / 2 + max / 4);
+    for (ta::index o = 0; o < 3; ++o) CHECK(m.bias(o) == (max / 2 + max / 4) + max / 8);
+  }
+  SECTION("beyond max: merge gives Inf, safe_merge throws") {
+    set(T(2), T(0), T(0), T(0), max);
+    w0.setConstant(T(1));
+    w0(1, 2) = max / 2;  // W0 + 2 · W0 = 1.5 max
+    b0.setConstant(max / 2);
+    CHECK_THROWS_AS(ta::safe_merge(a, c, w0, b0), ta::argument_error);
+    const auto m = ta::merge(a, c, w0, b0);
+    CHECK(std::isinf(m.weight(1, 2)));
+    CHECK(m.weight(0, 0) == T(3));
+    CHECK(std::isinf(m.bias(0)));
+  }
+  SECTION("subnormal values: exact results, no flush to zero") {
+    // W_eff = W0 + 0.5 · W0 + 3 tiny;  b_eff = b0 + 0.25 · b0 + tiny + Σ_i W0[o, i] · 0.5.
+    set(T(0.5), 3 * tiny, T(0.5), T(0.25), tiny);
+    w0.setConstant(4 * tiny);
+    b0.setConstant(8 * tiny);
+    w0(2, 3) = -8 * tiny;
+    const auto m = ta::safe_merge(a, c, w0, b0);
+    CHECK(m.weight(0, 0) == 9 * tiny);
+    CHECK(m.weight(2, 3) == -9 * tiny);
+    CHECK(m.bias(0) == 19 * tiny);  // 8 + 2 + 1 + 4 · 2
+    CHECK(m.bias(2) == 13 * tiny);  // 8 + 2 + 1 + 3 · 2 − 4
+  }
+}

@@ -27,7 +27,7 @@
 // rows of Xu; vector only column 0; scalar only element (0, 0)).
 //
 // Weight space (any weight rank 2..5, viewed as (O, F)):  delta_weight, delta_bias, delta_weight_vjp,
-// delta_bias_vjp, merge.  Linear layers:  forward, backward — with A lora, W_eff is formed once per call
+// delta_bias_vjp, merge, safe_merge.  Linear layers:  forward, backward — with A lora, W_eff is formed once per call
 // in cache-sized row blocks and the batch sees one GEMM; otherwise A is constant along the input
 // dimension and everything stays in activation space (W_eff is never formed).
 //
@@ -1011,7 +1011,8 @@ struct glora_merged {
 
 // w_eff = W0 + W0 ⊙ A + B,  b_eff = b0 + b0 ⊙ D + E + W0 · C (without a bias: E + W0 · C), both from the
 // original W0 and b0 (which are only read).  w0, w_eff: (O, I1, …, Ik); b0, b_eff: (O).
-// Throws argument_error, before writing anything, if a shape or the configuration does not fit.
+// Values beyond T's range come out as ±Inf (NaN where infinities of both signs meet); safe_merge rejects
+// them instead. Throws argument_error, before writing anything, if a shape or the configuration does not fit.
 template <class T, int N>
 void merge(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
            nondeduced<const_tensor_view<T, 1>> b0, nondeduced<tensor_view<T, N>> w_eff,
@@ -1053,6 +1054,64 @@ glora_merged<T, N> merge(const glora<T>& a, const glora_config& c, const tensor<
   glora_merged<T, N> m{tensor<T, N>(w0.dimensions()), tensor<T, 1>(w0.dimension(0))};
   glora_workspace<T> ws;
   merge<T, N>(a, c, view(w0), writable_view(m.weight), writable_view(m.bias), ws);
+  return m;
+}
+
+namespace detail {
+
+// merge into ws.weight and ws.bias, then, if every value is finite, into w_eff and b_eff.
+template <class T, int N>
+void glora_safe_merge(const glora<T>& a, const glora_config& c, const const_tensor_view<T, N>& w0, const T* b0,
+                      tensor_view<T, N> w_eff, tensor_view<T, 1> b_eff, glora_workspace<T>& ws) {
+  const char* fn = "glora safe_merge";
+  const glora_dims d = check_glora_store(a, fn);
+  check_glora_config(c, d.rank, fn);
+  check_glora_weight(d, w0, fn, "w0");
+  TA_CHECK(w_eff.dimensions() == w0.dimensions(), fn,
+           "w_eff has shape " + shape_string(w_eff) + " but w0 " + shape_string(w0));
+  check_glora_vector(b_eff, d.out, fn, "b_eff");
+  glora_grow(ws.col, d.in);
+  glora_grow(ws.weight, d.out * d.in);
+  glora_grow(ws.bias, d.out);
+  glora_layer(a, c, d, w0.data(), b0, true, ws.col.data(), ws.weight.data(), ws.bias.data());
+  TA_CHECK(all_finite(ws.weight.data(), d.out * d.in) && all_finite(ws.bias.data(), d.out), fn,
+           "the merged weight " + shape_string(w0) + " or bias (" + std::to_string(d.out) +
+               ") would hold a non-finite value; nothing was written");
+  std::copy(ws.weight.data(), ws.weight.data() + d.out * d.in, w_eff.data());
+  std::copy(ws.bias.data(), ws.bias.data() + d.out, b_eff.data());
+}
+
+}  // namespace detail
+
+// As merge, but the layer is formed in the workspace first: only if every value of W_eff and b_eff is
+// finite is it written to w_eff and b_eff. Otherwise (a NaN or Inf in the store, W0 or b0, or a value
+// beyond T's range) throws argument_error and w_eff, b_eff are bit-identical to before. w_eff and b_eff
+// may be w0 and b0 themselves. Throws argument_error, before writing anything, if a shape or the
+// configuration does not fit.
+template <class T, int N>
+void safe_merge(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
+                nondeduced<const_tensor_view<T, 1>> b0, nondeduced<tensor_view<T, N>> w_eff,
+                nondeduced<tensor_view<T, 1>> b_eff, glora_workspace<T>& ws) {
+  detail::check_glora_vector(b0, detail::check_glora_store(a, "glora safe_merge").out, "glora safe_merge", "b0");
+  detail::glora_safe_merge<T, N>(a, c, w0, b0.data(), w_eff, b_eff, ws);
+}
+template <class T, int N>
+void safe_merge(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
+                nondeduced<tensor_view<T, N>> w_eff, nondeduced<tensor_view<T, 1>> b_eff, glora_workspace<T>& ws) {
+  detail::glora_safe_merge<T, N>(a, c, w0, static_cast<const T*>(nullptr), w_eff, b_eff, ws);
+}
+template <class T, int N>
+glora_merged<T, N> safe_merge(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0, const tensor<T, 1>& b0) {
+  glora_merged<T, N> m{tensor<T, N>(w0.dimensions()), tensor<T, 1>(w0.dimension(0))};
+  glora_workspace<T> ws;
+  safe_merge<T, N>(a, c, view(w0), view(b0), writable_view(m.weight), writable_view(m.bias), ws);
+  return m;
+}
+template <class T, int N>
+glora_merged<T, N> safe_merge(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0) {
+  glora_merged<T, N> m{tensor<T, N>(w0.dimensions()), tensor<T, 1>(w0.dimension(0))};
+  glora_workspace<T> ws;
+  safe_merge<T, N>(a, c, view(w0), writable_view(m.weight), writable_view(m.bias), ws);
   return m;
 }
 
