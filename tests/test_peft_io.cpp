@@ -477,7 +477,9 @@ TEMPLATE_TEST_CASE("FLoRA adapters in the official layout load with the mode-ord
     CHECK(a.config.scale == 4.0);
     REQUIRE(a.layers.size() == 4);
     const io::safetensors_file file = io::read_safetensors(peft_dir + c + "/adapter_model.safetensors");
-    for (const auto& [module, layer] : a.layers) {
+    for (const auto& entry : a.layers) {
+      const std::string& module = entry.first;
+      const io::flora_any<T>& layer = entry.second;
       INFO("module " << module);
       std::vector<ta::index> shape;
       const std::vector<double> want = flat(ref, std::string(c) + "/" + module + "/delta_weight",

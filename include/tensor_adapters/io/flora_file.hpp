@@ -38,6 +38,7 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -235,7 +236,9 @@ void save_flora_adapter(const flora_adapter<T>& adapter, const std::string& dire
   const bool list_modules = c.target_modules.empty();
   safetensors_writer w;
   w.set_metadata("format", "pt");
-  for (const auto& [module, layer] : adapter.layers) {
+  for (const auto& entry : adapter.layers) {
+    const std::string& module = entry.first;
+    const flora_any<T>& layer = entry.second;
     const std::string where = "FLoRA adapter module \"" + module + "\"";
     if (list_modules) c.target_modules.push_back(module);
     else if (std::find(c.target_modules.begin(), c.target_modules.end(), module) == c.target_modules.end())

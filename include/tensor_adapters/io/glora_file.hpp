@@ -37,11 +37,14 @@
 //   auto merged = tensor_adapters::merge(layer.store, *layer.config, w0, b0);
 #pragma once
 
+#include <algorithm>
 #include <array>
+#include <filesystem>
 #include <map>
 #include <optional>
 #include <regex>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -209,7 +212,9 @@ glora_adapter<T> load_glora_adapter(const std::string& config_text, const std::s
     slots[which] = &t;
   }
 
-  for (const auto& [module, slots] : modules) {
+  for (const auto& entry : modules) {
+    const std::string& module = entry.first;
+    const std::array<const tensor_info*, 8>& slots = entry.second;
     const std::string where = "module \"" + module + "\"";
     auto key = [&](std::size_t k) { return peft_prefix + module + "." + glora_tensor_names[k]; };
     std::string missing;
@@ -285,7 +290,9 @@ void save_glora_adapter(const glora_adapter<T>& adapter, const std::string& dire
     for (const auto& kv : a.layers) c.target_modules.push_back(kv.first);
   safetensors_writer w;
   w.set_metadata("format", "pt");
-  for (const auto& [module, layer] : a.layers) {
+  for (const auto& entry : a.layers) {
+    const std::string& module = entry.first;
+    const glora_adapter_layer<T>& layer = entry.second;
     const std::string where = "GLoRA adapter module \"" + module + "\"";
     try {
       tensor_adapters::detail::check_glora_store(layer.store, "save_glora_adapter");
