@@ -554,7 +554,7 @@ TEMPLATE_TEST_CASE("safe_merge into half weights rejects overflow and NaN and le
     const ta::tensor<H, 1> b0 = random_half_weight<H, 1>({8}, 0.05, gen);
     for (int where = 0; where < 2; ++where) {
       ta::glora<float> bad = g;
-      if (where == 0) bad.Bd(3, 0) = static_cast<float>(3 * max);  // W_eff overflows in row 3
+      if (where == 0) bad.Bd(3, 0) = static_cast<float>(max) * 3.0f;  // W_eff overflows in row 3 (Inf in float for bfloat16)
       else bad.E(6) = std::numeric_limits<float>::quiet_NaN();      // b_eff is NaN at 6
       ta::tensor<H, 2> w = w0;
       ta::tensor<H, 1> b = b0;
