@@ -374,7 +374,13 @@ int main(int argc, char** argv) {
     std::printf("merged %zu modules into %s (%zu tensors)\n", merged, out_path.c_str(), n);
     return 0;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "merge_adapter: %s%s\n", e.what(), writing ? "" : "; nothing was written");
+    // A loader reports every problem of a file, one per line.
+    const std::string what = e.what();
+    std::size_t start = 0, lines = 0;
+    for (std::size_t end; (end = what.find('\n', start)) != std::string::npos; start = end + 1, ++lines)
+      std::fprintf(stderr, "merge_adapter: %s\n", what.substr(start, end - start).c_str());
+    std::fprintf(stderr, "merge_adapter: %s\n", what.substr(start).c_str());
+    if (!writing) std::fprintf(stderr, "merge_adapter: %zu problem(s); nothing was written\n", lines + 1);
     return 1;
   }
 }

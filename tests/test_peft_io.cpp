@@ -259,10 +259,12 @@ TEST_CASE("malformed PEFT adapters raise clear errors", "[peft]") {
   const std::string q = "model.layers.0.self_attn.q_proj";
   const std::string qa = "base_model.model." + q + ".lora_A.weight", qb = "base_model.model." + q + ".lora_B.weight";
 
-  SECTION("a factor is missing") {
+  SECTION("a factor is missing (every module's are named)") {
     const std::string dir = scratch_copy("lora_f32", "missing_b");
-    rewrite_tensors(dir, [&](const io::tensor_info& t) { return t.name != qb; }, [](io::safetensors_writer&) {});
-    require_load_error(dir, {"adapter_model.safetensors", q, qb, "no"});
+    const std::string ka = "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight";
+    rewrite_tensors(dir, [&](const io::tensor_info& t) { return t.name != qb && t.name != ka; },
+                    [](io::safetensors_writer&) {});
+    require_load_error(dir, {"adapter_model.safetensors", q, qb, "no", ka});
   }
   SECTION("the rank disagrees with the config") {
     const std::string dir = scratch_copy("lora_f32", "rank");
@@ -610,11 +612,15 @@ TEST_CASE("GLoRA and FLoRA adapters built in C++ round trip exactly", "[glora_fi
 
 TEST_CASE("malformed GLoRA and FLoRA adapters raise clear errors", "[glora_file][flora_file]") {
   const std::string qk = "base_model.model." + q_proj + ".";
-  SECTION("GLoRA: tensors are missing") {
+  SECTION("GLoRA: tensors are missing (every module's are named)") {
     const std::string dir = scratch_copy("glora_f32", "glora_missing");
-    rewrite_tensors(dir, [&](const io::tensor_info& t) { return t.name != qk + "glora_Cu" && t.name != qk + "glora_E"; },
+    const std::string kd = "base_model.model." + k_proj + ".glora_D";
+    rewrite_tensors(dir,
+                    [&](const io::tensor_info& t) {
+                      return t.name != qk + "glora_Cu" && t.name != qk + "glora_E" && t.name != kd;
+                    },
                     [](io::safetensors_writer&) {});
-    require_glora_error(dir, {"adapter_model.safetensors", q_proj, qk + "glora_Cu", qk + "glora_E", "lacks"});
+    require_glora_error(dir, {"adapter_model.safetensors", q_proj, qk + "glora_Cu", qk + "glora_E", "lacks", kd});
   }
   SECTION("GLoRA: a tensor is mis-shaped") {
     const std::string dir = scratch_copy("glora_f32", "glora_shape");
@@ -665,6 +671,11 @@ TEST_CASE("malformed GLoRA and FLoRA adapters raise clear errors", "[glora_file]
   SECTION("FLoRA: a parameter is missing") {
     require_flora_error(peft_dir + "flora_f32_missing_param",
                         {"flora_f32_missing_param", "model.conv1", "lacks model.conv1.flora_layer.param_2"});
+    // Every problem of the file at once, one per line.
+    const std::string both = scratch_copy("flora_f32_missing_param", "flora_two_problems");
+    rewrite_tensors(both, [&](const io::tensor_info& t) { return t.name != "model.proj_1x1.flora_layer.param_3"; },
+                    [](io::safetensors_writer&) {});
+    require_flora_error(both, {"lacks model.conv1.flora_layer.param_2\n", "lacks model.proj_1x1.flora_layer.param_3"});
     const std::string dir = scratch_copy("flora_f32", "flora_no_core");
     rewrite_tensors(dir, [&](const io::tensor_info& t) { return t.name != "model.proj_1x1.flora_layer.param_G"; },
                     [](io::safetensors_writer&) {});

@@ -148,68 +148,76 @@ flora_adapter<T> load_flora_adapter(const std::string& config_text, const std::s
   out.config = parse_flora_adapter_config(config_text, config_name);
   const std::string& fname = file.name();
   auto fail = [&](const std::string& message) -> void { throw format_error(fname + ": " + message); };
+  detail::problem_list problems;
 
   std::map<std::string, detail::flora_official_keys> modules;
   for (const tensor_info& t : file.tensors()) {
-    const std::size_t dot = t.name.rfind('.');
-    const std::string param = dot == std::string::npos ? t.name : t.name.substr(dot + 1);
-    int n = -1;  // -1: param_G
-    bool ok = dot != std::string::npos && dot > 0 && detail::starts_with(param, "param_") && param.size() > 6;
-    if (ok && param != "param_G") {
-      ok = param.size() <= 7 && std::isdigit(static_cast<unsigned char>(param[6]));
-      if (ok) n = param[6] - '0';
-    }
-    if (!ok)
-      fail("tensor \"" + t.name + "\" is not an official FLoRA parameter (<module>.flora_layer.param_G or " +
-           ".param_<n>)");
-    std::string module = t.name.substr(0, dot);
-    if (detail::ends_with(module, ".flora_layer")) module.resize(module.size() - 12);
-    detail::flora_official_keys& keys = modules[module];
-    const tensor_info*& slot = n < 0 ? keys.G : keys.params[n];
-    if (slot)
-      fail("module \"" + module + "\" has " + param + " twice: \"" + slot->name + "\" and \"" + t.name + "\"");
-    slot = &t;
+    problems.check([&] {
+      const std::size_t dot = t.name.rfind('.');
+      const std::string param = dot == std::string::npos ? t.name : t.name.substr(dot + 1);
+      int n = -1;  // -1: param_G
+      bool ok = dot != std::string::npos && dot > 0 && detail::starts_with(param, "param_") && param.size() > 6;
+      if (ok && param != "param_G") {
+        ok = param.size() <= 7 && std::isdigit(static_cast<unsigned char>(param[6]));
+        if (ok) n = param[6] - '0';
+      }
+      if (!ok)
+        fail("tensor \"" + t.name + "\" is not an official FLoRA parameter (<module>.flora_layer.param_G or " +
+             ".param_<n>)");
+      std::string module = t.name.substr(0, dot);
+      if (detail::ends_with(module, ".flora_layer")) module.resize(module.size() - 12);
+      detail::flora_official_keys& keys = modules[module];
+      const tensor_info*& slot = n < 0 ? keys.G : keys.params[n];
+      if (slot)
+        fail("module \"" + module + "\" has " + param + " twice: \"" + slot->name + "\" and \"" + t.name + "\"");
+      slot = &t;
+    });
   }
 
-  for (const auto& [module, keys] : modules) {
-    const std::string where = "module \"" + module + "\"";
-    const std::string prefix = module + flora_layer_infix;
-    if (!keys.G) fail(where + " has factors but no " + prefix + "param_G");
-    const std::vector<index>& g = keys.G->shape;
-    const int N = static_cast<int>(g.size());
-    if (N < 2 || N > 5)
-      fail(where + ": " + keys.G->name + " has shape " + detail::shape_text(g) +
-           "; the core has rank 2 (linear) to 5 (conv3d)");
-    std::string missing;
-    for (int n = 0; n < N; ++n)
-      if (!keys.params.count(n)) missing += (missing.empty() ? "" : ", ") + prefix + "param_" + std::to_string(n);
-    if (!missing.empty())
-      fail(where + " has a core " + detail::shape_text(g) + " of " + std::to_string(N) + " modes but lacks " + missing);
-    for (const auto& [n, p] : keys.params) {
-      if (n >= N)
-        fail(where + ": " + p->name + " has no mode in the core " + keys.G->name + " " + detail::shape_text(g) +
-             " (param_0 … param_" + std::to_string(N - 1) + ")");
-      const index r = g[static_cast<std::size_t>(n)];
-      if (p->shape.size() != 2 || p->shape[1] != r || r < 1 || p->shape[0] < r)
-        fail(where + ": " + p->name + " has shape " + detail::shape_text(p->shape) + " but the core " + keys.G->name +
-             " " + detail::shape_text(g) + " needs (extent, " + std::to_string(r) + ") with extent ≥ " +
-             std::to_string(r) + " ≥ 1");
-    }
-    const auto& targets = out.config.target_modules;
-    if (!targets.empty() && std::find(targets.begin(), targets.end(), module) == targets.end())
-      fail(where + " has FLoRA tensors but adapter_config.json's target_modules does not list it");
-    const double scale = out.config.scale;
-    switch (N) {
-      case 2: out.layers.emplace(module, detail::flora_from_file<T, 2>(file, keys, scale)); break;
-      case 3: out.layers.emplace(module, detail::flora_from_file<T, 3>(file, keys, scale)); break;
-      case 4: out.layers.emplace(module, detail::flora_from_file<T, 4>(file, keys, scale)); break;
-      default: out.layers.emplace(module, detail::flora_from_file<T, 5>(file, keys, scale)); break;
-    }
+  for (const auto& entry : modules) {
+    const std::string& module = entry.first;
+    const detail::flora_official_keys& keys = entry.second;
+    problems.check([&] {
+      const std::string where = "module \"" + module + "\"";
+      const std::string prefix = module + flora_layer_infix;
+      if (!keys.G) fail(where + " has factors but no " + prefix + "param_G");
+      const std::vector<index>& g = keys.G->shape;
+      const int N = static_cast<int>(g.size());
+      if (N < 2 || N > 5)
+        fail(where + ": " + keys.G->name + " has shape " + detail::shape_text(g) +
+             "; the core has rank 2 (linear) to 5 (conv3d)");
+      std::string missing;
+      for (int n = 0; n < N; ++n)
+        if (!keys.params.count(n)) missing += (missing.empty() ? "" : ", ") + prefix + "param_" + std::to_string(n);
+      if (!missing.empty())
+        fail(where + " has a core " + detail::shape_text(g) + " of " + std::to_string(N) + " modes but lacks " + missing);
+      for (const auto& [n, p] : keys.params) {
+        if (n >= N)
+          fail(where + ": " + p->name + " has no mode in the core " + keys.G->name + " " + detail::shape_text(g) +
+               " (param_0 … param_" + std::to_string(N - 1) + ")");
+        const index r = g[static_cast<std::size_t>(n)];
+        if (p->shape.size() != 2 || p->shape[1] != r || r < 1 || p->shape[0] < r)
+          fail(where + ": " + p->name + " has shape " + detail::shape_text(p->shape) + " but the core " + keys.G->name +
+               " " + detail::shape_text(g) + " needs (extent, " + std::to_string(r) + ") with extent ≥ " +
+               std::to_string(r) + " ≥ 1");
+      }
+      const auto& targets = out.config.target_modules;
+      if (!targets.empty() && std::find(targets.begin(), targets.end(), module) == targets.end())
+        fail(where + " has FLoRA tensors but adapter_config.json's target_modules does not list it");
+      const double scale = out.config.scale;
+      switch (N) {
+        case 2: out.layers.emplace(module, detail::flora_from_file<T, 2>(file, keys, scale)); break;
+        case 3: out.layers.emplace(module, detail::flora_from_file<T, 3>(file, keys, scale)); break;
+        case 4: out.layers.emplace(module, detail::flora_from_file<T, 4>(file, keys, scale)); break;
+        default: out.layers.emplace(module, detail::flora_from_file<T, 5>(file, keys, scale)); break;
+      }
+    });
   }
   for (const std::string& m : out.config.target_modules)
-    if (!out.layers.count(m))
-      fail("adapter_config.json's target_modules lists \"" + m + "\" but the file has no " + m + flora_layer_infix +
-           "param_G, param_0, …");
+    if (!modules.count(m))
+      problems.add(fname + ": adapter_config.json's target_modules lists \"" + m + "\" but the file has no " + m +
+                   flora_layer_infix + "param_G, param_0, …");
+  problems.throw_if_any();
   return out;
 }
 

@@ -196,73 +196,78 @@ glora_adapter<T> load_glora_adapter(const std::string& config_text, const std::s
   out.config = parse_glora_adapter_config(config_text, config_name, &eval_configs);
   const std::string& fname = file.name();
   auto fail = [&](const std::string& message) -> void { throw format_error(fname + ": " + message); };
+  detail::problem_list problems;
 
   std::map<std::string, std::array<const tensor_info*, 8>> modules;
   for (const tensor_info& t : file.tensors()) {
-    std::size_t which = glora_tensor_names.size();
-    for (std::size_t k = 0; k < glora_tensor_names.size() && which == glora_tensor_names.size(); ++k)
-      if (detail::ends_with(t.name, std::string(".") + glora_tensor_names[k])) which = k;
-    if (!detail::starts_with(t.name, peft_prefix) || which == glora_tensor_names.size() ||
-        t.name.size() <= peft_prefix.size() + std::string(glora_tensor_names[which]).size() + 1)
-      fail("tensor \"" + t.name + "\" is not a GLoRA store tensor (base_model.model.<module>.glora_Ad, _Au, _Bd, " +
-           "_Bu, _Cd, _Cu, _D or _E)");
-    const std::string module = t.name.substr(
-        peft_prefix.size(), t.name.size() - peft_prefix.size() - std::string(glora_tensor_names[which]).size() - 1);
-    auto& slots = modules.emplace(module, std::array<const tensor_info*, 8>{}).first->second;
-    slots[which] = &t;
+    problems.check([&] {
+      std::size_t which = glora_tensor_names.size();
+      for (std::size_t k = 0; k < glora_tensor_names.size() && which == glora_tensor_names.size(); ++k)
+        if (detail::ends_with(t.name, std::string(".") + glora_tensor_names[k])) which = k;
+      if (!detail::starts_with(t.name, peft_prefix) || which == glora_tensor_names.size() ||
+          t.name.size() <= peft_prefix.size() + std::string(glora_tensor_names[which]).size() + 1)
+        fail("tensor \"" + t.name + "\" is not a GLoRA store tensor (base_model.model.<module>.glora_Ad, _Au, _Bd, " +
+             "_Bu, _Cd, _Cu, _D or _E)");
+      const std::string module = t.name.substr(
+          peft_prefix.size(), t.name.size() - peft_prefix.size() - std::string(glora_tensor_names[which]).size() - 1);
+      auto& slots = modules.emplace(module, std::array<const tensor_info*, 8>{}).first->second;
+      slots[which] = &t;
+    });
   }
 
   for (const auto& entry : modules) {
-    const std::string& module = entry.first;
-    const std::array<const tensor_info*, 8>& slots = entry.second;
-    const std::string where = "module \"" + module + "\"";
-    auto key = [&](std::size_t k) { return peft_prefix + module + "." + glora_tensor_names[k]; };
-    std::string missing;
-    for (std::size_t k = 0; k < slots.size(); ++k)
-      if (!slots[k]) missing += (missing.empty() ? "" : ", ") + key(k);
-    if (!missing.empty()) fail(where + " lacks " + missing);
-    const std::vector<index>& ad = slots[0]->shape;
-    const std::vector<index>& au = slots[1]->shape;
-    if (ad.size() != 2 || au.size() != 2)
-      fail(where + ": " + key(0) + " " + detail::shape_text(ad) + " and " + key(1) + " " + detail::shape_text(au) +
-           " must be matrices (O, R) and (R, I)");
-    const index o = ad[0], r = ad[1], in = au[1];
-    const std::vector<index> expected[8] = {{o, r}, {r, in}, {o, r}, {r, in}, {in, r}, {r, 1}, {o}, {o}};
-    std::string wrong;
-    for (std::size_t k = 0; k < slots.size(); ++k)
-      if (slots[k]->shape != expected[k])
-        wrong += (wrong.empty() ? "" : "; ") + key(k) + " has shape " + detail::shape_text(slots[k]->shape) +
-                 ", expected " + detail::shape_text(expected[k]);
-    if (!wrong.empty())
-      fail(where + ": the store's shapes disagree with (O, I, R) = (" + std::to_string(o) + ", " + std::to_string(in) +
-           ", " + std::to_string(r) + ") from " + key(0) + " and " + key(1) + ": " + wrong);
-    if (o < 1 || in < 1 || r < 1)
-      fail(where + ": the store is empty (" + key(0) + " " + detail::shape_text(ad) + ", " + key(1) + " " +
-           detail::shape_text(au) + ")");
-    if (r != out.config.r)
-      fail(where + " has maximum rank " + std::to_string(r) + " in " + key(0) + " but adapter_config.json's r is " +
-           std::to_string(out.config.r));
-    if (!glora_targets(out.config, module))
-      fail(where + " has a GLoRA store but adapter_config.json's target_modules does not select it");
+    problems.check([&] {
+      const std::string& module = entry.first;
+      const std::array<const tensor_info*, 8>& slots = entry.second;
+      const std::string where = "module \"" + module + "\"";
+      auto key = [&](std::size_t k) { return peft_prefix + module + "." + glora_tensor_names[k]; };
+      std::string missing;
+      for (std::size_t k = 0; k < slots.size(); ++k)
+        if (!slots[k]) missing += (missing.empty() ? "" : ", ") + key(k);
+      if (!missing.empty()) fail(where + " lacks " + missing);
+      const std::vector<index>& ad = slots[0]->shape;
+      const std::vector<index>& au = slots[1]->shape;
+      if (ad.size() != 2 || au.size() != 2)
+        fail(where + ": " + key(0) + " " + detail::shape_text(ad) + " and " + key(1) + " " + detail::shape_text(au) +
+             " must be matrices (O, R) and (R, I)");
+      const index o = ad[0], r = ad[1], in = au[1];
+      const std::vector<index> expected[8] = {{o, r}, {r, in}, {o, r}, {r, in}, {in, r}, {r, 1}, {o}, {o}};
+      std::string wrong;
+      for (std::size_t k = 0; k < slots.size(); ++k)
+        if (slots[k]->shape != expected[k])
+          wrong += (wrong.empty() ? "" : "; ") + key(k) + " has shape " + detail::shape_text(slots[k]->shape) +
+                   ", expected " + detail::shape_text(expected[k]);
+      if (!wrong.empty())
+        fail(where + ": the store's shapes disagree with (O, I, R) = (" + std::to_string(o) + ", " + std::to_string(in) +
+             ", " + std::to_string(r) + ") from " + key(0) + " and " + key(1) + ": " + wrong);
+      if (o < 1 || in < 1 || r < 1)
+        fail(where + ": the store is empty (" + key(0) + " " + detail::shape_text(ad) + ", " + key(1) + " " +
+             detail::shape_text(au) + ")");
+      if (r != out.config.r)
+        fail(where + " has maximum rank " + std::to_string(r) + " in " + key(0) + " but adapter_config.json's r is " +
+             std::to_string(out.config.r));
+      if (!glora_targets(out.config, module))
+        fail(where + " has a GLoRA store but adapter_config.json's target_modules does not select it");
 
-    glora_adapter_layer<T> layer;
-    std::size_t k = 0;
-    for_each_parameter(layer.store, [&](const char*, auto& tensor) {
-      Eigen::DSizes<index, std::decay_t<decltype(tensor)>::NumIndices> dims;
-      for (int d = 0; d < static_cast<int>(dims.size()); ++d) dims[d] = expected[k][static_cast<std::size_t>(d)];
-      tensor.resize(dims);
-      const std::vector<T> values = file.template load_values<T>(slots[k]->name);
-      std::copy(values.begin(), values.end(), tensor.data());
-      ++k;
+      glora_adapter_layer<T> layer;
+      std::size_t k = 0;
+      for_each_parameter(layer.store, [&](const char*, auto& tensor) {
+        Eigen::DSizes<index, std::decay_t<decltype(tensor)>::NumIndices> dims;
+        for (int d = 0; d < static_cast<int>(dims.size()); ++d) dims[d] = expected[k][static_cast<std::size_t>(d)];
+        tensor.resize(dims);
+        const std::vector<T> values = file.template load_values<T>(slots[k]->name);
+        std::copy(values.begin(), values.end(), tensor.data());
+        ++k;
+      });
+      auto it = eval_configs.find(module);
+      if (it != eval_configs.end()) layer.config = it->second;
+      out.layers.emplace(module, std::move(layer));
     });
-    auto it = eval_configs.find(module);
-    if (it != eval_configs.end()) layer.config = it->second;
-    out.layers.emplace(module, std::move(layer));
   }
   for (const auto& kv : eval_configs)
-    if (!out.layers.count(kv.first))
-      throw format_error(config_name + ": eval_config names module \"" + kv.first + "\", which has no tensors in " +
-                         fname);
+    if (!modules.count(kv.first))
+      problems.add(config_name + ": eval_config names module \"" + kv.first + "\", which has no tensors in " + fname);
+  problems.throw_if_any();
   return out;
 }
 

@@ -212,61 +212,69 @@ peft_lora_adapter<T> load_peft_lora(const peft_lora_config& config, const safete
   out.config = config;
   const std::string& fname = file.name();
   auto fail = [&](const std::string& message) -> void { throw format_error(fname + ": " + message); };
+  detail::problem_list problems;  // every module is checked; all problems are reported together
 
   std::map<std::string, std::pair<const tensor_info*, const tensor_info*>> modules;  // module → (A, B)
   for (const tensor_info& t : file.tensors()) {
-    const bool is_a = detail::ends_with(t.name, peft_a_suffix), is_b = detail::ends_with(t.name, peft_b_suffix);
-    if (t.name.compare(0, peft_prefix.size(), peft_prefix) != 0 || (!is_a && !is_b) ||
-        t.name.size() <= peft_prefix.size() + peft_a_suffix.size())
-      fail("tensor \"" + t.name + "\" is not a PEFT LoRA factor (base_model.model.<module>.lora_A.weight or " +
-           ".lora_B.weight); embedding LoRA, DoRA, LoRA biases and modules_to_save are not supported");
-    const std::string module =
-        t.name.substr(peft_prefix.size(), t.name.size() - peft_prefix.size() - peft_a_suffix.size());
-    (is_a ? modules[module].first : modules[module].second) = &t;
+    problems.check([&] {
+      const bool is_a = detail::ends_with(t.name, peft_a_suffix), is_b = detail::ends_with(t.name, peft_b_suffix);
+      if (t.name.compare(0, peft_prefix.size(), peft_prefix) != 0 || (!is_a && !is_b) ||
+          t.name.size() <= peft_prefix.size() + peft_a_suffix.size())
+        fail("tensor \"" + t.name + "\" is not a PEFT LoRA factor (base_model.model.<module>.lora_A.weight or " +
+             ".lora_B.weight); embedding LoRA, DoRA, LoRA biases and modules_to_save are not supported");
+      const std::string module =
+          t.name.substr(peft_prefix.size(), t.name.size() - peft_prefix.size() - peft_a_suffix.size());
+      (is_a ? modules[module].first : modules[module].second) = &t;
+    });
   }
 
-  for (const auto& [module, factors] : modules) {
-    const std::string where = "module \"" + module + "\"";
-    const std::string a_key = peft_prefix + module + peft_a_suffix, b_key = peft_prefix + module + peft_b_suffix;
-    if (!factors.first) fail(where + " has " + b_key + " but no " + a_key);
-    if (!factors.second) fail(where + " has " + a_key + " but no " + b_key);
-    const tensor_info& a = *factors.first;
-    const tensor_info& b = *factors.second;
-    const std::size_t rank_a = a.shape.size();
-    if (rank_a < 2 || rank_a > 5)
-      fail(where + ": " + a_key + " has shape " + detail::shape_text(a.shape) + "; LoRA factors have rank 2 to 5");
-    bool b_ok = b.shape.size() == rank_a;
-    for (std::size_t d = 2; b_ok && d < rank_a; ++d) b_ok = b.shape[d] == 1;
-    if (!b_ok)
-      fail(where + ": " + b_key + " has shape " + detail::shape_text(b.shape) + " but " + a_key + " has shape " +
-           detail::shape_text(a.shape) + "; B must be (out, r" + std::string(rank_a > 2 ? ", 1…" : "") + ")");
-    const index r = a.shape[0];
-    if (b.shape[1] != r)
-      fail(where + ": " + a_key + " " + detail::shape_text(a.shape) + " and " + b_key + " " +
-           detail::shape_text(b.shape) + " disagree on the rank");
-    index fan_in = 1;
-    for (std::size_t d = 1; d < rank_a; ++d) fan_in *= a.shape[d];
-    if (r < 1 || fan_in < 1 || b.shape[0] < 1)
-      fail(where + ": " + a_key + " " + detail::shape_text(a.shape) + " and " + b_key + " " +
-           detail::shape_text(b.shape) + " must not be empty");
-    const index expected_rank = peft_rank(config, module);
-    if (r != expected_rank)
-      fail(where + " has rank " + std::to_string(r) + " in " + a_key + " but adapter_config.json gives it rank " +
-           std::to_string(expected_rank) + " (r, or the first rank_pattern key that matches it)");
-    if (!peft_targets(config, module))
-      fail(where + " has LoRA factors but adapter_config.json's target_modules does not select it");
+  for (const auto& entry : modules) {
+    const std::string& module = entry.first;
+    const std::pair<const tensor_info*, const tensor_info*>& factors = entry.second;
+    problems.check([&] {
+      const std::string where = "module \"" + module + "\"";
+      const std::string a_key = peft_prefix + module + peft_a_suffix, b_key = peft_prefix + module + peft_b_suffix;
+      if (!factors.first) fail(where + " has " + b_key + " but no " + a_key);
+      if (!factors.second) fail(where + " has " + a_key + " but no " + b_key);
+      const tensor_info& a = *factors.first;
+      const tensor_info& b = *factors.second;
+      const std::size_t rank_a = a.shape.size();
+      if (rank_a < 2 || rank_a > 5)
+        fail(where + ": " + a_key + " has shape " + detail::shape_text(a.shape) + "; LoRA factors have rank 2 to 5");
+      bool b_ok = b.shape.size() == rank_a;
+      for (std::size_t d = 2; b_ok && d < rank_a; ++d) b_ok = b.shape[d] == 1;
+      if (!b_ok)
+        fail(where + ": " + b_key + " has shape " + detail::shape_text(b.shape) + " but " + a_key + " has shape " +
+             detail::shape_text(a.shape) + "; B must be (out, r" + std::string(rank_a > 2 ? ", 1…" : "") + ")");
+      const index r = a.shape[0];
+      if (b.shape[1] != r)
+        fail(where + ": " + a_key + " " + detail::shape_text(a.shape) + " and " + b_key + " " +
+             detail::shape_text(b.shape) + " disagree on the rank");
+      index fan_in = 1;
+      for (std::size_t d = 1; d < rank_a; ++d) fan_in *= a.shape[d];
+      if (r < 1 || fan_in < 1 || b.shape[0] < 1)
+        fail(where + ": " + a_key + " " + detail::shape_text(a.shape) + " and " + b_key + " " +
+             detail::shape_text(b.shape) + " must not be empty");
+      const index expected_rank = peft_rank(config, module);
+      if (r != expected_rank)
+        fail(where + " has rank " + std::to_string(r) + " in " + a_key + " but adapter_config.json gives it rank " +
+             std::to_string(expected_rank) + " (r, or the first rank_pattern key that matches it)");
+      if (!peft_targets(config, module))
+        fail(where + " has LoRA factors but adapter_config.json's target_modules does not select it");
 
-    peft_lora_layer<T> layer;
-    layer.weight_shape.push_back(b.shape[0]);
-    layer.weight_shape.insert(layer.weight_shape.end(), a.shape.begin() + 1, a.shape.end());
-    layer.adapter.A.resize(r, fan_in);
-    layer.adapter.B.resize(b.shape[0], r);
-    const std::vector<T> av = file.template load_values<T>(a.name), bv = file.template load_values<T>(b.name);
-    std::copy(av.begin(), av.end(), layer.adapter.A.data());
-    std::copy(bv.begin(), bv.end(), layer.adapter.B.data());
-    layer.adapter.scale = static_cast<T>(peft_scale(config, module));
-    out.layers.emplace(module, std::move(layer));
+      peft_lora_layer<T> layer;
+      layer.weight_shape.push_back(b.shape[0]);
+      layer.weight_shape.insert(layer.weight_shape.end(), a.shape.begin() + 1, a.shape.end());
+      layer.adapter.A.resize(r, fan_in);
+      layer.adapter.B.resize(b.shape[0], r);
+      const std::vector<T> av = file.template load_values<T>(a.name), bv = file.template load_values<T>(b.name);
+      std::copy(av.begin(), av.end(), layer.adapter.A.data());
+      std::copy(bv.begin(), bv.end(), layer.adapter.B.data());
+      layer.adapter.scale = static_cast<T>(peft_scale(config, module));
+      out.layers.emplace(module, std::move(layer));
+    });
   }
+  problems.throw_if_any();
   return out;
 }
 

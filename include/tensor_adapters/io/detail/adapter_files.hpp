@@ -110,6 +110,34 @@ inline index element_count(const std::vector<index>& shape) {
   return n;
 }
 
+// The problems found in one file, one per key or module: loaders check every module and then report
+// all of them in one format_error, one problem per line.
+class problem_list {
+ public:
+  // Runs `body`; a format_error it throws becomes one problem.
+  template <class Body>
+  void check(Body&& body) {
+    try {
+      body();
+    } catch (const format_error& e) {
+      add(e.what());
+    }
+  }
+  void add(const std::string& problem) { problems_.push_back(problem); }
+  bool empty() const { return problems_.empty(); }
+
+  // Throws format_error holding every problem, one per line, if there is any.
+  void throw_if_any() const {
+    if (problems_.empty()) return;
+    std::string text;
+    for (const std::string& p : problems_) text += (text.empty() ? "" : "\n") + p;
+    throw format_error(text);
+  }
+
+ private:
+  std::vector<std::string> problems_;
+};
+
 // Writes an adapter directory: creates `directory` if needed, then the tensors and the config text.
 inline void write_adapter_directory(const std::string& directory, const safetensors_writer& tensors,
                                     const std::string& config_json) {
