@@ -22,7 +22,8 @@
 //
 // Loading checks every key, shape and value before returning: each module has param_G of rank 2 to 5 and
 // exactly param_0 … param_(N-1), each (extent, r_n) with r_n the core's extent and 1 ≤ r_n ≤ extent.
-// Errors raise io::format_error naming the file, the module and the tensor.
+// Errors raise io::format_error naming the file, the module and the tensor; every module is checked and all
+// problems are reported together, one per line.
 //
 // Example:
 //   auto adapter = tensor_adapters::io::load_flora_adapter<float>("out/flora");

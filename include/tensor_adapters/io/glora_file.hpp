@@ -29,7 +29,8 @@
 // Loading checks every key, shape and value before returning: each module has all eight tensors, their
 // shapes agree with one (O, I, R), R is the config's r, target_modules selects the module, and each
 // eval_config entry names a module of the file and is a legal configuration for R. Errors raise
-// io::format_error naming the file, the module and the tensor (every missing tensor of a module at once).
+// io::format_error naming the file, the module and the tensor; every module is checked and all problems
+// are reported together, one per line (every missing tensor of a module on one line).
 //
 // Example:
 //   auto adapter = tensor_adapters::io::load_glora_adapter<float>("out/glora");

@@ -21,7 +21,8 @@
 // to 5, agreeing on r; B's trailing extents are 1; r is the rank the config gives the module; the module
 // is one target_modules selects; and the config does not ask for a variant this reader cannot represent
 // (DoRA, fan_in_fan_out, trainable LoRA biases). Errors raise io::format_error naming the file, the
-// module and the tensor.
+// module and the tensor; the tensor file's problems are collected over every module and reported
+// together, one per line.
 //
 // Example:
 //   auto adapter = tensor_adapters::io::load_peft_lora<float>("out/checkpoint-500");
