@@ -140,10 +140,9 @@ void check_rounding(const H* merged, const H* w, const T* dw_computed, const std
 
 template <class H, int N>
 bool bit_equal(const ta::tensor<H, N>& a, const ta::tensor<H, N>& b) {
-  if (a.dimensions() != b.dimensions()) return false;
-  for (ta::index i = 0; i < a.size(); ++i)
-    if (bits(a.data()[i]) != bits(b.data()[i])) return false;
-  return true;
+  return a.dimensions() == b.dimensions() &&
+         std::memcmp(static_cast<const void*>(a.data()), static_cast<const void*>(b.data()),
+                     sizeof(H) * static_cast<std::size_t>(a.size())) == 0;
 }
 
 // LoRA's ΔW in double by the defining sum, and the same over absolute values.
@@ -440,9 +439,13 @@ TEMPLATE_TEST_CASE("GLoRA merges into half weights within ½ ulp of the float64 
     ta::safe_merge(a, c, ta::view(w0), ta::view(b0), ta::writable_view(ws), ta::writable_view(bs));
     CHECK(bit_equal(ws, m.weight));
     CHECK(bit_equal(bs, m.bias));
+    const ta::glora_merged<H, 2> sv = ta::safe_merge(a, c, w0, b0);
+    CHECK(bit_equal(sv.weight, m.weight));
+    CHECK(bit_equal(sv.bias, m.bias));
     // Without a bias: b_eff = round(E + W0 · C).
     const ta::glora_merged<H, 2> nb = ta::merge(a, c, w0);
     CHECK(bit_equal(nb.weight, m.weight));
+    CHECK(bit_equal(ta::safe_merge(a, c, w0).bias, nb.bias));
     const ta::tensor<float, 1> dbn = ta::delta_bias(a, c, w0f);
     for (ta::index o = 0; o < O; ++o) CHECK(bits(nb.bias(o)) == bits(reference_round<H>(double(dbn(o)))));
   }
@@ -607,4 +610,32 @@ TEMPLATE_TEST_CASE("half merges reject weights that do not fit, writing nothing"
                     Catch::Contains("b_eff") && Catch::Contains("(7)"));
   for (ta::index k = 0; k < weff12.size(); ++k) CHECK(to_double(weff12.data()[k]) == 1.0);
   for (ta::index k = 0; k < beff.size(); ++k) CHECK(to_double(beff.data()[k]) == 1.0);
+}
+
+TEST_CASE("float weights still take the float merges with half_merge.hpp included", "[half_merge]") {
+  std::mt19937_64 gen(71);
+  const ta::lora<float> a = random_lora<float>(6, 8, 2, gen);
+  ta::tensor<float, 2> w(6, 8);
+  ta::fill_normal(w, 0.0, 1.0, gen);
+  const ta::tensor<float, 2> dw = ta::delta_weight(a);
+  ta::tensor<float, 2> m = w, s = w;
+  ta::merge(a, m);
+  ta::safe_merge(a, ta::writable_view(s));
+  for (ta::index i = 0; i < w.size(); ++i) {
+    CHECK(m.data()[i] == w.data()[i] + dw.data()[i]);
+    CHECK(s.data()[i] == m.data()[i]);
+  }
+  ta::flora<float, 2> f = ta::make_flora<float, 2>({6, 8}, {2, 2}, 4.0, gen);
+  ta::fill_normal(f.G, 0.0, 1.0, gen);
+  ta::tensor<float, 2> fm = w;
+  ta::merge(f, fm);
+  ta::unmerge(f, fm);
+  for (ta::index i = 0; i < w.size(); ++i) CHECK(std::fabs(fm.data()[i] - w.data()[i]) <= 1e-5f);
+  const ta::glora<float> g = ta::make_glora<float>(6, 8, {2}, gen);
+  const ta::glora_config c = ta::parse_glora_config("A=lora_2,B=vector,C=lora_1,D=vector,E=scalar");
+  ta::tensor<float, 1> b(6);
+  ta::fill_normal(b, 0.0, 1.0, gen);
+  const ta::glora_merged<float, 2> gm = ta::merge(g, c, w, b), gs = ta::safe_merge(g, c, w, b);
+  CHECK(bit_equal(gm.weight, gs.weight));
+  CHECK(bit_equal(gm.bias, gs.bias));
 }

@@ -384,5 +384,17 @@ glora_merged<H, N> merge(const glora<T>& a, const glora_config& c, const tensor<
   merge<H, T, N>(a, c, view(w0), writable_view(m.weight), writable_view(m.bias));
   return m;
 }
+template <class H, class T, int N, detail::if_half_precision<H> = 0>
+glora_merged<H, N> safe_merge(const glora<T>& a, const glora_config& c, const tensor<H, N>& w0, const tensor<H, 1>& b0) {
+  glora_merged<H, N> m{tensor<H, N>(w0.dimensions()), tensor<H, 1>(w0.dimension(0))};
+  safe_merge<H, T, N>(a, c, view(w0), view(b0), writable_view(m.weight), writable_view(m.bias));
+  return m;
+}
+template <class H, class T, int N, detail::if_half_precision<H> = 0>
+glora_merged<H, N> safe_merge(const glora<T>& a, const glora_config& c, const tensor<H, N>& w0) {
+  glora_merged<H, N> m{tensor<H, N>(w0.dimensions()), tensor<H, 1>(w0.dimension(0))};
+  safe_merge<H, T, N>(a, c, view(w0), writable_view(m.weight), writable_view(m.bias));
+  return m;
+}
 
 }  // namespace tensor_adapters
