@@ -9,8 +9,8 @@
 // sum carried along) and `round` is the one rounding to the half type, to nearest with ties to even.
 // So the merged value is the correctly rounded value of w + ΔW(float): within half an ulp of the exact
 // result, up to the float rounding of ΔW itself (which matters only where w + ΔW lies within that
-// error of a tie). Beyond the largest finite value (65504 for half) the result is ±Inf, as IEEE rounding
-// gives; safe_merge rejects it.
+// error of a tie). From the largest finite value plus half its ulp on (65520 for half; the largest finite
+// value is 65504) the result is ±Inf, as IEEE rounding gives; safe_merge rejects it.
 //
 //   LoRA, FLoRA (in place, w: the weight's shape, Eigen::half or Eigen::bfloat16):
 //     merge(a, w)            w ← round(w + ΔW)
@@ -25,10 +25,11 @@
 //   (each also without a bias, and value-returning forms).
 //
 // Why subtraction cannot restore half weights in general. The merge keeps only the rounded sum
-// w' = w + ΔW + e, with |e| ≤ ½ ulp(w'). Subtracting ΔW gives w + e, which rounds back to w only while
-// |e| < ½ ulp(w) — in the typical case where ΔW is small against w and w' stays in w's binade. It fails
-// when w' lands in a coarser binade than w (|ΔW| comparable to or larger than |w|, e.g. w = 1 + 2⁻¹⁰ in
-// half plus ΔW = 1 gives 2, and 2 − 1 = 1 ≠ w), when e is a tie, when the low bits of a small w vanish
+// w' = w + ΔW + e, with |e| ≤ ½ ulp(w'). Subtracting ΔW gives w + e, which rounds back to w only if |e|
+// is below half the spacing of the half type next to w on e's side. That holds in the typical case (ΔW
+// small against w, w' in w's binade) except where e is a tie or w is a power of two that e points below.
+// It fails when w' lands in a coarser binade than w (|ΔW| comparable to or larger than |w|, e.g.
+// w = 1 + 2⁻¹⁰ in half plus ΔW = 1 gives 2, and 2 − 1 = 1 ≠ w), so the low bits of a small w vanish
 // under a large ΔW, and always after an overflow to Inf. When the original bits matter, merge with a
 // saved copy and unmerge from it. For GLoRA there is no subtraction at all (W_eff = W0 ⊙ (1 + A) + B
 // would need a division, impossible where A = −1), so the original W0 and b0 are what restores it.
