@@ -15,6 +15,8 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
+#include <cstddef>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -159,11 +161,12 @@ tensor<T, 2> delta_weight(const lora<T>& a) {
   return dw;
 }
 
-// ΔW reshaped to a weight of shape (O, I1, …, Ik).
-template <class T, int N>
-tensor<T, N> delta_weight(const lora<T>& a, const shape<N>& weight_shape) {
-  tensor<T, N> dw(weight_shape);
-  delta_weight<T, N>(a, writable_view(dw));
+// ΔW reshaped to a weight of shape (O, I1, …, Ik), e.g. delta_weight(a, shape_of(w0)). (N is a
+// std::size_t so that it is deduced from a shape<N>, which is a std::array.)
+template <class T, std::size_t N>
+tensor<T, static_cast<int>(N)> delta_weight(const lora<T>& a, const std::array<index, N>& weight_shape) {
+  tensor<T, static_cast<int>(N)> dw(weight_shape);
+  delta_weight<T, static_cast<int>(N)>(a, writable_view(dw));
   return dw;
 }
 
