@@ -31,7 +31,7 @@
 // its loss, and every merged network matches its unmerged one within a float tolerance.
 //
 // Everything is float, on one thread (Eigen's products here are too small to gain from more); the
-// whole run takes about 15 s of CPU in a Release build, most of it GLoRA's search (1000 evaluations of
+// whole run takes about 12 s of CPU in a Release build, most of it GLoRA's search (1000 evaluations of
 // the held-out split with the official search sizes).
 //
 // Run:  cmake --build <build dir> --target finetune_demo && <build dir>/examples/finetune_demo
