@@ -315,7 +315,7 @@ void relu_pool_backward(const float* z, const float* dout, index planes, index h
 // Layer behaviour per method. Each method provides
 //   prepare()                                the effective conv weights wc[l], bc[l] for this step
 //   linear_forward(l, x, y)                  fc layer l (0: fc1, 1: fc2)
-//   linear_backward(l, x, dy, dx)            its input gradient, accumulating its own parameter gradient
+//   linear_backward(l, x, dy, dx)            its input gradient dx, writing its own parameter gradient
 //   conv_backward(l, gw, gb)                 the conv layer's ∂L/∂W and ∂L/∂b → the method's gradient
 // and a network pass below drives them.
 
