@@ -68,6 +68,11 @@ class adamw {
 
   long steps() const { return t_; }
 
+  // The options in use; set_lr changes the learning rate from the next step on (a schedule), keeping
+  // the moments, as assigning param_group["lr"] does in PyTorch.
+  const adamw_options& options() const { return options_; }
+  void set_lr(double lr) { options_.lr = lr; }
+
  private:
   adamw_options options_;
   std::vector<std::vector<double>> m_, v_;
