@@ -31,25 +31,22 @@ namespace tensor_adapters {
 
 namespace detail {
 
-// Messages are built only when a check fails, so that a valid call allocates nothing.
 template <class X, class Y>
 void check_mode_product(const X& x, index u_rows, index u_cols, bool transposed, int mode, const Y& y,
                         const char* function) {
   constexpr int N = X::NumIndices;
-  if (!(mode >= 0 && mode < N))
-    check(false, function, "mode " + std::to_string(mode) + " is out of range for x " + shape_string(x));
+  TA_CHECK(mode >= 0 && mode < N, function,
+           "mode " + std::to_string(mode) + " is out of range for x " + shape_string(x));
   const index j = transposed ? u_cols : u_rows;
   const index k = transposed ? u_rows : u_cols;
   const char* u_name = transposed ? "ut" : "u";
-  if (k != x.dimension(mode))
-    check(false, function,
-          std::string(u_name) + " (" + std::to_string(u_rows) + ", " + std::to_string(u_cols) +
+  TA_CHECK(k == x.dimension(mode), function,
+           std::string(u_name) + " (" + std::to_string(u_rows) + ", " + std::to_string(u_cols) +
               ") does not contract mode " + std::to_string(mode) + " of x " + shape_string(x));
   bool fits = true;
   for (int d = 0; d < N; ++d) fits = fits && y.dimension(d) == (d == mode ? j : x.dimension(d));
-  if (!fits)
-    check(false, function,
-          "y has shape " + shape_string(y) + " but x " + shape_string(x) + " ×" + std::to_string(mode) + " " +
+  TA_CHECK(fits, function,
+           "y has shape " + shape_string(y) + " but x " + shape_string(x) + " ×" + std::to_string(mode) + " " +
               u_name + " (" + std::to_string(u_rows) + ", " + std::to_string(u_cols) + ") has extent " +
               std::to_string(j) + " in mode " + std::to_string(mode));
 }
@@ -125,15 +122,15 @@ template <class T, int N>
 void mode_inner_product(const_tensor_view<T, N> x, nondeduced<const_tensor_view<T, N>> y, int mode,
                         nondeduced<tensor_view<T, 2>> out, T alpha = T(1), T beta = T(0)) {
   const char* fn = "mode_inner_product";
-  detail::check(mode >= 0 && mode < N, fn,
+  TA_CHECK(mode >= 0 && mode < N, fn,
                 "mode " + std::to_string(mode) + " is out of range for x " + detail::shape_string(x));
   bool fits = true;
   for (int d = 0; d < N; ++d) fits = fits && (d == mode || x.dimension(d) == y.dimension(d));
-  detail::check(fits, fn,
+  TA_CHECK(fits, fn,
                 "x " + detail::shape_string(x) + " and y " + detail::shape_string(y) +
                     " must agree on every mode but " + std::to_string(mode));
   const index jx = x.dimension(mode), jy = y.dimension(mode);
-  detail::check(out.dimension(0) == jx && out.dimension(1) == jy, fn,
+  TA_CHECK(out.dimension(0) == jx && out.dimension(1) == jy, fn,
                 "out has shape " + detail::shape_string(out) + " but must be (" + std::to_string(jx) + ", " +
                     std::to_string(jy) + ")");
   index p = 1, q = 1;
@@ -152,7 +149,7 @@ void mode_inner_product(const_tensor_view<T, N> x, nondeduced<const_tensor_view<
 // Value-returning forms.
 template <class T, int N>
 tensor<T, N> mode_product(const tensor<T, N>& x, const tensor<T, 2>& u, int mode) {
-  detail::check(mode >= 0 && mode < N, "mode_product",
+  TA_CHECK(mode >= 0 && mode < N, "mode_product",
                 "mode " + std::to_string(mode) + " is out of range for x " + detail::shape_string(x));
   auto dims = x.dimensions();
   dims[mode] = u.dimension(0);
@@ -162,7 +159,7 @@ tensor<T, N> mode_product(const tensor<T, N>& x, const tensor<T, 2>& u, int mode
 }
 template <class T, int N>
 tensor<T, N> mode_product_transposed(const tensor<T, N>& x, const tensor<T, 2>& ut, int mode) {
-  detail::check(mode >= 0 && mode < N, "mode_product_transposed",
+  TA_CHECK(mode >= 0 && mode < N, "mode_product_transposed",
                 "mode " + std::to_string(mode) + " is out of range for x " + detail::shape_string(x));
   auto dims = x.dimensions();
   dims[mode] = ut.dimension(1);

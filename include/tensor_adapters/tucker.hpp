@@ -116,8 +116,7 @@ void check_factors(const std::array<const_tensor_view<T, 2>, N>& factors, const 
   for (int n = 0; n < N; ++n) {
     const auto un = static_cast<std::size_t>(n);
     const auto& f = factors[un];
-    if (f.dimension(0) != full[un] || f.dimension(1) != core[un])  // the message only on failure
-      check(false, function,
+    TA_CHECK(f.dimension(0) == full[un] && f.dimension(1) == core[un], function,
           "factors[" + std::to_string(n) + "] has shape " + shape_string(f) + " but must be (" +
               std::to_string(full[un]) + ", " + std::to_string(core[un]) + ") for " + full_name + " " +
               dims_string(full, N) + " and " + core_name + " " + dims_string(core, N));

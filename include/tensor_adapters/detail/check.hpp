@@ -36,12 +36,6 @@ std::string shape_string(const Tensor& t) {
   throw argument_error(std::string(function) + ": " + message);
 }
 
-// Throws argument_error("<function>: <message>") when the condition does not hold. Prefer TA_CHECK,
-// which builds the message only on failure (so a passing check never allocates).
-inline void check(bool ok, const char* function, const std::string& message) {
-  if (!ok) fail(function, message);
-}
-
 template <class T>
 bool all_finite(const T* data, index n) {
   for (index i = 0; i < n; ++i)
