@@ -16,8 +16,16 @@ if(TENSOR_ADAPTERS_NATIVE)
 endif()
 
 if(TENSOR_ADAPTERS_SANITIZE)
+  # -O1 (it follows, so overrides, the build type's -O3): the checks are the same, and the Eigen-heavy
+  # test programs compile about 3.5x faster than at -O3 under the sanitizers. -UNDEBUG turns Eigen's
+  # own index and size assertions on as well.
   target_compile_options(tensor_adapters_project_flags INTERFACE
-    -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
+    -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -O1 -UNDEBUG)
+  if(TENSOR_ADAPTERS_NATIVE AND CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+    # At -O1 the same false report from avx512fintrin.h (its _mm512_undefined_pd() idiom, inside
+    # Eigen's AVX-512 ptranspose) comes as -Wuninitialized instead of -Wmaybe-uninitialized.
+    target_compile_options(tensor_adapters_project_flags INTERFACE -Wno-uninitialized)
+  endif()
   target_link_options(tensor_adapters_project_flags INTERFACE -fsanitize=address,undefined)
 endif()
 
