@@ -41,7 +41,7 @@ configure() {  # configure <build dir> [cmake args...]
 case "${1:-}" in
   demo)
     configure build/release -DTENSOR_ADAPTERS_BUILD_TESTS=OFF -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=OFF
-    ./build/release/examples/lora_demo
+    ./build/release/examples/finetune_demo
     ;;
   test)
     if [ "${2:-}" = "--sanitize" ]; then

@@ -5,6 +5,7 @@
 #include "flora.hpp"
 #include "glora.hpp"
 #include "glora_search.hpp"
+#include "half_merge.hpp"
 #include "init.hpp"
 #include "lora.hpp"
 #include "mode_product.hpp"
