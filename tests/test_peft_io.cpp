@@ -24,6 +24,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -339,6 +340,119 @@ TEST_CASE("malformed PEFT adapters raise clear errors", "[peft]") {
     const std::string dir = scratch_copy("lora_f32", "no_tensors");
     fs::remove(dir + "/adapter_model.safetensors");
     require_load_error(dir, {"adapter_model.safetensors", "cannot open"});
+  }
+}
+
+// Configs that once crashed the parser or made matching take exponential time or unbounded stack: each
+// now raises format_error (or, for a slow pattern, gives its answer) at once. The limits are
+// io::max_pattern_length, max_pattern_depth, max_pattern_digits, max_pattern_states, max_pattern_lookahead(s),
+// max_module_name_length and max_json_depth.
+namespace {
+
+void require_config_error(const std::string& json, const std::vector<std::string>& fragments) {
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    io::parse_peft_lora_config(json, "adapter_config.json");
+    FAIL("the config was accepted");
+  } catch (const io::format_error& e) {
+    const std::string what = e.what();
+    INFO(what.substr(0, 300));
+    CHECK(what.size() < 600);  // the message quotes an excerpt, not the whole input
+    for (const auto& f : fragments) CHECK_THAT(what, Contains(f));
+  }
+  CHECK(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 2.0);
+}
+
+std::string config_with(const std::string& field) { return "{\"r\": 2, \"lora_alpha\": 8, " + field + "}"; }
+
+// `s` as a JSON string literal.
+std::string json_string(const std::string& s) { return nlohmann::ordered_json(s).dump(); }
+
+}  // namespace
+
+TEST_CASE("hostile PEFT patterns and configs are refused or matched in bounded time", "[peft]") {
+  SECTION("numbers too long for the regex compiler's int (signed overflow in std::regex)") {
+    require_config_error(config_with("\"target_modules\": \"\\\\18446744073709551616\""),
+                         {"adapter_config.json target_modules", "back-reference", "not supported"});
+    require_config_error(config_with("\"rank_pattern\": {\"a{99999999999999999999}\": 1}"),
+                         {"adapter_config.json rank_pattern", "more than 6 digits"});
+    require_config_error(config_with("\"alpha_pattern\": {\"a{1,99999999999999999999}\": 1}"),
+                         {"alpha_pattern", "more than 6 digits"});
+    require_config_error(config_with("\"target_modules\": \"a{99999999999\""), {"more than 6 digits"});
+    // Within the digits, the repetitions are counted: the pattern would expand to too many states.
+    require_config_error(config_with("\"target_modules\": \"(a{999}){999}\""), {"too large", "limit is 4000"});
+    CHECK_NOTHROW(io::parse_peft_lora_config(config_with("\"target_modules\": \".*layers\\\\.\\\\d{1,3}\\\\.q_proj\""),
+                                             "adapter_config.json"));
+  }
+
+  SECTION("patterns that backtrack exponentially match in polynomial time") {
+    io::peft_lora_config c;
+    c.r = 8;
+    c.rank_pattern = {{"(a*)*b", 4}};
+    const auto start = std::chrono::steady_clock::now();
+    for (std::size_t n : {std::size_t{14}, std::size_t{30}, std::size_t{200}, io::max_module_name_length}) {
+      CHECK(io::peft_rank(c, std::string(n, 'a')) == 8);        // no match: (a*)*b needs a b
+      CHECK(io::peft_rank(c, std::string(n - 1, 'a') + "b") == 4);
+    }
+    c.target_modules_regex = "(a|a)*";
+    CHECK(io::peft_targets(c, std::string(io::max_module_name_length, 'a')));
+    CHECK_FALSE(io::peft_targets(c, std::string(io::max_module_name_length - 1, 'a') + "b"));
+    CHECK(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 2.0);
+  }
+
+  SECTION("module names longer than the limit are refused, not matched recursively") {
+    io::peft_lora_config c;
+    c.target_modules_regex = "(a|a)*";
+    const std::string name(100000, 'a');
+    REQUIRE_THROWS_WITH(io::peft_targets(c, name), Contains("100000 characters") && Contains("1000"));
+    c.rank_pattern = {{"(a|a)*", 4}};
+    REQUIRE_THROWS_WITH(io::peft_rank(c, name), Contains("PEFT pattern") && Contains("100000 characters"));
+    REQUIRE_THROWS_WITH(io::peft_rank(c, std::string(io::max_module_name_length + 1, 'a')), Contains("1001"));
+    io::glora_adapter_config g;
+    g.target_modules_regex = "(a|a)*";
+    REQUIRE_THROWS_WITH(io::glora_targets(g, name), Contains("GLoRA target_modules"));
+  }
+
+  SECTION("patterns too long or nested too deep for the recursive regex compiler") {
+    const std::string nested = std::string(6000, '(') + "a" + std::string(6000, ')');
+    require_config_error(config_with("\"target_modules\": " + json_string(nested)),
+                         {"target_modules", "12001 characters"});
+    require_config_error(config_with("\"rank_pattern\": {" + json_string(nested) + ": 2}"), {"rank_pattern"});
+    const std::string nested400 = std::string(400, '(') + "a" + std::string(400, ')');
+    require_config_error(config_with("\"target_modules\": " + json_string(nested400)),
+                         {"target_modules", "nests groups more than 32 deep"});
+    require_config_error(config_with("\"alpha_pattern\": {" + json_string(nested400) + ": 2}"),
+                         {"alpha_pattern", "32 deep"});
+    const std::string deep32 = std::string(32, '(') + "a" + std::string(32, ')');
+    CHECK_NOTHROW(io::parse_peft_lora_config(config_with("\"target_modules\": " + json_string(deep32)), "c"));
+    require_config_error(config_with("\"target_modules\": " + json_string("(" + deep32 + ")")), {"32 deep"});
+    const std::string long_ok = "model\\." + std::string(io::max_pattern_length - 7, 'x');
+    CHECK_NOTHROW(io::parse_peft_lora_config(config_with("\"target_modules\": " + json_string(long_ok)), "c"));
+    require_config_error(config_with("\"target_modules\": " + json_string(long_ok + "x")),
+                         {"1001 characters", "limited to 1000"});
+  }
+
+  SECTION("lookaheads: a few small ones work, nested or many are refused") {
+    io::peft_lora_config c;
+    c.target_modules_regex = "^(?!.*vision_tower).*\\.(q_proj|v_proj)$";
+    CHECK(io::peft_targets(c, "model.language_model.layers.0.self_attn.q_proj"));
+    CHECK_FALSE(io::peft_targets(c, "model.vision_tower.layers.0.self_attn.q_proj"));
+    CHECK_FALSE(io::peft_targets(c, "model.language_model.layers.0.self_attn.k_proj"));
+    require_config_error(config_with("\"target_modules\": \"(?!a(?=b))\""), {"lookahead in a lookahead"});
+    require_config_error(config_with("\"target_modules\": \"((?!a).){5}\""), {"more than 4 lookaheads"});
+    require_config_error(config_with("\"target_modules\": \"(?!(.*){40}b)\""), {"lookaheads too large"});
+  }
+
+  SECTION("JSON nested deeper than max_json_depth, and long values, are not printed whole") {
+    const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+    require_config_error(config_with("\"peft_type\": " + deep), {"nested more than 64 deep"});
+    const std::string deep63 = std::string(63, '[') + std::string(63, ']');  // 64 levels with the config object
+    require_config_error(config_with("\"peft_type\": " + deep63), {"peft_type is [[[[", "..."});
+    require_config_error(config_with("\"peft_type\": [" + deep63 + "]"), {"nested more than 64 deep"});
+    require_config_error(config_with("\"bias\": " + json_string(std::string(100000, 'b'))), {"\"bias\" is \"bbb"});
+    require_config_error(config_with("\"rank_pattern\": {" + json_string(std::string(5000, 'k')) + ": 0}"),
+                         {"rank_pattern[\"kkk", "positive integer"});
+    require_config_error(config_with("\"target_modules\": [" + deep63.substr(1, 124) + "]"), {"holds [[["});
   }
 }
 

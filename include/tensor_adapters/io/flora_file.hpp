@@ -95,7 +95,8 @@ inline flora_adapter_config parse_flora_adapter_config(const std::string& text, 
   if (const nlohmann::ordered_json* p = detail::json_field(j, "target_modules")) {
     if (!p->is_array()) throw format_error(name + ": \"target_modules\" must be a list of module names");
     for (const auto& t : *p) {
-      if (!t.is_string()) throw format_error(name + ": \"target_modules\" holds " + t.dump() + ", not a string");
+      if (!t.is_string())
+        throw format_error(name + ": \"target_modules\" holds " + detail::json_excerpt(t) + ", not a string");
       c.target_modules.push_back(t.get<std::string>());
     }
   }

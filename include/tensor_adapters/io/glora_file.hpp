@@ -88,7 +88,8 @@ inline bool glora_targets(const glora_adapter_config& c, const std::string& modu
   if (c.target_modules.empty() && c.target_modules_regex.empty()) return true;
   if (!c.target_modules_regex.empty())
     return c.target_modules_regex == "all-linear" ||
-           std::regex_match(module, detail::compile_pattern(c.target_modules_regex, "GLoRA target_modules"));
+           detail::pattern_matches(detail::compile_pattern(c.target_modules_regex, "GLoRA target_modules"), module,
+                                   "GLoRA target_modules");
   for (const std::string& t : c.target_modules)
     if (detail::ends_with(module, t)) return true;
   return false;
@@ -116,13 +117,14 @@ inline glora_config parse_glora_eval_config(const nlohmann::ordered_json& v, con
     for (const char* k : {"A", "B", "C", "D", "E"}) {
       auto it = v.find(k);
       if (it == v.end() || !it->is_string())
-        throw format_error(where + " has no string \"" + k + "\" in " + v.dump());
+        throw format_error(where + " has no string \"" + k + "\" in " + detail::json_excerpt(v));
       text += std::string(text.empty() ? "" : ",") + k + "=" + it->get<std::string>();
     }
-    if (v.size() != 5) throw format_error(where + " has keys other than A, B, C, D, E: " + v.dump());
+    if (v.size() != 5)
+      throw format_error(where + " has keys other than A, B, C, D, E: " + detail::json_excerpt(v));
   } else {
     throw format_error(where + " must be a string such as \"A=lora_4,B=vector,C=none,D=scalar,E=vector\" or an " +
-                       "object {\"A\": …, …, \"E\": …}, not " + v.dump());
+                       "object {\"A\": …, …, \"E\": …}, not " + detail::json_excerpt(v));
   }
   try {
     return parse_glora_config(text);
@@ -148,7 +150,7 @@ inline glora_adapter_config parse_glora_adapter_config(const std::string& text, 
     throw format_error(name + ": \"r\" must be a positive integer");
   c.r = static_cast<index>(r->get<std::uint64_t>());
   if (auto* p = detail::json_field(j, "bias"); p && !(p->is_string() && p->get<std::string>() == "none"))
-    throw format_error(name + ": \"bias\" is " + p->dump() + "; only \"none\" is supported");
+    throw format_error(name + ": \"bias\" is " + detail::json_excerpt(*p) + "; only \"none\" is supported");
   detail::parse_target_modules(j, name, c.target_modules, c.target_modules_regex);
   if (auto* p = detail::json_field(j, "eval_config")) {
     if (!p->is_object()) throw format_error(name + ": \"eval_config\" must be an object mapping modules to configurations");

@@ -78,9 +78,10 @@ inline const std::string peft_a_suffix = ".lora_A.weight";
 inline const std::string peft_b_suffix = ".lora_B.weight";
 
 // PEFT's pattern rule: true if (.*\.)?(key)$ matches `module` from its start. Throws format_error if key
-// is not a valid regular expression.
+// is not a valid regular expression or exceeds the pattern limits, or if module is longer than
+// max_module_name_length.
 inline bool peft_pattern_matches(const std::string& key, const std::string& module) {
-  return std::regex_match(module, detail::compile_pattern("(.*\\.)?(" + key + ")", "PEFT pattern"));
+  return detail::pattern_matches(detail::compile_peft_key(key, "PEFT pattern"), module, "PEFT pattern");
 }
 
 // The rank PEFT gives `module`: the value of the first rank_pattern key that matches it, else r.
@@ -108,7 +109,8 @@ inline bool peft_targets(const peft_lora_config& c, const std::string& module) {
   if (c.target_modules.empty() && c.target_modules_regex.empty()) return true;
   if (!c.target_modules_regex.empty()) {
     if (c.target_modules_regex == "all-linear") return true;
-    return std::regex_match(module, detail::compile_pattern(c.target_modules_regex, "PEFT target_modules"));
+    return detail::pattern_matches(detail::compile_pattern(c.target_modules_regex, "PEFT target_modules"), module,
+                                   "PEFT target_modules");
   }
   for (const std::string& t : c.target_modules)
     if (module == t || detail::ends_with(module, "." + t)) return true;
@@ -142,18 +144,19 @@ inline peft_lora_config parse_peft_lora_config(const std::string& text, const st
   }
   for (const char* flag : {"use_dora", "fan_in_fan_out", "lora_bias"}) {
     if (auto* p = get(flag); p && !(p->is_boolean() && !p->get<bool>()))
-      fail(std::string("\"") + flag + "\" is " + p->dump() + "; only plain LoRA (false) is supported");
+      fail(std::string("\"") + flag + "\" is " + detail::json_excerpt(*p) + "; only plain LoRA (false) is supported");
   }
   if (auto* p = get("bias"); p && !(p->is_string() && p->get<std::string>() == "none"))
-    fail("\"bias\" is " + p->dump() + "; only \"none\" is supported (the adapter must not train biases)");
+    fail("\"bias\" is " + detail::json_excerpt(*p) +
+         "; only \"none\" is supported (the adapter must not train biases)");
   detail::parse_target_modules(j, name, c.target_modules, c.target_modules_regex);
   if (auto* p = get("rank_pattern")) {
     if (!p->is_object()) fail("\"rank_pattern\" must be an object");
     for (auto it = p->begin(); it != p->end(); ++it) {
       if (!it.value().is_number_unsigned() || it.value().get<std::uint64_t>() < 1 ||
           it.value().get<std::uint64_t>() > (1u << 30))
-        fail("rank_pattern[\"" + it.key() + "\"] must be a positive integer");
-      detail::compile_pattern("(.*\\.)?(" + it.key() + ")", name + " rank_pattern");
+        fail("rank_pattern[" + detail::quoted_excerpt(it.key()) + "] must be a positive integer");
+      detail::compile_peft_key(it.key(), name + " rank_pattern");
       c.rank_pattern.emplace_back(it.key(), static_cast<index>(it.value().get<std::uint64_t>()));
     }
   }
@@ -161,8 +164,8 @@ inline peft_lora_config parse_peft_lora_config(const std::string& text, const st
     if (!p->is_object()) fail("\"alpha_pattern\" must be an object");
     for (auto it = p->begin(); it != p->end(); ++it) {
       if (!it.value().is_number() || !std::isfinite(it.value().get<double>()))
-        fail("alpha_pattern[\"" + it.key() + "\"] must be a finite number");
-      detail::compile_pattern("(.*\\.)?(" + it.key() + ")", name + " alpha_pattern");
+        fail("alpha_pattern[" + detail::quoted_excerpt(it.key()) + "] must be a finite number");
+      detail::compile_peft_key(it.key(), name + " alpha_pattern");
       c.alpha_pattern.emplace_back(it.key(), it.value().get<double>());
     }
   }

@@ -132,6 +132,10 @@ struct tensor_info {
   }
 };
 
+// The deepest nesting of JSON arrays and objects accepted in a header or an adapter config (theirs is at
+// most 4).
+inline constexpr int max_json_depth = 64;
+
 namespace detail {
 
 // The largest header accepted, as the format's reference implementation does.
@@ -174,15 +178,20 @@ inline bool valid_utf8(const unsigned char* p, std::size_t n) {
   return true;
 }
 
-// Parses JSON text, rejecting invalid UTF-8, invalid JSON and a key repeated within one object (at any
-// depth). Objects keep their keys in file order. `what` names the text in messages.
+// Parses JSON text, rejecting invalid UTF-8, invalid JSON, arrays and objects nested more than
+// max_json_depth deep (the parsed tree is later printed and compared by recursive code) and a key
+// repeated within one object (at any depth). Objects keep their keys in file order. `what` names the
+// text in messages.
 inline nlohmann::ordered_json parse_json_strict(const char* text, std::size_t size, const std::string& what) {
   if (!valid_utf8(reinterpret_cast<const unsigned char*>(text), size))
     throw format_error(what + ": the JSON text is not valid UTF-8");
   std::vector<std::set<std::string>> keys;  // one set per open object
   std::string duplicate;
-  auto callback = [&](int, nlohmann::ordered_json::parse_event_t event, nlohmann::ordered_json& parsed) {
+  auto callback = [&](int depth, nlohmann::ordered_json::parse_event_t event, nlohmann::ordered_json& parsed) {
     using event_t = nlohmann::ordered_json::parse_event_t;
+    if ((event == event_t::object_start || event == event_t::array_start) && depth >= max_json_depth)
+      throw format_error(what + ": arrays and objects are nested more than " + std::to_string(max_json_depth) +
+                         " deep");
     if (event == event_t::object_start) {
       keys.emplace_back();
     } else if (event == event_t::object_end) {
@@ -201,6 +210,13 @@ inline nlohmann::ordered_json parse_json_strict(const char* text, std::size_t si
   }
   if (!duplicate.empty()) throw format_error(what + ": the key \"" + duplicate + "\" appears twice in one object");
   return j;
+}
+
+// A JSON value as text for a message: its compact dump, cut to about 80 characters.
+inline std::string json_excerpt(const nlohmann::ordered_json& v) {
+  std::string text = v.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
+  if (text.size() > 80) text = text.substr(0, 77) + "...";
+  return text;
 }
 
 // a · b, false on overflow of uint64.
@@ -475,17 +491,18 @@ class safetensors_file {
     std::uint64_t elements = 1;
     for (const auto& d : *sh) {
       if (!d.is_number_unsigned())
-        detail::fail(name_, what + " has a shape entry that is not a non-negative integer: " + d.dump());
+        detail::fail(name_,
+                     what + " has a shape entry that is not a non-negative integer: " + detail::json_excerpt(d));
       const std::uint64_t extent = d.get<std::uint64_t>();
       if (extent > static_cast<std::uint64_t>(std::numeric_limits<index>::max()) ||
           detail::mul_overflows(elements, extent, elements))
-        detail::fail(name_, what + " has a shape " + sh->dump() + " whose size overflows");
+        detail::fail(name_, what + " has a shape " + detail::json_excerpt(*sh) + " whose size overflows");
       t.shape.push_back(static_cast<index>(extent));
     }
     std::uint64_t bytes = 0;
     if (elements > static_cast<std::uint64_t>(std::numeric_limits<index>::max()) ||
         detail::mul_overflows(elements, dtype_size(t.type), bytes))
-      detail::fail(name_, what + " has a shape " + sh->dump() + " whose size overflows");
+      detail::fail(name_, what + " has a shape " + detail::json_excerpt(*sh) + " whose size overflows");
 
     auto off = value.find("data_offsets");
     if (off == value.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
@@ -497,9 +514,9 @@ class safetensors_file {
       detail::fail(name_, what + " has data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
                               "] that end before they begin");
     if (t.end - t.begin != bytes)
-      detail::fail(name_, what + " has shape " + sh->dump() + " and dtype " + type + " (" + std::to_string(bytes) +
-                              " bytes) but data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
-                              "] span " + std::to_string(t.end - t.begin) + " bytes");
+      detail::fail(name_, what + " has shape " + detail::json_excerpt(*sh) + " and dtype " + type + " (" +
+                              std::to_string(bytes) + " bytes) but data_offsets [" + std::to_string(t.begin) + ", " +
+                              std::to_string(t.end) + "] span " + std::to_string(t.end - t.begin) + " bytes");
     return t;
   }
 
