@@ -17,7 +17,7 @@
 // vision code's SuperScalableLinear names the same tensors Ad … E, without the prefix); one R for
 // every layer; target_modules as that code reads it — a list selects module m when m ends with an entry
 // (any suffix: unlike LoRA's PEFT rule there is no '.' boundary), a string is a regular expression that
-// must match the whole name.
+// must match the whole name (within the pattern and module-name limits io/peft.hpp describes).
 //
 // The library's own addition: "eval_config", an object mapping a module to the configuration the layer
 // has fixed for evaluation and merging (the GLoRA code keeps it as the layer attribute eval_config
