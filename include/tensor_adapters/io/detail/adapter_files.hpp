@@ -30,8 +30,8 @@ inline constexpr std::size_t max_pattern_length = 1000;      // characters in a 
 inline constexpr std::size_t max_pattern_depth = 32;         // nested groups ( … )
 inline constexpr std::size_t max_pattern_digits = 6;         // digits in a repetition count {n,m}
 inline constexpr std::uint64_t max_pattern_states = 4000;    // size estimate with counted repetitions expanded
-inline constexpr std::uint64_t max_pattern_lookahead = 100;  // the same, summed over lookaheads (?= … ) (?! … )
-inline constexpr std::uint64_t max_pattern_lookaheads = 4;   // lookaheads, counted repetitions expanded
+inline constexpr std::uint64_t max_pattern_lookahead = 64;   // the same, summed over lookaheads (?= … ) (?! … )
+inline constexpr std::uint64_t max_pattern_lookaheads = 2;   // lookaheads, counted repetitions expanded
 inline constexpr std::size_t max_module_name_length = 1000;  // characters in a module name matched
 
 namespace detail {
