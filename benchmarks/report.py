@@ -847,6 +847,10 @@ def render(data_dir, out_dir, template, meta):
         "- One-minute load average while the programs ran: %s–%s (on 2 cores, anything above ~1 means another "
         "process shared the cores and the times are inflated)." % (num(min(loads) if loads else None),
                                                                    num(max(loads) if loads else None)),
+        "- %s" % ("The machine was busy with other work during this run: the one-thread figures are CPU time and "
+                  "comparable within a table, while every two-thread figure is wall-clock time that includes waiting "
+                  "for the other processes, so two-thread ratios from this run say more about the load than about "
+                  "the code." if loads and max(loads) >= 1.5 else "The machine was quiet during this run."),
         "- Every figure is a median over repetitions; every ratio divides two medians measured in the same run "
         "(ours against a baseline in the same program; PyTorch in the same session, right after).",
     ])
