@@ -148,6 +148,10 @@ def run_all(args, out_data, raw_dir):
     only = set(args.only.split(",")) if args.only else set(BINARIES)
     os.makedirs(out_data, exist_ok=True)
     os.makedirs(raw_dir, exist_ok=True)
+    missing = [b for b in BINARIES if b in only and not os.access(os.path.join(args.bench_dir, b), os.X_OK)]
+    if missing and len(missing) == len([b for b in BINARIES if b in only]):
+        raise SystemExit("report.py: no benchmark program in %s (configure with -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=ON "
+                         "and build them first); nothing was run or written" % args.bench_dir)
     for binary in BINARIES:
         if binary not in only:
             continue
@@ -900,8 +904,9 @@ def main():
         meta["source"] = "the medians saved in `%s`" % os.path.relpath(os.path.abspath(data_dir), ROOT)
     else:
         data_dir = os.path.join(out_dir, "data")
-        if os.path.isdir(data_dir) and not args.only:  # --only refreshes its programs, keeps the others' results
-            for old in glob.glob(os.path.join(data_dir, "*.json")):
+        if os.path.isdir(data_dir) and not args.only and any(
+                os.access(os.path.join(args.bench_dir, b), os.X_OK) for b in BINARIES):
+            for old in glob.glob(os.path.join(data_dir, "*.json")):  # --only refreshes its programs, keeps the rest
                 os.remove(old)
         cmd = ["benchmarks/report.py"] + [a.replace(ROOT + "/", "") for a in sys.argv[1:]]
         meta["command"] = " ".join(shlex.quote(c) for c in cmd)
