@@ -379,6 +379,10 @@ TEST_CASE("hostile PEFT patterns and configs are refused or matched in bounded t
     require_config_error(config_with("\"alpha_pattern\": {\"a{1,99999999999999999999}\": 1}"),
                          {"alpha_pattern", "more than 6 digits"});
     require_config_error(config_with("\"target_modules\": \"a{99999999999\""), {"more than 6 digits"});
+    REQUIRE_THROWS_WITH(io::parse_glora_adapter_config(
+                            "{\"peft_type\": \"GLORA\", \"r\": 4, \"target_modules\": \"\\\\18446744073709551616\"}",
+                            "glora.json"),
+                        Contains("glora.json target_modules") && Contains("back-reference"));
     // Within the digits, the repetitions are counted: the pattern would expand to too many states.
     require_config_error(config_with("\"target_modules\": \"(a{999}){999}\""), {"too large", "limit is 4000"});
     CHECK_NOTHROW(io::parse_peft_lora_config(config_with("\"target_modules\": \".*layers\\\\.\\\\d{1,3}\\\\.q_proj\""),

@@ -17,18 +17,19 @@
 // its name or a suffix of it that starts after a '.', or when target_modules (a string) is a regular
 // expression matching the whole name.
 //
-// Patterns come from files, so they are bounded before std::regex compiles them (io::detail::check_pattern in
-// io/detail/adapter_files.hpp; each limit is an io:: constant): at most 1,000 characters, groups nested
+// Patterns come from files, so they are bounded before std::regex compiles them (io::detail::check_pattern
+// in io/detail/adapter_files.hpp; each limit is an io:: constant): at most 1,000 characters, groups nested
 // at most 32 deep, repetition counts {n,m} of at most 6 digits, about 4,000 automaton states with every
 // counted repetition expanded, at most 2 lookaheads (?= …) / (?! …) of about 64 states in all and none
 // inside another, and no back-references. Module names matched against a pattern are at most 1,000
 // characters, and the JSON text nests at most 64 deep. With libstdc++, matching runs its polynomial-time
 // automaton simulation, not its backtracking matcher: a pattern such as (a*)*b costs time linear in the
-// name. The slowest patterns found within the limits take about 0.05 s on a 1,000-character name
-// without lookaheads ((?:.*){799}) and 0.35 s with one (a lookahead holding twenty .*, tried at every
-// position); a lookahead such as ^(?!.*vision_tower) costs little. Other standard libraries backtrack:
-// there the limits bound the recursion but not the time. A pattern or name beyond a limit raises
-// format_error.
+// name. The slowest patterns found within the limits take 0.05-0.07 s on a 1,000-character name without
+// lookaheads ((?:.*){799}) and 0.35-0.8 s with one (a lookahead holding twenty .*, tried at every
+// position), on a shared 2-core machine; a lookahead such as ^(?!.*vision_tower) costs little. Each key is
+// matched against each module, so a file's total is that times keys × modules. Other standard libraries
+// backtrack: there the limits bound the recursion but not the time. A pattern or name beyond a limit
+// raises format_error.
 //
 // Loading checks every key, shape and value before returning: each module has both factors, of rank 2
 // to 5, agreeing on r; B's trailing extents are 1; r is the rank the config gives the module; the module
