@@ -32,11 +32,12 @@
 // its loss, and every merged network matches its unmerged one within a float tolerance.
 //
 // Everything is float, on one thread (Eigen's products here are too small to gain from more); the
-// whole run takes about 12 s of CPU in a Release build, most of it GLoRA's search (1000 evaluations of
-// the held-out split with the official search sizes).
+// whole run takes about 10 s of CPU in a Release build, most of it GLoRA's search (1000 evaluations of
+// the held-out split with the official search sizes); --quick about 1 s (about 17 s under the
+// sanitizers).
 //
 // Run:  cmake --build <build dir> --target finetune_demo && <build dir>/examples/finetune_demo
-// Options:  --quick      small sizes, a few seconds (the ctest example_finetune_demo runs this);
+// Options:  --quick      small sizes (the ctest example_finetune_demo runs this);
 //           --seed N     seeds data and initialisation (default 2026);
 //           --threads N  threads for Eigen's products (default 1).
 #include <tensor_adapters/glora_search.hpp>
