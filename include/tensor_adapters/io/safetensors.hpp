@@ -212,11 +212,17 @@ inline nlohmann::ordered_json parse_json_strict(const char* text, std::size_t si
   return j;
 }
 
-// A JSON value as text for a message: its compact dump, cut to about 80 characters.
+// `text` cut to at most `size` bytes (then ending in "..."), not inside a UTF-8 sequence.
+inline std::string excerpt(const std::string& text, std::size_t size) {
+  if (text.size() <= size) return text;
+  std::size_t cut = size - 3;
+  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+  return text.substr(0, cut) + "...";
+}
+
+// A JSON value as text for a message: its compact dump, cut to about 80 bytes.
 inline std::string json_excerpt(const nlohmann::ordered_json& v) {
-  std::string text = v.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
-  if (text.size() > 80) text = text.substr(0, 77) + "...";
-  return text;
+  return excerpt(v.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace), 80);
 }
 
 // a · b, false on overflow of uint64.

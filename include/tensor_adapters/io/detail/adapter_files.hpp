@@ -45,10 +45,8 @@ inline std::uint64_t saturating_mul(std::uint64_t a, std::uint64_t b) {
                                                                      : a * b;
 }
 
-// `text` quoted for a message, cut to about 60 characters.
-inline std::string quoted_excerpt(const std::string& text) {
-  return "\"" + (text.size() > 60 ? text.substr(0, 57) + "..." : text) + "\"";
-}
+// `text` quoted for a message, cut to about 60 bytes.
+inline std::string quoted_excerpt(const std::string& text) { return "\"" + excerpt(text, 60) + "\""; }
 
 // Checks an ECMAScript pattern against the limits above before std::regex sees it: its length, the
 // nesting of its groups, the digits of its repetition counts, back-references (refused: matching stays
