@@ -5,7 +5,10 @@
 #   ./run.sh test             build everything and run the whole test suite
 #   ./run.sh test --sanitize  the same under AddressSanitizer + UndefinedBehaviorSanitizer
 #   ./run.sh bench [filter]   build and run the microbenchmarks
-#   ./run.sh fuzz [seconds]   fuzz the safetensors reader (clang, libFuzzer + ASan/UBSan; default 60 s)
+#   ./run.sh report [args]    run them all and render docs/BENCHMARKS.md with plots, beside PyTorch when
+#                             /usr/bin/python3 has torch (args go to benchmarks/report.py, e.g. --quick)
+#   ./run.sh fuzz [seconds]   fuzz the safetensors reader and the PEFT config parser (clang, libFuzzer +
+#                             ASan/UBSan; default 60 s in all)
 #
 # Missing Debian packages are installed with apt-get when run as root; otherwise the exact install
 # line is printed and nothing else happens.
@@ -13,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 packages=(g++ cmake make libeigen3-dev catch2 libbenchmark-dev libomp-dev nlohmann-json3-dev clang libclang-rt-14-dev)
+[ "${1:-}" = report ] && packages+=(python3-matplotlib)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -60,6 +64,20 @@ case "${1:-}" in
       "$b" --benchmark_filter="${2:-.}" --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
     done
     ;;
+  report)
+    configure build/release -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=ON
+    # PyTorch as Debian ships it calls whichever libblas.so.3 is installed, often the slow reference one;
+    # the report also times it with OpenBLAS, unpacked into build/ (nothing is installed or switched).
+    blas=build/openblas/usr/lib/x86_64-linux-gnu/openblas-pthread
+    if [ ! -d "$blas" ] && /usr/bin/python3 -c "import torch" 2>/dev/null; then
+      mkdir -p build/openblas
+      (cd build/openblas && apt-get download libopenblas0-pthread >/dev/null && dpkg-deb -x libopenblas0-pthread_*.deb .) ||
+        echo "run.sh: could not fetch libopenblas0-pthread; PyTorch is timed with the system BLAS only"
+    fi
+    extra=()
+    [ -d "$blas" ] && extra+=(--torch-blas "openblas=$blas")
+    /usr/bin/python3 benchmarks/report.py build/release/benchmarks "${extra[@]}" "${@:2}"
+    ;;
   fuzz)
     configure build/fuzz -DCMAKE_CXX_COMPILER=clang++ -DTENSOR_ADAPTERS_BUILD_FUZZERS=ON \
       -DTENSOR_ADAPTERS_BUILD_TESTS=OFF -DTENSOR_ADAPTERS_BUILD_EXAMPLES=OFF -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=OFF
@@ -74,7 +92,7 @@ case "${1:-}" in
       build/fuzz/corpus_peft_config fuzz/corpus_peft_config
     ;;
   *)
-    sed -n '2,11p' "$0"
+    sed -n '2,14p' "$0"
     exit 2
     ;;
 esac

@@ -4,7 +4,7 @@
 // Shape: (batch 512, 768 → 768, R 8). Configurations: all-lora (A=lora_8,B=lora_8,C=lora_8,D=vector,
 // E=vector) and a cheap one (A=vector,B=scalar,C=vector,D=scalar,E=vector). Counters: GFLOP/s of the
 // work each benchmark does. Goals: forward ≤ 1.10× the base layer's time; forward + backward ≤ 3.3× the
-// base layer's forward.
+// base layer's forward. glora_merge forms (W_eff, b_eff) for inference.
 #include <tensor_adapters/glora.hpp>
 
 #include <benchmark/benchmark.h>
@@ -84,6 +84,21 @@ void glora_forward_backward(benchmark::State& state) {
   set_gflops(state, p.base_flops() * (gw ? 3.0 : 2.0));
 }
 
+void glora_merge(benchmark::State& state) {
+  problem p(state);
+  ta::tensor<float, 2> w_eff(p.out, p.in);
+  ta::tensor<float, 1> b_eff(p.out);
+  for (auto _ : state) {
+    ta::merge<float, 2>(p.store, p.config, ta::view(p.w0), ta::view(p.b0), ta::writable_view(w_eff),
+                        ta::writable_view(b_eff), p.ws);
+    benchmark::DoNotOptimize(w_eff.data());
+    benchmark::ClobberMemory();
+  }
+  // GB/s: W0 read and W_eff written once.
+  const double bytes = 2.0 * double(p.out) * double(p.in) * sizeof(float);
+  state.counters["GB/s"] = benchmark::Counter(bytes * double(state.iterations()) * 1e-9, benchmark::Counter::kIsRate);
+}
+
 void shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"n", "in", "out", "R", "config"});
   b->Args({512, 768, 768, 8, 0});
@@ -104,5 +119,6 @@ void base_shapes(benchmark::internal::Benchmark* b) {
 BENCHMARK(base_forward)->Apply(base_shapes);
 BENCHMARK(glora_forward)->Apply(shapes);
 BENCHMARK(glora_forward_backward)->Apply(shapes);
+BENCHMARK(glora_merge)->Apply(shapes);
 
 BENCHMARK_MAIN();

@@ -1,7 +1,8 @@
 // LoRA on a linear layer against the frozen base layer alone (x · W0ᵀ), in the same binary.
 //
 // Shapes: (batch 512, 768 → 768, r 8) and (batch 64, 4096 → 4096, r 16). Counters: GFLOP/s of the
-// work each benchmark does. Goal: LoRA forward ≤ 1.05× the base layer's time.
+// work each benchmark does. Goal: LoRA forward ≤ 1.05× the base layer's time. lora_merge folds the
+// adapter into the weight in place (W ← W + scale · B · A), what switching to inference costs once.
 #include <tensor_adapters/lora.hpp>
 
 #include <benchmark/benchmark.h>
@@ -72,6 +73,17 @@ void lora_forward_backward(benchmark::State& state) {
   set_gflops(state, 2 * p.base_flops() + p.lora_flops() + 2.5 * p.lora_flops());
 }
 
+void lora_merge(benchmark::State& state) {
+  problem p(state);
+  ta::tensor<float, 2> w = p.w0;
+  for (auto _ : state) {
+    ta::merge(p.adapter, w);  // ΔW accumulates over the iterations; its size does not matter to the time
+    benchmark::DoNotOptimize(w.data());
+    benchmark::ClobberMemory();
+  }
+  set_gflops(state, 2.0 * double(p.out) * double(p.in) * double(p.r));
+}
+
 void shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"n", "in", "out", "r"});
   b->Args({512, 768, 768, 8});
@@ -85,5 +97,6 @@ void shapes(benchmark::internal::Benchmark* b) {
 BENCHMARK(base_forward)->Apply(shapes);
 BENCHMARK(lora_forward)->Apply(shapes);
 BENCHMARK(lora_forward_backward)->Apply(shapes);
+BENCHMARK(lora_merge)->Apply(shapes);
 
 BENCHMARK_MAIN();

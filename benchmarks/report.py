@@ -702,7 +702,8 @@ def adapter_groups(runs):
                 groups.append(("LoRA, linear %d, %d→%d, r %d (%d thr.)" % (n, i, o, r, t), [
                     ("base forward", get(run, "base_forward/" + a), "base"),
                     ("forward", get(run, "lora_forward/" + a), "adapter"),
-                    ("forward + backward", get(run, "lora_forward_backward/" + a), "adapter")]))
+                    ("forward + backward", get(run, "lora_forward_backward/" + a), "adapter"),
+                    ("merge", get(run, "lora_merge/" + a), "merge")]))
         run = runs.get(("bench_glora", t))
         if run:
             a = "n:512/in:768/out:768/R:8/config:%d"
@@ -711,7 +712,9 @@ def adapter_groups(runs):
                 ("forward, all-lora", get(run, "glora_forward/" + a % 0), "adapter"),
                 ("forward, cheap", get(run, "glora_forward/" + a % 1), "adapter"),
                 ("fwd + bwd, all-lora", get(run, "glora_forward_backward/" + a % 0), "adapter"),
-                ("fwd + bwd, cheap", get(run, "glora_forward_backward/" + a % 1), "adapter")]))
+                ("fwd + bwd, cheap", get(run, "glora_forward_backward/" + a % 1), "adapter"),
+                ("merge, all-lora", get(run, "glora_merge/" + a % 0), "merge"),
+                ("merge, cheap", get(run, "glora_merge/" + a % 1), "merge")]))
     run = runs.get(("bench_flora", 0))
     if run:
         a = "n:512/in:768/out:768/r:8"
