@@ -540,6 +540,20 @@ void check_glora_vector(const Vector& v, index size, const char* function, const
            std::string(name) + " has shape " + shape_string(v) + " but must be (" + std::to_string(size) + ")");
 }
 
+// The checks every merge makes (of any weight type): the store, the configuration, w0 against the store,
+// w_eff against w0 and b_eff against the output extent.
+template <class T, class Weight, class WeightOut, class BiasOut>
+glora_dims check_glora_merge(const glora<T>& a, const glora_config& c, const Weight& w0, const WeightOut& w_eff,
+                             const BiasOut& b_eff, const char* function) {
+  const glora_dims d = check_glora_store(a, function);
+  check_glora_config(c, d.rank, function);
+  check_glora_weight(d, w0, function, "w0");
+  TA_CHECK(w_eff.dimensions() == w0.dimensions(), function,
+           "w_eff has shape " + shape_string(w_eff) + " but w0 " + shape_string(w0));
+  check_glora_vector(b_eff, d.out, function, "b_eff");
+  return d;
+}
+
 inline void check_glora_matrix(const Eigen::DSizes<index, 2>& dims, index rows, index cols, const char* function,
                                const char* name) {
   TA_CHECK(dims[0] == rows && dims[1] == cols, function,
@@ -1018,26 +1032,15 @@ void merge(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_vie
            nondeduced<const_tensor_view<T, 1>> b0, nondeduced<tensor_view<T, N>> w_eff,
            nondeduced<tensor_view<T, 1>> b_eff, glora_workspace<T>& ws) {
   const char* fn = "glora merge";
-  const detail::glora_dims d = detail::check_glora_store(a, fn);
-  detail::check_glora_config(c, d.rank, fn);
-  detail::check_glora_weight(d, w0, fn, "w0");
-  detail::check_glora_vector(b0, d.out, fn, "b0");
-  TA_CHECK(w_eff.dimensions() == w0.dimensions(), fn,
-           "w_eff has shape " + detail::shape_string(w_eff) + " but w0 " + detail::shape_string(w0));
-  detail::check_glora_vector(b_eff, d.out, fn, "b_eff");
+  detail::check_glora_vector(b0, detail::check_glora_store(a, fn).out, fn, "b0");
+  const detail::glora_dims d = detail::check_glora_merge(a, c, w0, w_eff, b_eff, fn);
   detail::glora_grow(ws.col, d.in);
   detail::glora_layer(a, c, d, w0.data(), b0.data(), true, ws.col.data(), w_eff.data(), b_eff.data());
 }
 template <class T, int N>
 void merge(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
            nondeduced<tensor_view<T, N>> w_eff, nondeduced<tensor_view<T, 1>> b_eff, glora_workspace<T>& ws) {
-  const char* fn = "glora merge";
-  const detail::glora_dims d = detail::check_glora_store(a, fn);
-  detail::check_glora_config(c, d.rank, fn);
-  detail::check_glora_weight(d, w0, fn, "w0");
-  TA_CHECK(w_eff.dimensions() == w0.dimensions(), fn,
-           "w_eff has shape " + detail::shape_string(w_eff) + " but w0 " + detail::shape_string(w0));
-  detail::check_glora_vector(b_eff, d.out, fn, "b_eff");
+  const detail::glora_dims d = detail::check_glora_merge(a, c, w0, w_eff, b_eff, "glora merge");
   detail::glora_grow(ws.col, d.in);
   detail::glora_layer(a, c, d, w0.data(), static_cast<const T*>(nullptr), true, ws.col.data(), w_eff.data(),
                       b_eff.data());
@@ -1064,12 +1067,7 @@ template <class T, int N>
 void glora_safe_merge(const glora<T>& a, const glora_config& c, const const_tensor_view<T, N>& w0, const T* b0,
                       tensor_view<T, N> w_eff, tensor_view<T, 1> b_eff, glora_workspace<T>& ws) {
   const char* fn = "glora safe_merge";
-  const glora_dims d = check_glora_store(a, fn);
-  check_glora_config(c, d.rank, fn);
-  check_glora_weight(d, w0, fn, "w0");
-  TA_CHECK(w_eff.dimensions() == w0.dimensions(), fn,
-           "w_eff has shape " + shape_string(w_eff) + " but w0 " + shape_string(w0));
-  check_glora_vector(b_eff, d.out, fn, "b_eff");
+  const glora_dims d = check_glora_merge(a, c, w0, w_eff, b_eff, fn);
   glora_grow(ws.col, d.in);
   glora_grow(ws.weight, d.out * d.in);
   glora_grow(ws.bias, d.out);

@@ -301,12 +301,7 @@ namespace detail {
 template <class H, class T, int N>
 void glora_half_merge(const glora<T>& a, const glora_config& c, const const_tensor_view<H, N>& w0, const H* b0,
                       tensor_view<H, N> w_eff, tensor_view<H, 1> b_eff, bool checked, const char* fn) {
-  const glora_dims d = check_glora_store(a, fn);
-  check_glora_config(c, d.rank, fn);
-  check_glora_weight(d, w0, fn, "w0");
-  TA_CHECK(w_eff.dimensions() == w0.dimensions(), fn,
-           "w_eff has shape " + shape_string(w_eff) + " but w0 " + shape_string(w0));
-  check_glora_vector(b_eff, d.out, fn, "b_eff");
+  const glora_dims d = check_glora_merge(a, c, w0, w_eff, b_eff, fn);
   tensor<T, N> w0t(w0.dimensions());
   for (index i = 0; i < w0.size(); ++i) w0t.data()[i] = static_cast<T>(static_cast<float>(w0.data()[i]));
   tensor<T, N> dw(w0.dimensions());
