@@ -769,18 +769,10 @@ void glora_factor_grad(const glora_choice& k, index o0, index m, index cols, ind
     gemm<T>(false, true, m, r, cols, T(1), g, ldg, xu, cols, T(0), gxd + o0 * R, R);
     gemm<T>(true, false, r, cols, m, T(1), xd + o0 * R, R, g, ldg, first ? T(0) : T(1), gxu, cols);
   } else if (k.kind == glora_kind::vector) {
-    for (index o = 0; o < m; ++o) {
-      const T* row = g + o * ldg;
-      T s = T(0);
-      for (index i = 0; i < cols; ++i) s += row[i];
-      gxd[(o0 + o) * R] = s;
-    }
+    for (index o = 0; o < m; ++o) gxd[(o0 + o) * R] = vector_sum(g + o * ldg, cols);
   } else if (k.kind == glora_kind::scalar) {
     T s = T(0);
-    for (index o = 0; o < m; ++o) {
-      const T* row = g + o * ldg;
-      for (index i = 0; i < cols; ++i) s += row[i];
-    }
+    for (index o = 0; o < m; ++o) s += vector_sum(g + o * ldg, cols);
     *total += s;
   }
 }
@@ -1172,12 +1164,7 @@ template <class T>
 void glora_row_sums(const const_tensor_view<T, 2>& x, T* sx) {
   const index n = x.dimension(0), I = x.dimension(1);
   glora_parallel_for(n, n * I, [&](index i0, index i1) {
-    for (index i = i0; i < i1; ++i) {
-      const T* row = x.data() + i * I;
-      T s = T(0);
-      for (index k = 0; k < I; ++k) s += row[k];
-      sx[i] = s;
-    }
+    for (index i = i0; i < i1; ++i) sx[i] = vector_sum(x.data() + i * I, I);
   });
 }
 
@@ -1211,9 +1198,7 @@ void glora_linear_forward(const glora<T>& a, const glora_config& c, const glora_
     for (index i = i0; i < i1; ++i) {
       T* row = y + i * O;
       if (b_sums) {
-        const T* xr = x.data() + i * I;
-        T sx = T(0);
-        for (index k = 0; k < I; ++k) sx += xr[k];
+        const T sx = vector_sum(x.data() + i * I, I);
         for (index o = 0; o < O; ++o) row[o] = (row[o] + row[o] * av[o]) + b[o] + sx * bv[o];
       } else {
         for (index o = 0; o < O; ++o) row[o] = (row[o] + row[o] * av[o]) + b[o];

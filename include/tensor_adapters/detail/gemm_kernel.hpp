@@ -171,20 +171,37 @@ struct gemm_buffers {
 };
 
 // Packs rows [0, mc) and steps [0, kc) of a into MR×kc panels, zero-padding the last panel's rows.
-template <class T, int MR>
+template <class T, class Isa, int MR>
 void pack_a(index mc, index kc, const strided_matrix<T>& a, T* out) {
+  constexpr int TB = transpose_block<T, Isa>::size;
   for (index r0 = 0; r0 < mc; r0 += MR) {
     const index mr = std::min<index>(MR, mc - r0);
     const T* src = a.data + r0 * a.rs;
-    if (a.cs == 1) {
-      for (index r = 0; r < mr; ++r)
-        for (index p = 0; p < kc; ++p) out[p * MR + r] = src[r * a.rs + p];
+    if (mr == MR && a.rs == 1) {
+      // A transposed: each step's MR values are contiguous (a fixed-size copy: register moves).
+      for (index p = 0; p < kc; ++p) std::memcpy(out + p * MR, src + p * a.cs, sizeof(T) * MR);
+    } else if (mr == MR && a.cs == 1 && TB > 1) {
+      // Rows along k: transposed in TB×TB register blocks, TB rows read side by side (TB streams
+      // for the prefetcher instead of one row at a time); the last MR % TB rows element by element.
+      constexpr int whole_rows = MR / TB * TB;
+      const index whole = kc / TB * TB;
+      for (index p0 = 0; p0 < whole; p0 += TB) {
+        for (int t0 = 0; t0 < whole_rows; t0 += TB)
+          transpose_block<T, Isa>::run(src + t0 * a.rs + p0, a.rs, out + p0 * MR + t0, MR);
+#pragma GCC unroll 16
+        for (int r = whole_rows; r < MR; ++r)
+#pragma GCC unroll 16
+          for (int p = 0; p < TB; ++p) out[(p0 + p) * MR + r] = src[r * a.rs + p0 + p];
+      }
+      for (index p = whole; p < kc; ++p)
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) out[p * MR + r] = src[r * a.rs + p];
     } else {
       for (index p = 0; p < kc; ++p)
         for (index r = 0; r < mr; ++r) out[p * MR + r] = src[r * a.rs + p * a.cs];
+      for (index p = 0; p < kc; ++p)
+        for (index r = mr; r < MR; ++r) out[p * MR + r] = T(0);
     }
-    for (index p = 0; p < kc; ++p)
-      for (index r = mr; r < MR; ++r) out[p * MR + r] = T(0);
     out += MR * kc;
   }
 }
@@ -295,7 +312,7 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
                          bpack);
       for (index ic = 0; ic < m; ic += MC) {
         const index mc = std::min(MC, m - ic);
-        pack_a<T, MR>(mc, kc, strided_matrix<T>{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs}, apack);
+        pack_a<T, Isa, MR>(mc, kc, strided_matrix<T>{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs}, apack);
         for (index jr = 0; jr < nc; jr += NR) {
           const index nr = std::min<index>(NR, nc - jr);
           const index col = c0 + jc + jr;
