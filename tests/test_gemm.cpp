@@ -186,3 +186,23 @@ TEMPLATE_TEST_CASE("a repeated product allocates nothing", "[gemm]", float, doub
   std::vector<TestType> v(100);
   REQUIRE(counting.allocations() == 1);
 }
+
+TEMPLATE_TEST_CASE("vector_sum matches a sum in double for every length and alignment", "[gemm][simd]", float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(7);
+  std::normal_distribution<double> normal;
+  std::vector<T> values(300);
+  for (auto& v : values) v = T(normal(gen));
+  for (ta::index offset : {0, 1, 3})
+    for (ta::index n = 0; n + offset <= 280; n += (n < 70 ? 1 : 13)) {
+      double exact = 0, magnitude = 0;
+      for (ta::index i = 0; i < n; ++i) exact += double(values[offset + i]), magnitude += std::abs(double(values[offset + i]));
+      const T got = td::vector_sum(values.data() + offset, n);
+      CAPTURE(offset, n);
+      // Any summation order is within n·ε·Σ|v| of the exact sum.
+      CHECK(std::abs(double(got) - exact) <= double(n) * double(std::numeric_limits<T>::epsilon()) * magnitude);
+    }
+  CHECK(td::vector_sum(values.data(), 0) == T(0));
+  const std::vector<T> ones(257, T(1));
+  CHECK(td::vector_sum(ones.data(), 257) == T(257));
+}
