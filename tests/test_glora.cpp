@@ -571,6 +571,9 @@ TEMPLATE_TEST_CASE("large layers (row blocks over several threads) match the for
     ta::tensor<T, 1> b_eff(O);
     ta::merge<T, 2>(a, c, ta::view(w0), ta::view(b0), ta::writable_view(w_eff), ta::writable_view(b_eff), ws);
     ta::delta_weight_vjp<T, 2>(a, c, ta::view(w0), ta::view(w_eff), grad, ws);
+    // W0 + ΔW (ΔW formed without W0 added) is the merged weight.
+    const ta::tensor<T, 2> w_sum = w0 + ta::delta_weight(a, c, w0);
+    CHECK(max_abs_diff(w_sum, w_eff) <= tol * std::max(T(1), max_abs(w_eff)));
     allocation_counter::scope counting;
     ta::forward(a, c, x, w0, b0, y, ws);
     ta::backward(a, c, x, w0, b0, dy, dx, grad, ws);

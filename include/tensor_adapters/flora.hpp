@@ -569,9 +569,10 @@ void safe_merge(const flora<T, N>& a, tensor<T, N>& w) {
 // serves every batch of up to n rows without allocating.
 template <class T>
 struct flora_workspace {
-  // The rank-sized activations are kept transposed, (r, n): the products that make and use them then
-  // have the short rank as their row count, which the GEMM kernel's register tiles cover better.
-  std::vector<T> h1;   // (r1, n): (x · U1)ᵀ
+  // Backward keeps the rank-sized activations transposed, (r, n): the products that make and use them
+  // then have the short rank as their row count, which the GEMM kernel's register tiles cover better.
+  // Forward keeps them (n, r): x · U1 is then a narrow product that reads x once, in place.
+  std::vector<T> h1;   // backward (r1, n): (x · U1)ᵀ; forward (n, r1): x · U1
   std::vector<T> h0;   // (r0, n): (h1 · Gᵀ)ᵀ; in forward (n, r0 [+ 1]): h1 · Gᵀ [and a column of ones]
   std::vector<T> dh0;  // (r0, n): (scale · dy · U0)ᵀ
   std::vector<T> dh1;  // (r1, n): (dh0 · G)ᵀ
@@ -603,7 +604,7 @@ void flora_linear_forward(const flora<T, 2>& a, const const_tensor_view<T, 2>& x
                           const T* b0, tensor_view<T, 2> y, flora_workspace<T>& ws) {
   const index n = x.dimension(0), in = x.dimension(1), out = w0.dimension(0);
   const index r0 = a.G.dimension(0), r1 = a.G.dimension(1);
-  // h1 = (x · U1)ᵀ (r1, n); h0 = h1ᵀ · Gᵀ (n, r0), with a column of ones beside it when there is a bias;
+  // h1 = x · U1 (n, r1); h0 = h1 · Gᵀ (n, r0), with a column of ones beside it when there is a bias;
   // u = [scale · U0, b0]ᵀ (r0 + 1, O), or scale · U0ᵀ (r0, O) without a bias.
   const index k = b0 != nullptr ? r0 + 1 : r0;
   grow_buffer(ws.h1, n * r1);
@@ -612,8 +613,8 @@ void flora_linear_forward(const flora<T, 2>& a, const const_tensor_view<T, 2>& x
   T* h1 = ws.h1.data();
   T* h0 = ws.h0.data();
   T* u = ws.t.data();
-  gemm<T>(true, true, r1, n, in, T(1), a.U[1].data(), r1, x.data(), in, T(0), h1, n);
-  gemm<T>(true, true, n, r0, r1, T(1), h1, n, a.G.data(), r1, T(0), h0, k);
+  gemm<T>(false, false, n, r1, in, T(1), x.data(), in, a.U[1].data(), r1, T(0), h1, r1);
+  gemm<T>(false, true, n, r0, r1, T(1), h1, r1, a.G.data(), r1, T(0), h0, k);
   const T* u0 = a.U[0].data();
   for (index c = 0; c < r0; ++c)
     for (index o = 0; o < out; ++o) u[c * out + o] = a.scale * u0[o * r0 + c];

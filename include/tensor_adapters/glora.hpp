@@ -578,6 +578,53 @@ void ensure_store_shape(const glora<T>& a, glora<T>& g) {
   if (g.E.dimensions() != a.E.dimensions()) g.E.resize(a.E.dimensions());
 }
 
+// out (m, I) = [w0 +] w0 ⊙ (ad · au) [+ bd · bu] in one pass over w0 and out, for factors of ranks ra ≥ 1
+// and rb ≥ 0 (0: no B term): ad (m, ra) and bd (m, rb) with leading dimension R, au (ra, I), bu (rb, I).
+// Each element's sums run over r in order from zero, as a matrix product's would. Four vector
+// columns at a time, so that eight independent FMA chains hide each one's latency; in column blocks
+// whose au and bu rows fit in 16 KB, so that they are read from L1 for every row of w0.
+template <class T>
+void glora_lora_rows(index m, index I, index R, index ra, const T* ad, const T* au, index rb, const T* bd, const T* bu,
+                     const T* w0, bool add_w0, T* out) {
+  using S = simd<T, native_isa>;
+  using reg = typename S::reg;
+  constexpr int W = S::width, V = 4;
+  const index block = std::max<index>(V * W, index(16384 / sizeof(T)) / (ra + rb) / (V * W) * (V * W));
+  for (index i0 = 0; i0 < I; i0 += block) {
+    const index i1 = std::min(I, i0 + block);
+    for (index o = 0; o < m; ++o) {
+      const T* ar = ad + o * R;
+      const T* br = bd + o * R;
+      const T* wr = w0 + o * I;
+      T* orow = out + o * I;
+      index i = i0;
+      for (; i + V * W <= i1; i += V * W) {
+        reg acc_a[V], acc_b[V];
+        for (int v = 0; v < V; ++v) acc_a[v] = S::zero(), acc_b[v] = S::zero();
+        for (index r = 0; r < ra; ++r) {
+          const reg x = S::broadcast(ar[r]);
+          for (int v = 0; v < V; ++v) acc_a[v] = S::fma(x, S::load(au + r * I + i + v * W), acc_a[v]);
+        }
+        for (index r = 0; r < rb; ++r) {
+          const reg x = S::broadcast(br[r]);
+          for (int v = 0; v < V; ++v) acc_b[v] = S::fma(x, S::load(bu + r * I + i + v * W), acc_b[v]);
+        }
+        for (int v = 0; v < V; ++v) {
+          const reg w = S::load(wr + i + v * W);
+          const reg y = add_w0 ? S::fma(w, acc_a[v], w) : S::mul(w, acc_a[v]);
+          S::store(orow + i + v * W, S::add(y, acc_b[v]));
+        }
+      }
+      for (; i < i1; ++i) {
+        T sa = T(0), sb = T(0);
+        for (index r = 0; r < ra; ++r) sa += ar[r] * au[r * I + i];
+        for (index r = 0; r < rb; ++r) sb += br[r] * bu[r * I + i];
+        orow[i] = (add_w0 ? wr[i] + wr[i] * sa : wr[i] * sa) + sb;
+      }
+    }
+  }
+}
+
 // Rows [o0, o1) of W0 ⊙ A + B, or with add_w0 of W0 + W0 ⊙ A + B (the official order of additions), into
 // out (o1 − o0, I). w0 points at row o0 of W0.
 template <class T>
@@ -585,13 +632,11 @@ void glora_weight_rows(const glora<T>& a, const glora_config& c, const glora_dim
                        const T* w0, bool add_w0, T* out) {
   const index I = d.in, R = d.rank, m = o1 - o0, n = m * I;
   const glora_choice& A = c.A;
+  const glora_choice& B = c.B;
   if (A.kind == glora_kind::lora) {
-    gemm<T>(false, false, m, I, A.rank, T(1), a.Ad.data() + o0 * R, R, a.Au.data(), I, T(0), out, I);
-    if (add_w0) {
-      for (index k = 0; k < n; ++k) out[k] = w0[k] + w0[k] * out[k];
-    } else {
-      for (index k = 0; k < n; ++k) out[k] = w0[k] * out[k];
-    }
+    const index rb = B.kind == glora_kind::lora ? B.rank : 0;  // a lora B joins the same pass
+    glora_lora_rows(m, I, R, A.rank, a.Ad.data() + o0 * R, a.Au.data(), rb, a.Bd.data() + o0 * R, a.Bu.data(), w0,
+                    add_w0, out);
   } else if (A.kind == glora_kind::vector) {
     for (index o = 0; o < m; ++o) {
       const T s = a.Ad.data()[(o0 + o) * R];
@@ -615,8 +660,7 @@ void glora_weight_rows(const glora<T>& a, const glora_config& c, const glora_dim
   } else {
     std::fill(out, out + n, T(0));
   }
-  const glora_choice& B = c.B;
-  if (B.kind == glora_kind::lora) {
+  if (B.kind == glora_kind::lora && A.kind != glora_kind::lora) {
     gemm<T>(false, false, m, I, B.rank, T(1), a.Bd.data() + o0 * R, R, a.Bu.data(), I, T(1), out, I);
   } else if (B.kind == glora_kind::vector) {
     for (index o = 0; o < m; ++o) {
