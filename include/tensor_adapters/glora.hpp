@@ -804,14 +804,20 @@ void glora_layer(const glora<T>& a, const glora_config& c, const glora_dims& d, 
 //   lora:   gXd[o0 : o0 + m, :r] = G·Xu[:r]ᵀ, and gXu[:r] = Xd[o0 : o0 + m, :r]ᵀ·G, added to gXu unless first;
 //   vector: gXd[o0 : o0 + m, 0] = Σ_cols G;
 //   scalar: *total += Σ G.
-// gXd has leading dimension R, gXu leading dimension cols.
+// gXd has leading dimension R, gXu leading dimension cols. scratch: cols · rank elements.
 template <class T>
 void glora_factor_grad(const glora_choice& k, index o0, index m, index cols, index R, const T* xd, const T* xu,
-                       const T* g, index ldg, bool first, T* gxd, T* gxu, T* total) {
+                       const T* g, index ldg, bool first, T* gxd, T* gxu, T* total, T* scratch) {
   if (k.kind == glora_kind::lora) {
     const index r = k.rank;
     gemm<T>(false, true, m, r, cols, T(1), g, ldg, xu, cols, T(0), gxd + o0 * R, R);
-    gemm<T>(true, false, r, cols, m, T(1), xd + o0 * R, R, g, ldg, first ? T(0) : T(1), gxu, cols);
+    // gXu[:r] is formed as its transpose (cols, r) = Gᵀ · Xd[o0 : o0 + m, :r]: a narrow product that reads
+    // G once, in place (the direct form would copy all of G into the kernel's panels).
+    gemm<T>(true, false, cols, r, m, T(1), g, ldg, xd + o0 * R, R, T(0), scratch, r);
+    for (index j = 0; j < r; ++j) {
+      T* row = gxu + j * cols;
+      for (index i = 0; i < cols; ++i) row[i] = first ? scratch[i * r + j] : row[i] + scratch[i * r + j];
+    }
   } else if (k.kind == glora_kind::vector) {
     for (index o = 0; o < m; ++o) gxd[(o0 + o) * R] = vector_sum(g + o * ldg, cols);
   } else if (k.kind == glora_kind::scalar) {
@@ -841,14 +847,15 @@ void glora_backward_rows(const glora<T>& a, const glora_config& c, const glora_d
   const glora_plan plan = glora_blocks<T>(d);
   const index step = plan.step, blocks = plan.blocks;
   const int threads = plan.threads;
-  // Per thread: gAu (R, I), gBu (R, I), W0ᵀ · gb (I), two totals.
-  const index stride = 2 * R * I + I + 2;
+  // Per thread: gAu (R, I), gBu (R, I), W0ᵀ · gb (I), two totals, scratch for glora_factor_grad (R · I).
+  const index stride = 3 * R * I + I + 2;
   glora_grow(ws.partials, threads * stride);
   const int team = glora_parallel_blocks(blocks, threads, [&](int t, index b0, index b1) {
     T* au = ws.partials.data() + t * stride;
     T* bu = au + R * I;
     T* pcol = bu + R * I;
     T* totals = pcol + I;
+    T* scratch = totals + 2;
     totals[0] = totals[1] = T(0);
     for (index b = b0; b < b1; ++b) {
       const index o0 = b * step, o1 = std::min(O, o0 + step), m = o1 - o0;
@@ -856,13 +863,16 @@ void glora_backward_rows(const glora<T>& a, const glora_config& c, const glora_d
       const T* w0b = w0 + o0 * I;
       if (gw != nullptr) {
         T* g = gw + o0 * I;
-        glora_factor_grad(c.B, o0, m, I, R, a.Bd.data(), a.Bu.data(), g, I, first, grad.Bd.data(), bu, totals + 1);
+        glora_factor_grad(c.B, o0, m, I, R, a.Bd.data(), a.Bu.data(), g, I, first, grad.Bd.data(), bu, totals + 1,
+                          scratch);
         if (c.A.kind != glora_kind::none) {
           for (index k = 0; k < m * I; ++k) g[k] *= w0b[k];
-          glora_factor_grad(c.A, o0, m, I, R, a.Ad.data(), a.Au.data(), g, I, first, grad.Ad.data(), au, totals);
+          glora_factor_grad(c.A, o0, m, I, R, a.Ad.data(), a.Au.data(), g, I, first, grad.Ad.data(), au, totals,
+                            scratch);
         }
       }
-      if (prompt) gemm<T>(false, false, 1, I, m, T(1), gb + o0, m, w0b, I, first ? T(0) : T(1), pcol, I);
+      // pcol (1, I) (+)= gb[o0 : o1]ᵀ · W0 block, as its transpose (I, 1): a narrow product reading W0 in place.
+      if (prompt) gemm<T>(true, false, I, 1, m, T(1), w0b, I, gb + o0, 1, first ? T(0) : T(1), pcol, 1);
       if (weff != nullptr) glora_weight_rows(a, c, d, o0, o1, w0b, true, weff + o0 * I);
     }
   });
@@ -888,7 +898,8 @@ void glora_backward_rows(const glora<T>& a, const glora_config& c, const glora_d
   }
   if (prompt) {
     T total = T(0);
-    glora_factor_grad(c.C, 0, I, 1, R, a.Cd.data(), a.Cu.data(), col, 1, true, grad.Cd.data(), grad.Cu.data(), &total);
+    glora_factor_grad(c.C, 0, I, 1, R, a.Cd.data(), a.Cu.data(), col, 1, true, grad.Cd.data(), grad.Cu.data(), &total,
+                      ws.partials.data() + 2 * R * I + I + 2);  // thread 0's scratch
   }
 }
 
