@@ -138,13 +138,14 @@ TEMPLATE_TEST_CASE("mode products of ranks 1 to 6 match the scalar kernel and pl
 TEMPLATE_TEST_CASE("mode products with full register tiles and several cache blocks", "[mode_product]", float, double) {
   std::mt19937_64 gen(22);
   // A middle mode whose trailing extent is a multiple of every tile width, and one that is not;
-  // a contracted extent past one KC block; a last mode with many rows.
+  // a contracted extent past one KC block; a last mode with many rows; a conv-like middle mode whose
+  // trailing extent 9 is shorter than a register, large enough to be split over threads at J 8 and 13.
   for (const ta::shape<3>& dims : {ta::shape<3>{3, 40, 64}, ta::shape<3>{5, 300, 9}, ta::shape<3>{2, 19, 97},
-                                   ta::shape<3>{400, 3, 3}}) {
+                                   ta::shape<3>{400, 3, 3}, ta::shape<3>{600, 40, 9}}) {
     ta::tensor<TestType, 3> x(dims);
     ta::fill_normal(x, 0, 1, gen);
     for (int mode = 0; mode < 3; ++mode) {
-      for (ta::index j : {ta::index(4), ta::index(29), ta::index(64)}) {
+      for (ta::index j : {ta::index(4), ta::index(8), ta::index(13), ta::index(29), ta::index(64)}) {
         INFO("x " << td::dims_string(dims, 3) << " mode " << mode << " J " << j);
         ta::tensor<TestType, 2> u(j, dims[std::size_t(mode)]);
         ta::fill_normal(u, 0, 1, gen);

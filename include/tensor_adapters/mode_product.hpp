@@ -9,7 +9,9 @@
 // kernel addresses in place (p·I·Q + q), so a middle mode is as fast as the first and the packing of
 // u is shared by all P slices. A small output extent of the last mode (J ≤ 16) takes the kernel's
 // dot-product path, which streams x once without packing it; a tiny trailing extent (Q < 8, such as
-// a conv kernel's 3×3, with I·Q ≤ 64 and J·Q ≤ 16) is folded into such a product with op(u) ⊗ 1_Q.
+// a conv kernel's 3×3, with I·Q ≤ 64 and J·Q ≤ 16) is folded into such a product with op(u) ⊗ 1_Q;
+// any other trailing extent narrower than two registers with J ≤ 16 runs slice by slice with each
+// row x_p[i, :] in registers (short_rows_product), also streaming x once.
 //
 // Threads: built with OpenMP (-fopenmp), a large product is split over omp_get_max_threads()
 // threads; OMP_NUM_THREADS=1, omp_set_num_threads(1) or a build without OpenMP keeps it on one. A
@@ -74,6 +76,12 @@ void mode_product_kernel(const T* x, index p, index i, index q, const T* u, bool
           for (index s = 0; s < q; ++s)
             kron[(a * q + t) * iq + b * q + s] = s == t ? (transposed ? u[b * ldu + a] : u[a * ldu + b]) : T(0);
     gemm_narrow<T, Isa>(p, jq, iq, alpha, x, iq, true, kron, iq, beta, y, jq);
+    return;
+  }
+  if (q < 2 * simd<T, Isa>::width && j <= 16) {
+    // A trailing extent of at most two registers (a conv kernel's 3×3 = 9 in mode 1) and a small J: slice
+    // by slice, one row of x in one or two registers, x read once in place (see short_rows_product).
+    short_rows_product<T, Isa>(p, i, q, x, u, transposed ? 1 : ldu, transposed ? ldu : 1, j, alpha, beta, y);
     return;
   }
   // y (J, P·Q) = op(u) (J, I) · x (I, P·Q): column (s, t) of x sits at s·I·Q + t, row r at r·Q.

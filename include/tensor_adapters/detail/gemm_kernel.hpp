@@ -605,6 +605,101 @@ void gemm_narrow_transposed(index m, index n, index k, T alpha, const T* a, inde
   }
 }
 
+// A middle mode whose trailing extent q is at most two registers wide, with a small J: for each slice
+// s of the batch, y_s (J, q) = alpha · op(u) (J, I) · x_s (I, q) + beta · y_s. NV registers hold one
+// row x_s[r, 0:q] (the last only partly) and JB × NV accumulators the rows y_s[j, 0:q], each r adding
+// op(u)[j, r] · x_s[r, :]: x is read once and in place, y written once, and no tile is gathered or
+// scattered. op(u)[j, r] = u[j·us_j + r·us_r].
+template <class T, class Isa, int JB, int NV>
+void short_rows_block(index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j, index j0,
+                      T alpha, T beta, T* y) {
+  using S = simd<T, Isa>;
+  using reg = typename S::reg;
+  constexpr int W = S::width;
+  const reg va = S::broadcast(alpha), vb = S::broadcast(beta);
+  const T* uj = u + j0 * us_j;
+  for (index s = 0; s < p; ++s) {
+    const T* xs = x + s * i * q;
+    T* ys = y + (s * j + j0) * q;
+    reg acc[JB][NV];
+#pragma GCC unroll 16
+    for (int b = 0; b < JB; ++b)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[b][v] = S::zero();
+    for (index r = 0; r < i; ++r) {
+      reg xr[NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) xr[v] = S::load_first(xs + r * q + v * W, q - v * W);
+#pragma GCC unroll 16
+      for (int b = 0; b < JB; ++b) {
+        const reg ub = S::broadcast(uj[b * us_j + r * us_r]);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[b][v] = S::fma(ub, xr[v], acc[b][v]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int b = 0; b < JB; ++b)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) {
+        T* yb = ys + b * q + v * W;
+        const index n = q - v * W;
+        S::store_first(yb, n, beta == T(0) ? S::mul(va, acc[b][v]) : S::fma(va, acc[b][v], S::mul(vb, S::load_first(yb, n))));
+      }
+  }
+}
+
+// Blocks of up to short_rows_jb rows of op(u), so that a slice is read once for every J ≤ 8 where the
+// register file allows (JB·NV accumulators within the dot-product kernels' budget); jb = B rows for the
+// block at j0, chosen at run time.
+template <class T, class Isa, int NV>
+constexpr int short_rows_jb = std::min(8, gemm_shape<T, Isa>::dot_acc / NV);
+
+template <class T, class Isa, int NV, int B = short_rows_jb<T, Isa, NV>>
+void short_rows_rows(int jb, index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j,
+                     index j0, T alpha, T beta, T* y) {
+  if constexpr (B >= 1) {
+    if (jb == B) return short_rows_block<T, Isa, B, NV>(p, i, q, x, u, us_j, us_r, j, j0, alpha, beta, y);
+    short_rows_rows<T, Isa, NV, B - 1>(jb, p, i, q, x, u, us_j, us_r, j, j0, alpha, beta, y);
+  }
+}
+
+template <class T, class Isa, int NV>
+void short_rows_blocks(index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j, T alpha,
+                       T beta, T* y) {
+  constexpr int JB = short_rows_jb<T, Isa, NV>;
+  for (index j0 = 0; j0 < j; j0 += JB)
+    short_rows_rows<T, Isa, NV>(int(std::min<index>(JB, j - j0)), p, i, q, x, u, us_j, us_r, j, j0, alpha, beta, y);
+}
+
+template <class T, class Isa>
+void short_rows_serial(index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j, T alpha,
+                       T beta, T* y) {
+  if (q <= simd<T, Isa>::width)
+    short_rows_blocks<T, Isa, 1>(p, i, q, x, u, us_j, us_r, j, alpha, beta, y);
+  else
+    short_rows_blocks<T, Isa, 2>(p, i, q, x, u, us_j, us_r, j, alpha, beta, y);
+}
+
+// With OpenMP, the slices are split over the threads (sooner than a compute-bound product: memory-bound).
+template <class T, class Isa>
+void short_rows_product(index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j, T alpha,
+                        T beta, T* y) {
+  const int threads = gemm_threads(p * q, j, i * 8);
+  if (threads <= 1) {
+    short_rows_serial<T, Isa>(p, i, q, x, u, us_j, us_r, j, alpha, beta, y);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+  {
+    const index t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const index begin = p * t / nt, end = p * (t + 1) / nt;
+    if (begin < end)
+      short_rows_serial<T, Isa>(end - begin, i, q, x + begin * i * q, u, us_j, us_r, j, alpha, beta, y + begin * j * q);
+  }
+#endif
+}
+
 // The plain row-major product with leading dimensions, in the layouts above.
 template <class T, class Isa>
 void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha, const T* a, index lda, const T* b,

@@ -3,6 +3,9 @@
 //   simd<T, Isa>::reg            a register of `width` elements of T
 //   zero(), broadcast(x)         all lanes 0 / all lanes x
 //   load(p), store(p, v)         `width` elements at p (any alignment)
+//   load_first(p, n), store_first(p, n, v)
+//                                the first n ≤ width lanes only (the others read as 0, left unwritten;
+//                                memory past p[n − 1] is not touched)
 //   fma(a, b, c)                 a·b + c, fused where the instruction set has it
 //   mul(a, b), add(a, b)         a·b, a + b
 //   sum(v)                       the sum of v's lanes
@@ -46,6 +49,10 @@ struct simd<T, scalar_isa> {
   static reg broadcast(T x) { return x; }
   static reg load(const T* p) { return *p; }
   static void store(T* p, reg v) { *p = v; }
+  static reg load_first(const T* p, Eigen::Index n) { return n > 0 ? *p : T(0); }
+  static void store_first(T* p, Eigen::Index n, reg v) {
+    if (n > 0) *p = v;
+  }
   static reg fma(reg a, reg b, reg c) { return a * b + c; }
   static reg mul(reg a, reg b) { return a * b; }
   static reg add(reg a, reg b) { return a + b; }
@@ -67,6 +74,11 @@ struct simd<float, avx2_isa> {
   static reg broadcast(float x) { return _mm256_set1_ps(x); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static __m256i first(Eigen::Index n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static reg load_first(const float* p, Eigen::Index n) { return _mm256_maskload_ps(p, first(n)); }
+  static void store_first(float* p, Eigen::Index n, reg v) { _mm256_maskstore_ps(p, first(n), v); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
@@ -96,6 +108,11 @@ struct simd<double, avx2_isa> {
   static reg broadcast(double x) { return _mm256_set1_pd(x); }
   static reg load(const double* p) { return _mm256_loadu_pd(p); }
   static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
+  static __m256i first(Eigen::Index n) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+  static reg load_first(const double* p, Eigen::Index n) { return _mm256_maskload_pd(p, first(n)); }
+  static void store_first(double* p, Eigen::Index n, reg v) { _mm256_maskstore_pd(p, first(n), v); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
   static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
   static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
@@ -169,6 +186,9 @@ struct simd<float, avx512_isa> {
   static reg broadcast(float x) { return _mm512_set1_ps(x); }
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static __mmask16 first(Eigen::Index n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
+  static reg load_first(const float* p, Eigen::Index n) { return _mm512_maskz_loadu_ps(first(n), p); }
+  static void store_first(float* p, Eigen::Index n, reg v) { _mm512_mask_storeu_ps(p, first(n), v); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
@@ -196,6 +216,9 @@ struct simd<double, avx512_isa> {
   static reg broadcast(double x) { return _mm512_set1_pd(x); }
   static reg load(const double* p) { return _mm512_loadu_pd(p); }
   static void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
+  static __mmask8 first(Eigen::Index n) { return n >= 8 ? __mmask8(0xFF) : __mmask8((1u << n) - 1u); }
+  static reg load_first(const double* p, Eigen::Index n) { return _mm512_maskz_loadu_pd(first(n), p); }
+  static void store_first(double* p, Eigen::Index n, reg v) { _mm512_mask_storeu_pd(p, first(n), v); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
   static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
   static reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
