@@ -33,6 +33,7 @@
 #include <vector>
 
 namespace ta = tensor_adapters;
+namespace td = tensor_adapters::detail;
 
 namespace {
 
@@ -531,6 +532,45 @@ ta::glora_gradients<T> loop_backward(const ta::glora<T>& a, const ta::glora_conf
 }
 
 }  // namespace
+
+TEMPLATE_TEST_CASE("the fused pass forming W_eff matches its scalar reference and plain loops", "[glora]", float,
+                   double) {
+  using T = TestType;
+  std::mt19937_64 gen(31);
+  std::normal_distribution<double> normal;
+  const ta::index m = 5, R = 8;
+  for (ta::index I : {1, 7, 63, 64, 65, 200, 1031})
+    for (ta::index ra : {1, 3, 8})
+      for (ta::index rb : {0, 2, 8})
+        for (bool add_w0 : {false, true}) {
+          std::vector<T> ad(m * R), bd(m * R), au(ra * I), bu(rb * I + 1), w0(m * I);
+          for (auto* v : {&ad, &bd, &au, &bu, &w0})
+            for (auto& e : *v) e = T(normal(gen));
+          std::vector<T> got(m * I), scalar(m * I);
+          td::glora_lora_rows<T>(m, I, R, ra, ad.data(), au.data(), rb, bd.data(), bu.data(), w0.data(), add_w0,
+                                 got.data());
+          td::glora_lora_rows<T, td::scalar_isa>(m, I, R, ra, ad.data(), au.data(), rb, bd.data(), bu.data(),
+                                                 w0.data(), add_w0, scalar.data());
+          double worst = 0, worst_scalar = 0;  // the largest error over its bound
+          for (ta::index o = 0; o < m; ++o)
+            for (ta::index i = 0; i < I; ++i) {
+              long double sa = 0, sb = 0, mag = 0;
+              for (ta::index r = 0; r < ra; ++r) sa += (long double)ad[o * R + r] * au[r * I + i];
+              for (ta::index r = 0; r < rb; ++r) sb += (long double)bd[o * R + r] * bu[r * I + i];
+              for (ta::index r = 0; r < ra; ++r) mag += std::abs((long double)ad[o * R + r] * au[r * I + i]);
+              for (ta::index r = 0; r < rb; ++r) mag += std::abs((long double)bd[o * R + r] * bu[r * I + i]);
+              const long double w = w0[o * I + i];
+              const long double want = (add_w0 ? w + w * sa : w * sa) + sb;
+              const double bound = double(ra + rb + 3) * double(std::numeric_limits<T>::epsilon()) *
+                                   double(std::abs(w) * (1 + mag) + mag + std::abs(want));
+              worst = std::max(worst, double(std::abs(got[o * I + i] - want)) / bound);
+              worst_scalar = std::max(worst_scalar, double(std::abs(scalar[o * I + i] - want)) / bound);
+            }
+          INFO("I " << I << " ra " << ra << " rb " << rb << " add_w0 " << add_w0);
+          CHECK(worst <= 1);
+          CHECK(worst_scalar <= 1);
+        }
+}
 
 TEMPLATE_TEST_CASE("large layers (row blocks over several threads) match the formulas", "[glora]", float, double) {
   using T = TestType;

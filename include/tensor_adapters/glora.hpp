@@ -582,11 +582,12 @@ void ensure_store_shape(const glora<T>& a, glora<T>& g) {
 // and rb ≥ 0 (0: no B term): ad (m, ra) and bd (m, rb) with leading dimension R, au (ra, I), bu (rb, I).
 // Each element's sums run over r in order from zero, as a matrix product's would. Four vector
 // columns at a time, so that eight independent FMA chains hide each one's latency; in column blocks
-// whose au and bu rows fit in 16 KB, so that they are read from L1 for every row of w0.
-template <class T>
+// whose au and bu rows fit in 16 KB, so that they are read from L1 for every row of w0. Written over
+// simd.hpp; Isa = scalar_isa is its reference.
+template <class T, class Isa = native_isa>
 void glora_lora_rows(index m, index I, index R, index ra, const T* ad, const T* au, index rb, const T* bd, const T* bu,
                      const T* w0, bool add_w0, T* out) {
-  using S = simd<T, native_isa>;
+  using S = simd<T, Isa>;
   using reg = typename S::reg;
   constexpr int W = S::width, V = 4;
   const index block = std::max<index>(V * W, index(16384 / sizeof(T)) / (ra + rb) / (V * W) * (V * W));
