@@ -17,6 +17,11 @@
 
 namespace tensor_adapters::detail {
 
+// The width of the kernel's column panels: a product with at most this many columns (n) reads a
+// row-major A in place instead of copying it into panels.
+template <class T>
+constexpr index gemm_panel_width = gemm_shape<T, native_isa>::nv * simd<T, native_isa>::width;
+
 template <class T>
 void gemm(bool trans_a, bool trans_b, index m, index n, index k, T alpha, const T* a, index lda,
           const T* b, index ldb, T beta, T* c, index ldc) {

@@ -29,7 +29,9 @@
 //   plain A, n ≤ 16, m ≥ 2n             gemm_narrow: dot products along k, A streamed once
 //   transposed A, n ≤ 16, m ≥ 2n, small gemm_narrow_transposed: rows of C as vectors, A read once
 //   otherwise                           packed: B row runs copied into panels (transposed B in 8×8
-//                                       or 4×4 register blocks), A into MR panels, micro-kernel
+//                                       or 4×4 register blocks), A into MR panels, micro-kernel;
+//                                       with n ≤ NR (one column panel) a row-major A is read in
+//                                       place by the micro-kernel instead of packed
 //
 // Memory: the packing buffers are thread_local, allocated on first use and grown when a larger
 // problem needs more; a repeated call of the same size allocates nothing.
@@ -93,11 +95,12 @@ struct gemm_shape<T, avx512_isa> {
 #endif
 
 // The micro-kernel: C (MR, NR) = alpha · Σ_p a_p ⊗ b_p + beta · C over kc steps, where a is a packed
-// panel of A (AS ≥ MR values per step, the first MR used) and b a packed kc×NR panel of B (NR values
-// per step), NR = NV·width. C rows are ldc apart; with beta == 0 C is not read.
+// panel of A (AS ≥ MR values per step, the first MR used) or, with AS = 0, A read in place (row i at
+// a + i·lda, contiguous along p), and b a packed kc×NR panel of B (NR values per step), NR = NV·width.
+// C rows are ldc apart; with beta == 0 C is not read.
 template <class T, class Isa, int MR, int NV, int AS = MR>
 inline void micro_kernel(index kc, const T* __restrict a, const T* __restrict b, T* __restrict c, index ldc, T alpha,
-                         T beta) {
+                         T beta, index lda = 0) {
   using S = simd<T, Isa>;
   using reg = typename S::reg;
   constexpr int W = S::width;
@@ -112,11 +115,11 @@ inline void micro_kernel(index kc, const T* __restrict a, const T* __restrict b,
     for (int v = 0; v < NV; ++v) bv[v] = S::load(b + v * W);
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) {
-      const reg ai = S::broadcast(a[i]);
+      const reg ai = S::broadcast(AS == 0 ? a[i * lda] : a[i]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] = S::fma(ai, bv[v], acc[i][v]);
     }
-    a += AS;
+    a += AS == 0 ? 1 : AS;
     b += NV * W;
   }
   const reg va = S::broadcast(alpha);
@@ -137,12 +140,17 @@ inline void micro_kernel(index kc, const T* __restrict a, const T* __restrict b,
   }
 }
 
-// The micro-kernel for the first mr ≤ MR rows of an MR-row panel, chosen at run time.
+// The micro-kernel for the first mr ≤ MR rows of an MR-row panel (packed, or with lda > 0 read in
+// place), chosen at run time.
 template <class T, class Isa, int NV, int MR, int R = MR>
-inline void micro_kernel_rows(int mr, index kc, const T* a, const T* b, T* c, index ldc, T alpha, T beta) {
+inline void micro_kernel_rows(int mr, index kc, const T* a, const T* b, T* c, index ldc, T alpha, T beta,
+                              index lda = 0) {
   if constexpr (R >= 1) {
-    if (mr == R) return micro_kernel<T, Isa, R, NV, MR>(kc, a, b, c, ldc, alpha, beta);
-    micro_kernel_rows<T, Isa, NV, MR, R - 1>(mr, kc, a, b, c, ldc, alpha, beta);
+    if (mr == R) {
+      if (lda > 0) return micro_kernel<T, Isa, R, NV, 0>(kc, a, b, c, ldc, alpha, beta, lda);
+      return micro_kernel<T, Isa, R, NV, MR>(kc, a, b, c, ldc, alpha, beta);
+    }
+    micro_kernel_rows<T, Isa, NV, MR, R - 1>(mr, kc, a, b, c, ldc, alpha, beta, lda);
   }
 }
 
@@ -297,6 +305,9 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
   using shape = gemm_shape<T, Isa>;
   constexpr int MR = shape::mr, NR = shape::nv * simd<T, Isa>::width;
   constexpr index KC = shape::kc, MC = shape::mc, NC = (shape::nc / NR) * NR;
+  // With a single panel of columns, each panel of A serves one micro-kernel call: a row-major A is then
+  // read in place (its MR rows side by side) rather than copied into panels first.
+  const bool a_in_place = a.cs == 1 && n <= NR;
   auto& buffers = gemm_buffers<T, Isa>::local();
   const index kc_max = std::min(k, KC);
   T* bpack = buffers.b.get(kc_max * ((std::min(n, NC) + NR - 1) / NR) * NR);
@@ -312,7 +323,8 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
                          bpack);
       for (index ic = 0; ic < m; ic += MC) {
         const index mc = std::min(MC, m - ic);
-        pack_a<T, Isa, MR>(mc, kc, strided_matrix<T>{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs}, apack);
+        if (!a_in_place)
+          pack_a<T, Isa, MR>(mc, kc, strided_matrix<T>{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs}, apack);
         for (index jr = 0; jr < nc; jr += NR) {
           const index nr = std::min<index>(NR, nc - jr);
           const index col = c0 + jc + jr;
@@ -321,16 +333,17 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
           const T* bp = bpack + jr * kc;
           for (index ir = 0; ir < mc; ir += MR) {
             const index mr = std::min<index>(MR, mc - ir);
-            const T* ap = apack + ir * kc;
+            const T* ap = a_in_place ? a.data + (ic + ir) * a.rs + pc : apack + ir * kc;
+            const index lda = a_in_place ? a.rs : 0;
             T* cp = c.data + (ic + ir) * c.rs;
             if (contiguous) {
-              if (mr == MR)
+              if (mr == MR && !a_in_place)
                 micro_kernel<T, Isa, MR, shape::nv>(kc, ap, bp, cp + off[0], c.rs, alpha, beta_k);
               else
-                micro_kernel_rows<T, Isa, shape::nv, MR>(int(mr), kc, ap, bp, cp + off[0], c.rs, alpha, beta_k);
+                micro_kernel_rows<T, Isa, shape::nv, MR>(int(mr), kc, ap, bp, cp + off[0], c.rs, alpha, beta_k, lda);
               continue;
             }
-            micro_kernel<T, Isa, MR, shape::nv>(kc, ap, bp, tile, NR, T(1), T(0));
+            micro_kernel_rows<T, Isa, shape::nv, MR>(int(mr), kc, ap, bp, tile, NR, T(1), T(0), lda);
             for (index r = 0; r < mr; ++r)
               for (index t = 0; t < nr; ++t) {
                 T& x = cp[r * c.rs + off[t]];
