@@ -370,6 +370,26 @@ inline int gemm_threads(index m, index n, index k) {
 #endif
 }
 
+// Runs body(begin, end) on contiguous shares of the rows [0, total), one per thread on `threads` OpenMP
+// threads, or once over all of them.
+template <class Body>
+void split_rows(index total, int threads, Body&& body) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const index t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const index begin = total * t / nt, end = total * (t + 1) / nt;
+      if (begin < end) body(begin, end);
+    }
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  body(index(0), total);
+}
+
 // C (m, n) = alpha · A (m, k) · B (k, n) + beta · C on the instruction set Isa. With beta == 0 the old
 // contents of C are ignored.
 template <class T, class Isa>
@@ -545,20 +565,10 @@ void gemm_narrow(index m, index n, index k, T alpha, const T* a, index lda, bool
     b = bt;
     ldb = k;
   }
-  const int threads = gemm_threads(m, n, k * 8);  // memory-bound: worth a second thread sooner
-  if (threads <= 1) {
-    dot_columns<T, Isa>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    return;
-  }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-  {
-    const index t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const index begin = m * t / nt, end = m * (t + 1) / nt;
-    if (begin < end)
-      dot_columns<T, Isa>(end - begin, n, k, alpha, a + begin * lda, lda, b, ldb, beta, c + begin * ldc, ldc);
-  }
-#endif
+  // Memory-bound: worth a second thread sooner than a compute-bound product.
+  split_rows(m, gemm_threads(m, n, k * 8), [&](index begin, index end) {
+    dot_columns<T, Isa>(end - begin, n, k, alpha, a + begin * lda, lda, b, ldb, beta, c + begin * ldc, ldc);
+  });
 }
 
 // Narrow products with a transposed A (k, m), as a gradient dB = dYᵀ·H: C's rows are A's columns,
@@ -706,20 +716,9 @@ void short_rows_serial(index p, index i, index q, const T* x, const T* u, index 
 template <class T, class Isa>
 void short_rows_product(index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j, T alpha,
                         T beta, T* y) {
-  const int threads = gemm_threads(p * q, j, i * 8);
-  if (threads <= 1) {
-    short_rows_serial<T, Isa>(p, i, q, x, u, us_j, us_r, j, alpha, beta, y);
-    return;
-  }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-  {
-    const index t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const index begin = p * t / nt, end = p * (t + 1) / nt;
-    if (begin < end)
-      short_rows_serial<T, Isa>(end - begin, i, q, x + begin * i * q, u, us_j, us_r, j, alpha, beta, y + begin * j * q);
-  }
-#endif
+  split_rows(p, gemm_threads(p * q, j, i * 8), [&](index begin, index end) {
+    short_rows_serial<T, Isa>(end - begin, i, q, x + begin * i * q, u, us_j, us_r, j, alpha, beta, y + begin * j * q);
+  });
 }
 
 // The plain row-major product with leading dimensions, in the layouts above.
