@@ -849,14 +849,14 @@ void glora_backward_rows(const glora<T>& a, const glora_config& c, const glora_d
   const index step = plan.step, blocks = plan.blocks;
   const int threads = plan.threads;
   // Per thread: gAu (R, I), gBu (R, I), W0ᵀ · gb (I), two totals, scratch for glora_factor_grad (R · I).
-  const index stride = 3 * R * I + I + 2;
+  const index scratch_at = 2 * R * I + I + 2, stride = scratch_at + R * I;
   glora_grow(ws.partials, threads * stride);
   const int team = glora_parallel_blocks(blocks, threads, [&](int t, index b0, index b1) {
     T* au = ws.partials.data() + t * stride;
     T* bu = au + R * I;
     T* pcol = bu + R * I;
     T* totals = pcol + I;
-    T* scratch = totals + 2;
+    T* scratch = au + scratch_at;
     totals[0] = totals[1] = T(0);
     for (index b = b0; b < b1; ++b) {
       const index o0 = b * step, o1 = std::min(O, o0 + step), m = o1 - o0;
@@ -900,7 +900,7 @@ void glora_backward_rows(const glora<T>& a, const glora_config& c, const glora_d
   if (prompt) {
     T total = T(0);
     glora_factor_grad(c.C, 0, I, 1, R, a.Cd.data(), a.Cu.data(), col, 1, true, grad.Cd.data(), grad.Cu.data(), &total,
-                      ws.partials.data() + 2 * R * I + I + 2);  // thread 0's scratch
+                      ws.partials.data() + scratch_at);  // thread 0's scratch
   }
 }
 
