@@ -739,4 +739,20 @@ void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha,
                       grouped_matrix<T>{c, ldc, group, 0, 1});
 }
 
+// The kernels' entry points on native_isa, for float and double, as explicit instantiations (keyword
+// empty: definitions; `extern`: declarations). With TENSOR_ADAPTERS_SEPARATE_KERNELS defined, every
+// translation unit only declares them and one compiles them (tensor_adapters/kernel_instances.hpp).
+#define TA_KERNEL_INSTANCES(keyword, T)                                                                          \
+  keyword template void gemm_packed<T, native_isa>(bool, bool, index, index, index, T, const T*, index, const T*, \
+                                                   index, T, T*, index);                                         \
+  keyword template void gemm_packed<T, native_isa>(index, index, index, T, const strided_matrix<T>&,              \
+                                                   const grouped_matrix<const T>&, T, const grouped_matrix<T>&);  \
+  keyword template void short_rows_product<T, native_isa>(index, index, index, const T*, const T*, index, index,  \
+                                                          index, T, T, T*);
+
+#ifdef TENSOR_ADAPTERS_SEPARATE_KERNELS
+TA_KERNEL_INSTANCES(extern, float)
+TA_KERNEL_INSTANCES(extern, double)
+#endif
+
 }  // namespace tensor_adapters::detail
