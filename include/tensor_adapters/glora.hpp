@@ -48,6 +48,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstddef>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -490,15 +491,24 @@ void for_each_parameter(glora<T>& params, const glora<T>& grads, F&& fn) {
 // Scratch for forward, backward and the weight-space functions. Buffers only grow: a workspace that has
 // served a call serves every later call of the same layer, batch size and configuration (or smaller
 // ones) without allocating.
+//
+// A linear forward with A lora leaves W_eff in `weight` and records what it was formed from: the
+// configuration, w0's address and shape, and a bit-exact copy of Ad, Au, Bd and Bu. A backward given
+// the same workspace uses that W_eff for dx = dy · W_eff, instead of forming it again, when all of these
+// still match (W0 is frozen: its values are not compared).
 template <class T>
 struct glora_workspace {
-  std::vector<T> weight;    // (O, I): W_eff
-  std::vector<T> gw;        // (O, I): dyᵀ · x, then W0 ⊙ gW; or 2 × (n, O): x · W0ᵀ and dy ⊙ (1 + a)ᵀ
-  std::vector<T> bias;      // (O): b_eff, or Σ_rows dy
-  std::vector<T> col;       // (I): C as a column, or W0ᵀ · gb
-  std::vector<T> h;         // (n, r) or 2 × (n): x · Bu[:r]ᵀ, or row sums
-  std::vector<T> dh;        // (n, r) or 2 × (O): dy · Bd[:, :r], or per-output factors
-  std::vector<T> partials;  // per thread: its shares of the reductions over row blocks
+  std::vector<T> weight;         // (O, I): W_eff
+  std::vector<T> gw;             // (O, I): dyᵀ · x, then W0 ⊙ gW; or 2 × (n, O): x · W0ᵀ and dy ⊙ (1 + a)ᵀ
+  std::vector<T> bias;           // (O): b_eff, or Σ_rows dy
+  std::vector<T> col;            // (I): C as a column, or W0ᵀ · gb
+  std::vector<T> h;              // (n, r) or 2 × (n): x · Bu[:r]ᵀ, or row sums
+  std::vector<T> dh;             // (n, r) or 2 × (O): dy · Bd[:, :r], or per-output factors
+  std::vector<T> partials;       // per thread: its shares of the reductions over row blocks
+  std::vector<T> weight_store;   // what `weight` was formed from: Ad, Au, Bd, Bu,
+  const T* weight_w0 = nullptr;  // w0 (null: `weight` holds no recorded W_eff),
+  index weight_out = 0, weight_in = 0;  // its shape
+  glora_config weight_config;           // and the configuration
 };
 
 namespace detail {
@@ -566,6 +576,30 @@ void glora_grow(std::vector<T>& buffer, index size) {
   if (static_cast<index>(buffer.size()) < size) buffer.resize(static_cast<std::size_t>(size));
 }
 
+// The record of glora_workspace: ws.weight holds W_eff of (a, c, w0) with d's shape.
+template <class T>
+void glora_record_weight(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0,
+                         glora_workspace<T>& ws) {
+  glora_grow(ws.weight_store, a.Ad.size() + a.Au.size() + a.Bd.size() + a.Bu.size());
+  T* p = ws.weight_store.data();
+  for (const tensor<T, 2>* t : {&a.Ad, &a.Au, &a.Bd, &a.Bu}) p = std::copy(t->data(), t->data() + t->size(), p);
+  ws.weight_w0 = w0, ws.weight_out = d.out, ws.weight_in = d.in, ws.weight_config = c;
+}
+
+template <class T>
+bool glora_weight_recorded(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0,
+                           const glora_workspace<T>& ws) {
+  if (ws.weight_w0 != w0 || ws.weight_out != d.out || ws.weight_in != d.in || ws.weight_config != c ||
+      static_cast<index>(ws.weight_store.size()) < a.Ad.size() + a.Au.size() + a.Bd.size() + a.Bu.size())
+    return false;
+  const T* p = ws.weight_store.data();
+  for (const tensor<T, 2>* t : {&a.Ad, &a.Au, &a.Bd, &a.Bu}) {
+    if (std::memcmp(p, t->data(), static_cast<std::size_t>(t->size()) * sizeof(T)) != 0) return false;
+    p += t->size();
+  }
+  return true;
+}
+
 template <class T>
 void ensure_store_shape(const glora<T>& a, glora<T>& g) {
   if (g.Ad.dimensions() != a.Ad.dimensions()) g.Ad.resize(a.Ad.dimensions());
@@ -582,8 +616,8 @@ void ensure_store_shape(const glora<T>& a, glora<T>& g) {
 // and rb ≥ 0 (0: no B term): ad (m, ra) and bd (m, rb) with leading dimension R, au (ra, I), bu (rb, I).
 // Each element's sums run over r in order from zero, as a matrix product's would. Four vector
 // columns at a time, so that eight independent FMA chains hide each one's latency; in column blocks
-// whose au and bu rows fit in 16 KB, so that they are read from L1 for every row of w0. Written over
-// simd.hpp; Isa = scalar_isa is its reference.
+// whose au and bu rows fit in 16 KB, so that they are read from L1 for every row of w0; rows of w0 and
+// out prefetched four rows ahead. Written over simd.hpp; Isa = scalar_isa is its reference.
 template <class T, class Isa = native_isa>
 void glora_lora_rows(index m, index I, index R, index ra, const T* ad, const T* au, index rb, const T* bd, const T* bu,
                      const T* w0, bool add_w0, T* out) {
@@ -598,8 +632,17 @@ void glora_lora_rows(index m, index I, index R, index ra, const T* ad, const T* 
       const T* br = bd + o * R;
       const T* wr = w0 + o * I;
       T* orow = out + o * I;
+      // The rows four ahead, fetched now: each row's share of a column block is a short run (about 1 KB)
+      // that the hardware prefetcher does not follow from one row to the next, and W0 and W_eff come
+      // from beyond L2 (after a layer's GEMM the pass waited on them about a third of its time).
+      const T* w_ahead = o + 4 < m ? wr + 4 * I : wr;
+      T* out_ahead = o + 4 < m ? orow + 4 * I : orow;
       index i = i0;
       for (; i + V * W <= i1; i += V * W) {
+        for (int v = 0; v < V; ++v) {
+          __builtin_prefetch(w_ahead + i + v * W, 0, 0);
+          __builtin_prefetch(out_ahead + i + v * W, 1, 0);
+        }
         reg acc_a[V], acc_b[V];
         for (int v = 0; v < V; ++v) acc_a[v] = S::zero(), acc_b[v] = S::zero();
         for (index r = 0; r < ra; ++r) {
@@ -1119,6 +1162,7 @@ void glora_safe_merge(const glora<T>& a, const glora_config& c, const const_tens
   glora_grow(ws.col, d.in);
   glora_grow(ws.weight, d.out * d.in);
   glora_grow(ws.bias, d.out);
+  ws.weight_w0 = nullptr;  // `weight` is about to hold this merge, not a forward's recorded W_eff
   glora_layer(a, c, d, w0.data(), b0, true, ws.col.data(), ws.weight.data(), ws.bias.data());
   TA_CHECK(all_finite(ws.weight.data(), d.out * d.in) && all_finite(ws.bias.data(), d.out), fn,
            "the merged weight " + shape_string(w0) + " or bias (" + std::to_string(d.out) +
@@ -1233,6 +1277,7 @@ void glora_linear_forward(const glora<T>& a, const glora_config& c, const glora_
   if (c.A.kind == glora_kind::lora) {
     glora_grow(ws.weight, O * I);
     glora_layer(a, c, d, w0, b0, true, ws.col.data(), ws.weight.data(), ws.bias.data());
+    glora_record_weight(a, c, d, w0, ws);
     gemm<T>(false, true, n, O, I, T(1), x.data(), I, ws.weight.data(), I, T(0), y, O);
     glora_add_rows(ws.bias.data(), n, O, y);
     return;
@@ -1284,11 +1329,15 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
 
   if (c.A.kind == glora_kind::lora) {
     // A needs W0 ⊙ gW, which has no low-rank structure: form gW = dyᵀ · x once, then one pass over W0 for
-    // A's and B's gradients, C's from W0ᵀ · gb, and W_eff for dx = dy · W_eff.
+    // A's and B's gradients, C's from W0ᵀ · gb, and W_eff for dx = dy · W_eff unless the forward left it
+    // in the workspace (glora_workspace).
     glora_grow(ws.gw, O * I);
     glora_grow(ws.weight, O * I);
+    const bool formed = glora_weight_recorded(a, c, d, w0, ws);
     gemm<T>(true, false, O, I, n, T(1), dy.data(), O, x.data(), I, T(0), ws.gw.data(), I);
-    glora_backward_rows(a, c, d, w0, ws.gw.data(), gb, ws.col.data(), ws.weight.data(), ws, grad);
+    glora_backward_rows(a, c, d, w0, ws.gw.data(), gb, ws.col.data(), formed ? nullptr : ws.weight.data(), ws,
+                        grad);
+    if (!formed) glora_record_weight(a, c, d, w0, ws);
     gemm<T>(false, false, n, I, O, T(1), dy.data(), O, ws.weight.data(), I, T(0), dx, I);
     return;
   }
@@ -1424,7 +1473,9 @@ tensor<T, 2> forward(const glora<T>& a, const glora_config& c, const tensor<T, 2
 //   A sees W0 ⊙ gW, B sees gW, C sees W0ᵀ · gb, D sees b0 ⊙ gb, E sees gb, each reduced to its kind.
 // Every store entry the configuration does not read gets exactly zero. gW (O, I) is formed only when A
 // is lora; with A vector or scalar its reduction Σ_i W0 ⊙ gW is Σ_rows dy ⊙ (x · W0ᵀ), and B is handled in
-// activation space.
+// activation space. Given the workspace of the forward call that produced y, with the store, the
+// configuration and w0 unchanged since (W0's values included: it is the frozen weight), W_eff is not
+// formed again (glora_workspace).
 //   x: (n, I), w0: (O, I), b0: (O), dy: (n, O), dx: (n, I); grad is resized to the store's shapes if
 // needed and overwritten. Throws argument_error, before writing anything, if a shape or the
 // configuration does not fit. Makes no allocation once the workspace has served a call of this layer,
