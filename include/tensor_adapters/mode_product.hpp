@@ -11,7 +11,8 @@
 // dot-product path, which streams x once without packing it; a tiny trailing extent (Q < 8, such as
 // a conv kernel's 3×3, with I·Q ≤ 64 and J·Q ≤ 16) is folded into such a product with op(u) ⊗ 1_Q;
 // any other trailing extent narrower than two registers with J ≤ 16 runs slice by slice with each
-// row x_p[i, :] in registers (short_rows_product), also streaming x once.
+// row x_p[i, :] in registers (short_rows_product), also streaming x once; with a wider J, a trailing
+// extent of 2 to 12 runs slice by slice with J along the vector lanes (short_columns_product).
 //
 // Threads: built with OpenMP (-fopenmp), a large product is split over omp_get_max_threads()
 // threads; OMP_NUM_THREADS=1, omp_set_num_threads(1) or a build without OpenMP keeps it on one. A
@@ -82,6 +83,11 @@ void mode_product_kernel(const T* x, index p, index i, index q, const T* u, bool
     // A trailing extent of at most two registers (a conv kernel's 3×3 = 9 in mode 1) and a small J: slice
     // by slice, one row of x in one or two registers, x read once in place (see short_rows_product).
     short_rows_product<T, Isa>(p, i, q, x, u, transposed ? 1 : ldu, transposed ? ldu : 1, j, alpha, beta, y);
+    return;
+  }
+  if (q >= 2 && q <= 12 && simd<T, Isa>::width > 1) {
+    // The same short trailing extent with a wide J: J along the lanes instead (see short_columns_product).
+    short_columns_product<T, Isa>(p, i, q, x, u, transposed ? 1 : ldu, transposed ? ldu : 1, j, alpha, beta, y);
     return;
   }
   // y (J, P·Q) = op(u) (J, I) · x (I, P·Q): column (s, t) of x sits at s·I·Q + t, row r at r·Q.
