@@ -133,8 +133,8 @@ TEMPLATE_TEST_CASE("the vectorized product matches the scalar kernel and plain l
 
 TEMPLATE_TEST_CASE("products larger than one cache block match plain loops", "[gemm]", float, double) {
   std::mt19937_64 gen(12);
-  // k > KC, m > MC and n > NC of every instruction set, with ragged edges; then one column panel or
-  // less (17 < n ≤ NR), where a row-major A is read in place across several k and m blocks.
+  // k > KC, m > MC and n > NC of every instruction set, with ragged edges; then one or two column
+  // panels (17 < n ≤ 2·NR), where a row-major A is read in place across several k and m blocks.
   for (const problem& p : {problem{false, false, 261, 45, 517, 517, 45, 45}, problem{true, true, 29, 1100, 263, 29, 263, 1100},
                            problem{false, true, 389, 53, 270, 270, 270, 53}, problem{false, true, 300, 24, 600, 611, 603, 29},
                            problem{false, false, 263, 31, 530, 530, 31, 32}}) {
