@@ -21,7 +21,8 @@
 // scalar_isa.
 //
 // Narrow products (n ≤ 16, m ≥ 2n, A not transposed) take a dot-product kernel instead, which reads
-// A in place (see gemm_narrow).
+// A in place (see gemm_narrow), or, with k shorter than a register, one register per row of C
+// (short_k_product).
 //
 // Cases of the plain-layout entry (the grouped entry, for middle modes, has all but the narrow one):
 //   m = 0 or n = 0                      nothing to do
@@ -554,11 +555,57 @@ void dot_columns(index m, index n, index k, T alpha, const T* a, index lda, cons
   }
 }
 
+// R rows of C from R rows of A: each row of C one register, accumulating A[r, p] · op(B)[p, :] over the
+// k steps; bp holds op(B) as k rows of one register each, zero past n.
+template <class T, class Isa, int R>
+inline void short_k_block(index n, index k, T alpha, const T* a, index lda, const T* bp, T beta, T* c, index ldc) {
+  using S = simd<T, Isa>;
+  using reg = typename S::reg;
+  constexpr int W = S::width;
+  reg acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = S::zero();
+  for (index p = 0; p < k; ++p) {
+    const reg b = S::load(bp + p * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = S::fma(S::broadcast(a[r * lda + p]), b, acc[r]);
+  }
+  const reg va = S::broadcast(alpha), vb = S::broadcast(beta);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    T* cr = c + r * ldc;
+    S::store_first(cr, n, beta == T(0) ? S::mul(va, acc[r]) : S::fma(va, acc[r], S::mul(vb, S::load_first(cr, n))));
+  }
+}
+
+// Narrow products whose k is shorter than a register (a conv kernel mode's 3, or 3×3 = 9 through
+// mode_product's Kronecker fold), with n ≤ width: the dot kernel would fill k of each register's
+// lanes and then sum across them; here each row of C is one register instead, eight rows at a time,
+// A read once in place and C written once.
+template <class T, class Isa>
+void short_k_product(index m, index n, index k, T alpha, const T* a, index lda, bool trans_b, const T* b, index ldb,
+                     T beta, T* c, index ldc) {
+  constexpr int W = simd<T, Isa>::width, R = 8;
+  T* bp = gemm_buffers<T, Isa>::local().b.get(k * W);
+  for (index p = 0; p < k; ++p)
+    for (index j = 0; j < W; ++j) bp[p * W + j] = j < n ? (trans_b ? b[j * ldb + p] : b[p * ldb + j]) : T(0);
+  split_rows(m, gemm_threads(m, n, k * 8), [&](index begin, index end) {
+    index r = begin;
+    for (; r + R <= end; r += R) short_k_block<T, Isa, R>(n, k, alpha, a + r * lda, lda, bp, beta, c + r * ldc, ldc);
+    for (; r < end; ++r) short_k_block<T, Isa, 1>(n, k, alpha, a + r * lda, lda, bp, beta, c + r * ldc, ldc);
+  });
+}
+
 // C (m, n) = alpha · A (m, k) · op(B) + beta · C for n ≤ 16, A row-major. op(B) = Bᵀ is used in
 // place; a plain B (k, n) is first copied transposed into the calling thread's grow-only scratch.
+// With k < width and n ≤ width, short_k_product instead.
 template <class T, class Isa>
 void gemm_narrow(index m, index n, index k, T alpha, const T* a, index lda, bool trans_b, const T* b, index ldb,
                  T beta, T* c, index ldc) {
+  if (k < simd<T, Isa>::width && n <= simd<T, Isa>::width) {
+    short_k_product<T, Isa>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
+    return;
+  }
   if (!trans_b) {
     T* bt = gemm_buffers<T, Isa>::local().b.get(n * k);
     for (index p = 0; p < k; ++p)
