@@ -140,10 +140,11 @@ TEMPLATE_TEST_CASE("mode products with full register tiles and several cache blo
   // A middle mode whose trailing extent is a multiple of every tile width, and one that is not;
   // a contracted extent past one KC block; a last mode with many rows; a conv-like middle mode whose
   // trailing extent 9 is shorter than a register, large enough to be split over threads at J 8 and 13
-  // (and over J 29 and 64 with J along the lanes); trailing extents 2, 5 and 12 with J along the lanes.
+  // (and over J 29 and 64 with J along the lanes where I ≥ 4 registers); trailing extents 2, 5 and 12 with
+  // J along the lanes.
   for (const ta::shape<3>& dims : {ta::shape<3>{3, 40, 64}, ta::shape<3>{5, 300, 9}, ta::shape<3>{2, 19, 97},
-                                   ta::shape<3>{400, 3, 3}, ta::shape<3>{600, 40, 9}, ta::shape<3>{7, 21, 2},
-                                   ta::shape<3>{3, 17, 5}, ta::shape<3>{4, 33, 12}}) {
+                                   ta::shape<3>{400, 3, 3}, ta::shape<3>{600, 40, 9}, ta::shape<3>{7, 70, 2},
+                                   ta::shape<3>{3, 67, 5}, ta::shape<3>{4, 131, 12}}) {
     ta::tensor<TestType, 3> x(dims);
     ta::fill_normal(x, 0, 1, gen);
     for (int mode = 0; mode < 3; ++mode) {
