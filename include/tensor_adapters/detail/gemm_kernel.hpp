@@ -771,64 +771,46 @@ void short_rows_product(index p, index i, index q, const T* x, const T* u, index
 
 // A middle mode whose trailing extent q ≤ 12 is short of a register and whose J is wide (> 16): a conv
 // kernel's 3×3 = 9 with a rank of 32 or 64. For each slice s, y_s (J, q) = alpha · op(u) · x_s (I, q) +
-// beta · y_s is computed transposed, with J along the vector lanes: op(u)ᵀ (I, J) is packed once (ut,
-// rows padded to jp, a multiple of the width), and for each block of NV registers of J, Q × NV
-// accumulators hold y_sᵀ[0:Q, block], each r adding x_s[r, t] · ut[r, block]. Every lane does useful
-// work (the short-rows kernel fills only q of each register's lanes); the tile is written to y_s
+// beta · y_s is computed transposed, y_sᵀ (Q, J) = x_sᵀ · op(u)ᵀ, with J along the vector lanes: x_s
+// (I, Q) row-major is already a packed Q-row panel of the micro-kernel's A (Q values per step), and
+// op(u)ᵀ is packed once per thread into panels of NV registers. Every lane does useful work (the
+// short-rows kernel fills only q of each register's lanes); each Q × NV·width tile is written to y_s
 // element by element (Q·J stores against I·Q·J multiply-adds).
-template <class T, class Isa, int Q, int NV>
-void short_columns_block(index i, const T* xs, const T* ut, index jp, index jb, index j, T alpha, T beta, T* ys) {
-  using S = simd<T, Isa>;
-  using reg = typename S::reg;
-  constexpr int W = S::width;
-  reg acc[Q][NV];
-#pragma GCC unroll 12
-  for (int t = 0; t < Q; ++t)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[t][v] = S::zero();
-  for (index r = 0; r < i; ++r) {
-    reg u[NV];
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) u[v] = S::load(ut + r * jp + jb + v * W);
-#pragma GCC unroll 12
-    for (int t = 0; t < Q; ++t) {
-      const reg xt = S::broadcast(xs[r * Q + t]);
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[t][v] = S::fma(xt, u[v], acc[t][v]);
-    }
-  }
-  alignas(64) T tile[Q * NV * W];
-  for (int t = 0; t < Q; ++t)
-    for (int v = 0; v < NV; ++v) S::store(tile + t * NV * W + v * W, acc[t][v]);
-  const index width = std::min<index>(NV * W, j - jb);
-  for (index c = 0; c < width; ++c)
-    for (int t = 0; t < Q; ++t) {
-      T& out = ys[(jb + c) * Q + t];
-      out = alpha * tile[t * NV * W + c] + (beta == T(0) ? T(0) : beta * out);
-    }
-}
-
-// Two registers of J per block where Q × 2 accumulators fit the dot-product kernels' register budget.
 template <class T, class Isa, int Q>
-void short_columns_serial(index p, index i, const T* x, const T* ut, index jp, index j, T alpha, T beta, T* y) {
-  constexpr int W = simd<T, Isa>::width;
+void short_columns_serial(index p, index i, const T* x, const T* u, index us_j, index us_r, index j, T alpha, T beta,
+                          T* y) {
   constexpr int NV = 2 * Q <= gemm_shape<T, Isa>::dot_acc ? 2 : 1;
+  constexpr index PW = NV * simd<T, Isa>::width;
+  const index panels = (j + PW - 1) / PW;
+  T* ut = gemm_buffers<T, Isa>::local().b.get(panels * i * PW);  // panel b: (I, PW), zero past J
+  for (index b = 0; b < panels; ++b)
+    for (index r = 0; r < i; ++r)
+      for (index c = 0; c < PW; ++c) {
+        const index col = b * PW + c;
+        ut[(b * i + r) * PW + c] = col < j ? u[col * us_j + r * us_r] : T(0);
+      }
+  alignas(64) T tile[Q * PW];
   for (index s = 0; s < p; ++s) {
     const T* xs = x + s * i * Q;
     T* ys = y + s * j * Q;
-    index jb = 0;
-    for (; jb + NV * W <= jp; jb += NV * W) short_columns_block<T, Isa, Q, NV>(i, xs, ut, jp, jb, j, alpha, beta, ys);
-    if constexpr (NV == 2)
-      if (jb < jp) short_columns_block<T, Isa, Q, 1>(i, xs, ut, jp, jb, j, alpha, beta, ys);
+    for (index b = 0; b < panels; ++b) {
+      micro_kernel<T, Isa, Q, NV>(i, xs, ut + b * i * PW, tile, PW, alpha, T(0));
+      const index width = std::min(PW, j - b * PW);
+      for (index c = 0; c < width; ++c)
+        for (int t = 0; t < Q; ++t) {
+          T& out = ys[(b * PW + c) * Q + t];
+          out = tile[t * PW + c] + (beta == T(0) ? T(0) : beta * out);
+        }
+    }
   }
 }
 
 template <class T, class Isa, int Q = 12>
-void short_columns_dispatch(index q, index p, index i, const T* x, const T* ut, index jp, index j, T alpha, T beta,
-                            T* y) {
+void short_columns_dispatch(index q, index p, index i, const T* x, const T* u, index us_j, index us_r, index j,
+                            T alpha, T beta, T* y) {
   if constexpr (Q >= 2) {
-    if (q == Q) return short_columns_serial<T, Isa, Q>(p, i, x, ut, jp, j, alpha, beta, y);
-    short_columns_dispatch<T, Isa, Q - 1>(q, p, i, x, ut, jp, j, alpha, beta, y);
+    if (q == Q) return short_columns_serial<T, Isa, Q>(p, i, x, u, us_j, us_r, j, alpha, beta, y);
+    short_columns_dispatch<T, Isa, Q - 1>(q, p, i, x, u, us_j, us_r, j, alpha, beta, y);
   }
 }
 
@@ -836,15 +818,9 @@ void short_columns_dispatch(index q, index p, index i, const T* x, const T* ut, 
 template <class T, class Isa>
 void short_columns_product(index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j,
                            T alpha, T beta, T* y) {
-  constexpr int W = simd<T, Isa>::width;
-  const index jp = (j + W - 1) / W * W;
-  T* ut = gemm_buffers<T, Isa>::local().b.get(i * jp);
-  for (index r = 0; r < i; ++r) {
-    for (index c = 0; c < j; ++c) ut[r * jp + c] = u[c * us_j + r * us_r];
-    for (index c = j; c < jp; ++c) ut[r * jp + c] = T(0);
-  }
   split_rows(p, gemm_threads(p * q, j, i), [&](index begin, index end) {
-    short_columns_dispatch<T, Isa>(q, end - begin, i, x + begin * i * q, ut, jp, j, alpha, beta, y + begin * j * q);
+    short_columns_dispatch<T, Isa>(q, end - begin, i, x + begin * i * q, u, us_j, us_r, j, alpha, beta,
+                                   y + begin * j * q);
   });
 }
 
