@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -168,6 +169,72 @@ TEMPLATE_TEST_CASE("the thread count does not change a single bit", "[gemm]", fl
 #else
   SUCCEED("built without OpenMP: one thread only");
 #endif
+}
+
+// An edit of B (packed_b_edit): op(B)[p, c] ↦ op(B)[p, c]·col_scale[c] + row_add[p], counting its visits.
+template <class T>
+struct test_edit {
+  std::vector<T> col_scale, row_add;
+  std::vector<int> visits;  // (k, n), counted while `counting` (on one thread)
+  bool counting = true;
+  static void run(const void* context, ta::index pc, ta::index kc, ta::index c0, ta::index nc, T* panels) {
+    auto& e = *const_cast<test_edit*>(static_cast<const test_edit*>(context));
+    const ta::index NR = td::gemm_panel_width<T>, n = ta::index(e.col_scale.size());
+    for (ta::index j = 0; j < nc; ++j)
+      for (ta::index p = 0; p < kc; ++p) {
+        T& v = panels[j / NR * NR * kc + p * NR + j % NR];
+        v = v * e.col_scale[std::size_t(c0 + j)] + e.row_add[std::size_t(pc + p)];
+        if (e.counting) ++e.visits[std::size_t((pc + p) * n + c0 + j)];
+      }
+  }
+};
+
+TEMPLATE_TEST_CASE("an edit of B applies to every element of op(B) once, on every path", "[gemm]", float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(15);
+  std::normal_distribution<double> normal;
+  // Narrow shapes (n ≤ 16, m ≥ 2n: a packed product only because of the edit), one or two column panels
+  // (A read in place), and more than one cache block of k, m and n, each with both layouts of B.
+  for (const problem& base : {problem{false, false, 40, 5, 19, 19, 5, 5}, problem{false, false, 70, 45, 33, 33, 45, 45},
+                              problem{false, false, 261, 1100, 517, 517, 1100, 1100}}) {
+    for (const bool tb : {false, true}) {
+      problem p = base;
+      p.tb = tb;
+      p.ldb = tb ? p.k : p.n;
+      INFO("trans_b " << tb << " m " << p.m << " n " << p.n << " k " << p.k);
+      operands<T> x(p, gen);
+      test_edit<T> edit;
+      for (ta::index c = 0; c < p.n; ++c) edit.col_scale.push_back(T(normal(gen)));
+      for (ta::index q = 0; q < p.k; ++q) edit.row_add.push_back(T(normal(gen)));
+      edit.visits.assign(std::size_t(p.k * p.n), 0);
+      operands<T> edited = x;  // op(B) edited by hand, for the loops
+      for (ta::index q = 0; q < p.k; ++q)
+        for (ta::index c = 0; c < p.n; ++c) {
+          T& v = tb ? edited.b[std::size_t(c * p.ldb + q)] : edited.b[std::size_t(q * p.ldb + c)];
+          v = v * edit.col_scale[std::size_t(c)] + edit.row_add[std::size_t(q)];
+        }
+      std::vector<T> c = x.c;
+#ifdef _OPENMP
+      const int threads = omp_get_max_threads();
+      omp_set_num_threads(1);
+#endif
+      td::gemm<T>(false, tb, p.m, p.n, p.k, T(2), x.a.data(), p.lda, x.b.data(), p.ldb, T(0.5), c.data(), p.ldc,
+                  {test_edit<T>::run, &edit});
+#ifdef _OPENMP
+      omp_set_num_threads(threads);
+#endif
+      CHECK(std::all_of(edit.visits.begin(), edit.visits.end(), [](int v) { return v == 1; }));
+      check_against_loops<T>(p, T(2), edited, T(0.5), x.c, c);
+#ifdef _OPENMP
+      // With two threads (each packs and edits its own share, or all of B): the same product.
+      c = x.c;
+      edit.counting = false;
+      td::gemm<T>(false, tb, p.m, p.n, p.k, T(2), x.a.data(), p.lda, x.b.data(), p.ldb, T(0.5), c.data(), p.ldc,
+                  {test_edit<T>::run, &edit});
+      check_against_loops<T>(p, T(2), edited, T(0.5), x.c, c);
+#endif
+    }
+  }
 }
 
 TEMPLATE_TEST_CASE("a repeated product allocates nothing", "[gemm]", float, double) {

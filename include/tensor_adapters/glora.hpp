@@ -27,9 +27,9 @@
 // rows of Xu; vector only column 0; scalar only element (0, 0)).
 //
 // Weight space (any weight rank 2..5, viewed as (O, F)):  delta_weight, delta_bias, delta_weight_vjp,
-// delta_bias_vjp, merge, safe_merge.  Linear layers:  forward, backward — with A lora, W_eff is formed once per call
-// in cache-sized row blocks and the batch sees one GEMM; otherwise A is constant along the input
-// dimension and everything stays in activation space (W_eff is never formed).
+// delta_bias_vjp, merge, safe_merge.  Linear layers:  forward, backward — with A lora, the batch sees one
+// GEMM against W_eff, formed from W0 in cache as the GEMM packs it; otherwise A is constant along the
+// input dimension and everything stays in activation space. Neither forms W_eff in memory.
 //
 // Configuration space: glora_space (the choices per support tensor), make_glora_space(ranks) (the
 // official search space), enumerate_glora_configs, random_glora_config (supernet training draws one per
@@ -491,24 +491,23 @@ void for_each_parameter(glora<T>& params, const glora<T>& grads, F&& fn) {
 // Scratch for forward, backward and the weight-space functions. Buffers only grow: a workspace that has
 // served a call serves every later call of the same layer, batch size and configuration (or smaller
 // ones) without allocating.
-//
-// A linear forward with A lora leaves W_eff in `weight` and records what it was formed from: the
-// configuration, w0's address and shape, and a bit-exact copy of Ad, Au, Bd and Bu. A backward given
-// the same workspace uses that W_eff for dx = dy · W_eff, instead of forming it again, when all of these
-// still match (W0 is frozen: its values are not compared).
 template <class T>
 struct glora_workspace {
-  std::vector<T> weight;         // (O, I): W_eff
-  std::vector<T> gw;             // (O, I): dyᵀ · x, then W0 ⊙ gW; or 2 × (n, O): x · W0ᵀ and dy ⊙ (1 + a)ᵀ
-  std::vector<T> bias;           // (O): b_eff, or Σ_rows dy
-  std::vector<T> col;            // (I): C as a column, or W0ᵀ · gb
-  std::vector<T> h;              // (n, r) or 2 × (n): x · Bu[:r]ᵀ, or row sums
-  std::vector<T> dh;             // (n, r) or 2 × (O): dy · Bd[:, :r], or per-output factors
-  std::vector<T> partials;       // per thread: its shares of the reductions over row blocks
-  std::vector<T> weight_store;   // what `weight` was formed from: Ad, Au, Bd, Bu,
-  const T* weight_w0 = nullptr;  // w0 (null: `weight` holds no recorded W_eff),
-  index weight_out = 0, weight_in = 0;  // its shape
-  glora_config weight_config;           // and the configuration
+  std::vector<T> weight;    // (O, I): W_eff for safe_merge
+  std::vector<T> gw;        // (O, I): dyᵀ · x, then W0 ⊙ gW; or (n, O): dy ⊙ (1 + a)ᵀ
+  std::vector<T> bias;      // (O): b_eff, or Σ_rows dy
+  std::vector<T> col;       // (I): C as a column, or W0ᵀ · gb
+  std::vector<T> h;         // (n, r) or 2 × (n): x · Bu[:r]ᵀ, or row sums
+  std::vector<T> dh;        // (n, r) or 2 × (O): dy · Bd[:, :r], or per-output factors
+  std::vector<T> partials;  // per thread: its shares of the reductions over row blocks
+  std::vector<T> factors;   // A's and B's factors laid along the matrix product's lanes (glora_panel_edit)
+  // z = x · W0ᵀ (n, O), which a linear forward with A vector or scalar computes and its backward needs
+  // again, with what it was computed from: a copy of x (n, I) and w0's address (null: z holds nothing).
+  // The backward uses z only while x's values are the same, bit for bit, and w0 the same array (W0 is
+  // frozen: its values are not compared); otherwise it computes z again.
+  std::vector<T> z, z_x;
+  const T* z_w0 = nullptr;
+  index z_rows = 0, z_out = 0, z_in = 0;
 };
 
 namespace detail {
@@ -574,30 +573,6 @@ inline void check_glora_matrix(const Eigen::DSizes<index, 2>& dims, index rows, 
 template <class T>
 void glora_grow(std::vector<T>& buffer, index size) {
   if (static_cast<index>(buffer.size()) < size) buffer.resize(static_cast<std::size_t>(size));
-}
-
-// The record of glora_workspace: ws.weight holds W_eff of (a, c, w0) with d's shape.
-template <class T>
-void glora_record_weight(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0,
-                         glora_workspace<T>& ws) {
-  glora_grow(ws.weight_store, a.Ad.size() + a.Au.size() + a.Bd.size() + a.Bu.size());
-  T* p = ws.weight_store.data();
-  for (const tensor<T, 2>* t : {&a.Ad, &a.Au, &a.Bd, &a.Bu}) p = std::copy(t->data(), t->data() + t->size(), p);
-  ws.weight_w0 = w0, ws.weight_out = d.out, ws.weight_in = d.in, ws.weight_config = c;
-}
-
-template <class T>
-bool glora_weight_recorded(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0,
-                           const glora_workspace<T>& ws) {
-  if (ws.weight_w0 != w0 || ws.weight_out != d.out || ws.weight_in != d.in || ws.weight_config != c ||
-      static_cast<index>(ws.weight_store.size()) < a.Ad.size() + a.Au.size() + a.Bd.size() + a.Bu.size())
-    return false;
-  const T* p = ws.weight_store.data();
-  for (const tensor<T, 2>* t : {&a.Ad, &a.Au, &a.Bd, &a.Bu}) {
-    if (std::memcmp(p, t->data(), static_cast<std::size_t>(t->size()) * sizeof(T)) != 0) return false;
-    p += t->size();
-  }
-  return true;
 }
 
 template <class T>
@@ -716,6 +691,105 @@ void glora_weight_rows(const glora<T>& a, const glora_config& c, const glora_dim
     const T s = a.Bd.data()[0];
     for (index k = 0; k < n; ++k) out[k] += s;
   }
+}
+
+// W_eff = W0 + W0 ⊙ A + B for a linear layer's matrix products, formed on the GEMM's packed panels of W0
+// (packed_b_edit) rather than in memory: op(B) of the product is W0ᵀ (forward, y = x · W_effᵀ: W_eff's
+// rows along the panels' lanes, its columns along the steps) or W0 (backward, dx = dy · W_eff: columns
+// along the lanes). A's and B's values on a panel row are sums over their ranks of one factor along the
+// lanes times one along the steps: a lora X = Xd · Xu puts one of Xd's columns or Xu's rows on each side;
+// B as a vector or scalar is rank 1 against ones. Each sum runs over r in order from zero and each value
+// is (w + w·a) + b, as glora_lora_rows forms them: the same W_eff, bit for bit.
+template <class T>
+struct glora_panel_term {
+  const T* lanes = nullptr;  // (rank, ld): the factor along the lanes, zero past the last one
+  index ld = 0;
+  const T* steps = nullptr;  // its partner, element (p, r) at steps[p·step_p + r·step_r]
+  index step_p = 0, step_r = 0, rank = 0;
+};
+
+template <class T>
+struct glora_panel_edit {
+  glora_panel_term<T> a, b;
+};
+
+// acc[q] += Σ_r t.steps(p0 + q, r) · t.lanes[r, col : col + NV·width]
+template <class T, int P, int NV>
+void glora_panel_sum(const glora_panel_term<T>& t, index p0, index col, typename simd<T, native_isa>::reg (&acc)[P][NV]) {
+  using S = simd<T, native_isa>;
+  for (index r = 0; r < t.rank; ++r) {
+    typename S::reg l[NV];
+    for (int v = 0; v < NV; ++v) l[v] = S::load(t.lanes + r * t.ld + col + v * S::width);
+    for (int q = 0; q < P; ++q) {
+      const typename S::reg x = S::broadcast(t.steps[(p0 + q) * t.step_p + r * t.step_r]);
+      for (int v = 0; v < NV; ++v) acc[q][v] = S::fma(x, l[v], acc[q][v]);
+    }
+  }
+}
+
+// Rows [p0, p0 + P) of one panel (`rows`, NR = NV·width values per row) whose lanes are columns col … of op(B).
+template <class T, int P, int NV>
+void glora_edit_rows(const glora_panel_edit<T>& e, index p0, index col, T* rows) {
+  using S = simd<T, native_isa>;
+  typename S::reg acc_a[P][NV], acc_b[P][NV];
+  for (int q = 0; q < P; ++q)
+    for (int v = 0; v < NV; ++v) acc_a[q][v] = S::zero(), acc_b[q][v] = S::zero();
+  glora_panel_sum<T, P, NV>(e.a, p0, col, acc_a);
+  glora_panel_sum<T, P, NV>(e.b, p0, col, acc_b);
+  for (int q = 0; q < P; ++q)
+    for (int v = 0; v < NV; ++v) {
+      T* at = rows + (q * NV + v) * S::width;
+      const typename S::reg w = S::load(at);
+      S::store(at, S::add(S::fma(w, acc_a[q][v], w), acc_b[q][v]));
+    }
+}
+
+// packed_b_edit::run: op(B)[pc : pc + kc, c0 : c0 + nc], held as kc×NR panels of W0's values, becomes W_eff's.
+// P rows at a time, P·NV accumulators for each of A and B within the dot kernels' register budget.
+template <class T>
+void glora_edit_panels(const void* context, index pc, index kc, index c0, index nc, T* panels) {
+  constexpr int NV = gemm_shape<T, native_isa>::nv, NR = NV * simd<T, native_isa>::width;
+  constexpr int P = std::max(1, gemm_shape<T, native_isa>::dot_acc / (2 * NV));
+  const auto& e = *static_cast<const glora_panel_edit<T>*>(context);
+  for (index c = 0; c < nc; c += NR) {
+    T* panel = panels + c * kc;
+    index p = 0;
+    for (; p + P <= kc; p += P) glora_edit_rows<T, P, NV>(e, pc + p, c0 + c, panel + p * NR);
+    for (; p < kc; ++p) glora_edit_rows<T, 1, NV>(e, pc + p, c0 + c, panel + p * NR);
+  }
+}
+
+// The edit for A lora and B of any kind, its lane factors copied into `buffer`: with lanes_out W_eff's
+// rows (O) lie along the lanes (op(B) = W0ᵀ), else its columns (I; op(B) = W0).
+template <class T>
+glora_panel_edit<T> glora_panel_factors(const glora<T>& a, const glora_config& c, const glora_dims& d,
+                                        bool lanes_out, std::vector<T>& buffer) {
+  const index O = d.out, I = d.in, R = d.rank, NR = gemm_panel_width<T>;
+  const index lanes = lanes_out ? O : I, ld = (lanes + NR - 1) / NR * NR;
+  const index ra = c.A.rank, rb = c.B.kind == glora_kind::lora ? c.B.rank : c.B.kind == glora_kind::none ? 0 : 1;
+  glora_grow(buffer, (ra + rb) * ld + 1);
+  std::fill(buffer.begin(), buffer.begin() + (ra + rb) * ld + 1, T(0));
+  T* one = buffer.data() + (ra + rb) * ld;
+  *one = T(1);
+  // Rank r of a lora X = Xd · Xu: Xd[:, r] along the steps and Xu[r, :] along the lanes, or the reverse.
+  const auto lora = [&](const tensor<T, 2>& xd, const tensor<T, 2>& xu, index rank, T* out) {
+    for (index r = 0; r < rank; ++r)
+      for (index l = 0; l < lanes; ++l) out[r * ld + l] = lanes_out ? xd.data()[l * R + r] : xu.data()[r * I + l];
+    return lanes_out ? glora_panel_term<T>{out, ld, xu.data(), 1, I, rank} : glora_panel_term<T>{out, ld, xd.data(), R, 1, rank};
+  };
+  glora_panel_edit<T> e;
+  T* bl = buffer.data() + ra * ld;
+  e.a = lora(a.Ad, a.Au, ra, buffer.data());
+  if (c.B.kind == glora_kind::lora) {
+    e.b = lora(a.Bd, a.Bu, rb, bl);
+  } else if (c.B.kind == glora_kind::vector && lanes_out) {  // Bd[:, 0] along the lanes, against ones
+    for (index o = 0; o < O; ++o) bl[o] = a.Bd.data()[o * R];
+    e.b = {bl, ld, one, 0, 0, 1};
+  } else if (c.B.kind != glora_kind::none) {  // ones along the lanes, against Bd[:, 0] or Bd[0, 0]
+    std::fill(bl, bl + lanes, T(1));
+    e.b = {bl, ld, a.Bd.data(), c.B.kind == glora_kind::vector ? R : 0, 0, 1};
+  }
+  return e;
 }
 
 // How a pass over the O·I work is split: `blocks` blocks of `step` rows (the last may be shorter), each
@@ -878,16 +952,15 @@ void zero_store(glora<T>& g) {
 
 // The backward work on W0 in one pass over row blocks (grad zero on entry):
 //   gw (O, I), if not null: B's gradient from gW, then gW ← W0 ⊙ gW and A's gradient from it;
-//   gb (O), if not null and C is not none: C's gradient from W0ᵀ · gb, formed in col (I elements);
-//   weff (O, I), if not null: W_eff = W0 + W0 ⊙ A + B.
+//   gb (O), if not null and C is not none: C's gradient from W0ᵀ · gb, formed in col (I elements).
 // Each thread sums its blocks' shares of gAu, gBu, the scalar totals and W0ᵀ · gb into its own slice
 // of ws.partials; the slices are then added in thread order.
 template <class T>
 void glora_backward_rows(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0, T* gw,
-                         const T* gb, T* col, T* weff, glora_workspace<T>& ws, glora<T>& grad) {
+                         const T* gb, T* col, glora_workspace<T>& ws, glora<T>& grad) {
   const index O = d.out, I = d.in, R = d.rank;
   const bool prompt = gb != nullptr && c.C.kind != glora_kind::none;
-  if (gw == nullptr && !prompt && weff == nullptr) return;
+  if (gw == nullptr && !prompt) return;
   const glora_plan plan = glora_blocks<T>(d);
   const index step = plan.step, blocks = plan.blocks;
   const int threads = plan.threads;
@@ -917,7 +990,6 @@ void glora_backward_rows(const glora<T>& a, const glora_config& c, const glora_d
       }
       // pcol (1, I) (+)= gb[o0 : o1]ᵀ · W0 block, as its transpose (I, 1): a narrow product reading W0 in place.
       if (prompt) gemm<T>(true, false, I, 1, m, T(1), w0b, I, gb + o0, 1, first ? T(0) : T(1), pcol, 1);
-      if (weff != nullptr) glora_weight_rows(a, c, d, o0, o1, w0b, true, weff + o0 * I);
     }
   });
   bool first = true;
@@ -1060,7 +1132,7 @@ void delta_weight_vjp(const glora<T>& a, const glora_config& c, nondeduced<const
   detail::glora_grow(ws.gw, d.out * d.in);
   std::copy(gw.data(), gw.data() + d.out * d.in, ws.gw.data());
   detail::glora_backward_rows(a, c, d, w0.data(), ws.gw.data(), static_cast<const T*>(nullptr), static_cast<T*>(nullptr),
-                              static_cast<T*>(nullptr), ws, grad);
+                              ws, grad);
 }
 template <class T, int N>
 glora<T> delta_weight_vjp(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0, const tensor<T, N>& gw) {
@@ -1088,8 +1160,7 @@ void delta_bias_vjp(const glora<T>& a, const glora_config& c, nondeduced<const_t
   detail::zero_store(grad);
   detail::glora_grow(ws.col, d.in);
   detail::glora_bias_grad(c, d, b0.data(), gb.data(), grad);
-  detail::glora_backward_rows(a, c, d, w0.data(), static_cast<T*>(nullptr), gb.data(), ws.col.data(),
-                              static_cast<T*>(nullptr), ws, grad);
+  detail::glora_backward_rows(a, c, d, w0.data(), static_cast<T*>(nullptr), gb.data(), ws.col.data(), ws, grad);
 }
 template <class T, int N>
 void delta_bias_vjp(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
@@ -1103,8 +1174,7 @@ void delta_bias_vjp(const glora<T>& a, const glora_config& c, nondeduced<const_t
   detail::zero_store(grad);
   detail::glora_grow(ws.col, d.in);
   detail::glora_bias_grad(c, d, static_cast<const T*>(nullptr), gb.data(), grad);
-  detail::glora_backward_rows(a, c, d, w0.data(), static_cast<T*>(nullptr), gb.data(), ws.col.data(),
-                              static_cast<T*>(nullptr), ws, grad);
+  detail::glora_backward_rows(a, c, d, w0.data(), static_cast<T*>(nullptr), gb.data(), ws.col.data(), ws, grad);
 }
 
 // The merged layer for inference.
@@ -1162,7 +1232,6 @@ void glora_safe_merge(const glora<T>& a, const glora_config& c, const const_tens
   glora_grow(ws.col, d.in);
   glora_grow(ws.weight, d.out * d.in);
   glora_grow(ws.bias, d.out);
-  ws.weight_w0 = nullptr;  // `weight` is about to hold this merge, not a forward's recorded W_eff
   glora_layer(a, c, d, w0.data(), b0, true, ws.col.data(), ws.weight.data(), ws.bias.data());
   TA_CHECK(all_finite(ws.weight.data(), d.out * d.in) && all_finite(ws.bias.data(), d.out), fn,
            "the merged weight " + shape_string(w0) + " or bias (" + std::to_string(d.out) +
@@ -1222,17 +1291,36 @@ glora_dims check_glora_linear(const glora<T>& a, const glora_config& c, const co
 }
 
 // Linear layers take one of two paths (both give x · W_effᵀ + b_eff, up to rounding):
-//   A is lora:  W_eff = W0 + W0 ⊙ A + B is formed in row blocks (O·I work, the low-rank factors through
-//               GEMMs on each block) and the batch goes through one GEMM against it;
+//   A is lora:  the batch goes through one GEMM against W_eff = W0 + W0 ⊙ A + B, formed on the GEMM's
+//               packed panels of W0 (glora_panel_edit: O·I work in cache, none in memory);
 //   otherwise:  A = a·1ᵀ is constant along the input dimension, so x · (W0 ⊙ A)ᵀ = (x · W0ᵀ) ⊙ aᵀ and B
 //               acts in activation space (lora: (x · Bu[:r]ᵀ) · Bd[:, :r]ᵀ; vector and scalar: the row
-//               sums of x times Bd[:, 0] or Bd[0, 0]): W_eff is never formed.
+//               sums of x times Bd[:, 0] or Bd[0, 0]).
 // The vector (1 + a) per output (O): A's column, or its scalar, or zero.
 template <class T>
 T glora_a_factor(const glora<T>& a, const glora_config& c, index o, index R) {
   if (c.A.kind == glora_kind::vector) return a.Ad.data()[o * R];
   if (c.A.kind == glora_kind::scalar) return a.Ad.data()[0];
   return T(0);
+}
+
+// Records that ws.z holds x · W0ᵀ for this x and w0 (its address), O = W0's rows: copies x into ws.z_x,
+// or takes it as copied already, or records that ws.z holds nothing.
+enum glora_z_record { glora_z_copy, glora_z_copied, glora_z_none };
+template <class T>
+void glora_keep_z(const const_tensor_view<T, 2>& x, const T* w0, index O, glora_workspace<T>& ws, glora_z_record how) {
+  if (how == glora_z_copy) {
+    glora_grow(ws.z_x, x.size());
+    std::copy(x.data(), x.data() + x.size(), ws.z_x.data());
+  }
+  ws.z_w0 = how == glora_z_none ? nullptr : w0;
+  ws.z_rows = x.dimension(0), ws.z_in = x.dimension(1), ws.z_out = O;
+}
+
+template <class T>
+bool glora_z_kept(const const_tensor_view<T, 2>& x, const T* w0, index O, const glora_workspace<T>& ws) {
+  return ws.z_w0 == w0 && ws.z_rows == x.dimension(0) && ws.z_in == x.dimension(1) && ws.z_out == O &&
+         (x.size() == 0 || std::memcmp(ws.z_x.data(), x.data(), static_cast<std::size_t>(x.size()) * sizeof(T)) == 0);
 }
 
 // y (n, O) += 1 · bᵀ
@@ -1275,10 +1363,9 @@ void glora_linear_forward(const glora<T>& a, const glora_config& c, const glora_
   glora_grow(ws.bias, O);
   glora_grow(ws.col, I);
   if (c.A.kind == glora_kind::lora) {
-    glora_grow(ws.weight, O * I);
-    glora_layer(a, c, d, w0, b0, true, ws.col.data(), ws.weight.data(), ws.bias.data());
-    glora_record_weight(a, c, d, w0, ws);
-    gemm<T>(false, true, n, O, I, T(1), x.data(), I, ws.weight.data(), I, T(0), y, O);
+    glora_layer(a, c, d, w0, b0, true, ws.col.data(), static_cast<T*>(nullptr), ws.bias.data());
+    const glora_panel_edit<T> edit = glora_panel_factors(a, c, d, true, ws.factors);
+    gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), y, O, {glora_edit_panels<T>, &edit});
     glora_add_rows(ws.bias.data(), n, O, y);
     return;
   }
@@ -1294,18 +1381,27 @@ void glora_linear_forward(const glora<T>& a, const glora_config& c, const glora_
     bv[o] = c.B.kind == glora_kind::vector ? a.Bd.data()[o * R] : c.B.kind == glora_kind::scalar ? a.Bd.data()[0] : T(0);
   }
   const T* b = ws.bias.data();
-  gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), y, O);
+  // z = x · W0ᵀ in the workspace, kept for the backward when A reads it (vector or scalar).
+  const bool keep = c.A.kind != glora_kind::none;
+  glora_grow(ws.z, n * O);
+  if (keep) glora_grow(ws.z_x, n * I);
+  const T* z = ws.z.data();
+  gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), ws.z.data(), O);
   glora_parallel_for(n, n * (O + I), [&](index i0, index i1) {
     for (index i = i0; i < i1; ++i) {
+      const T* xr = x.data() + i * I;
+      if (keep) std::copy(xr, xr + I, ws.z_x.data() + i * I);  // while the row is in cache for its sum
+      const T* zr = z + i * O;
       T* row = y + i * O;
       if (b_sums) {
-        const T sx = vector_sum(x.data() + i * I, I);
-        for (index o = 0; o < O; ++o) row[o] = (row[o] + row[o] * av[o]) + b[o] + sx * bv[o];
+        const T sx = vector_sum(xr, I);
+        for (index o = 0; o < O; ++o) row[o] = (zr[o] + zr[o] * av[o]) + b[o] + sx * bv[o];
       } else {
-        for (index o = 0; o < O; ++o) row[o] = (row[o] + row[o] * av[o]) + b[o];
+        for (index o = 0; o < O; ++o) row[o] = (zr[o] + zr[o] * av[o]) + b[o];
       }
     }
   });
+  glora_keep_z(x, w0, O, ws, keep ? glora_z_copied : glora_z_none);
   if (c.B.kind == glora_kind::lora) {
     const index r = c.B.rank;
     glora_grow(ws.h, n * r);
@@ -1329,34 +1425,34 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
 
   if (c.A.kind == glora_kind::lora) {
     // A needs W0 ⊙ gW, which has no low-rank structure: form gW = dyᵀ · x once, then one pass over W0 for
-    // A's and B's gradients, C's from W0ᵀ · gb, and W_eff for dx = dy · W_eff unless the forward left it
-    // in the workspace (glora_workspace).
+    // A's and B's gradients and C's from W0ᵀ · gb. dx = dy · W_eff, W_eff formed on the product's panels.
     glora_grow(ws.gw, O * I);
-    glora_grow(ws.weight, O * I);
-    const bool formed = glora_weight_recorded(a, c, d, w0, ws);
     gemm<T>(true, false, O, I, n, T(1), dy.data(), O, x.data(), I, T(0), ws.gw.data(), I);
-    glora_backward_rows(a, c, d, w0, ws.gw.data(), gb, ws.col.data(), formed ? nullptr : ws.weight.data(), ws,
-                        grad);
-    if (!formed) glora_record_weight(a, c, d, w0, ws);
-    gemm<T>(false, false, n, I, O, T(1), dy.data(), O, ws.weight.data(), I, T(0), dx, I);
+    glora_backward_rows(a, c, d, w0, ws.gw.data(), gb, ws.col.data(), ws, grad);
+    const glora_panel_edit<T> edit = glora_panel_factors(a, c, d, false, ws.factors);
+    gemm<T>(false, false, n, I, O, T(1), dy.data(), O, w0, I, T(0), dx, I, {glora_edit_panels<T>, &edit});
     return;
   }
 
   // C's gradient from W0ᵀ · gb.
-  glora_backward_rows(a, c, d, w0, static_cast<T*>(nullptr), gb, ws.col.data(), static_cast<T*>(nullptr), ws, grad);
+  glora_backward_rows(a, c, d, w0, static_cast<T*>(nullptr), gb, ws.col.data(), ws, grad);
 
   // A (vector or scalar) sees W0 ⊙ gW reduced over the input dimension: Σ_i W0[o, i]·gW[o, i] =
   // Σ_rows dy ⊙ (x · W0ᵀ). dx = (dy ⊙ (1 + a)ᵀ) · W0 + the B term.
   const T* dyw = dy.data();  // dy ⊙ (1 + a)ᵀ
   if (c.A.kind != glora_kind::none) {
-    glora_grow(ws.gw, 2 * n * O);
+    if (!glora_z_kept(x, w0, O, ws)) {  // not left by this step's forward (glora_workspace)
+      glora_grow(ws.z, n * O);
+      gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), ws.z.data(), O);
+      glora_keep_z(x, w0, O, ws, glora_z_copy);
+    }
+    glora_grow(ws.gw, n * O);
     glora_grow(ws.dh, 2 * O);
-    T* z = ws.gw.data();
-    T* dys = z + n * O;
+    const T* z = ws.z.data();
+    T* dys = ws.gw.data();
     T* av = ws.dh.data();
     T* acc = av + O;  // Σ_rows dy ⊙ z
     for (index o = 0; o < O; ++o) av[o] = glora_a_factor(a, c, o, R), acc[o] = T(0);
-    gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), z, O);
     glora_parallel_for(O, n * O, [&](index o0, index o1) {
       for (index i = 0; i < n; ++i) {
         const T* zr = z + i * O;
@@ -1425,9 +1521,9 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
 
 // y (n, O) = x · W_effᵀ + b_eff with W_eff = W0 + W0 ⊙ A + B and b_eff = b0 + b0 ⊙ D + E + W0 · C.
 //   x: (n, I), w0: (O, I), b0: (O), y: (n, O).
-// With A lora, W_eff is formed once per call (O·I work in row blocks, the low-rank factors through GEMMs)
-// and the batch goes through one GEMM against it; otherwise y = (x · W0ᵀ) ⊙ (1 + a)ᵀ + the B term in
-// activation space + b_eff. Throws argument_error, before writing anything, if a shape or the
+// With A lora, the batch goes through one GEMM against W_eff, formed from W0 as the GEMM packs it (O·I
+// work in cache, nothing written to memory); otherwise y = (x · W0ᵀ) ⊙ (1 + a)ᵀ + the B term in
+// activation space + b_eff, x · W0ᵀ kept in the workspace for the backward. Throws argument_error, before writing anything, if a shape or the
 // configuration does not fit. Makes no allocation once the workspace has served a call of this layer,
 // batch size and configuration.
 template <class T>
@@ -1472,10 +1568,10 @@ tensor<T, 2> forward(const glora<T>& a, const glora_config& c, const tensor<T, 2
 //   gW = dyᵀ · x,  gb = Σ_rows dy,  dx = dy · W_eff;
 //   A sees W0 ⊙ gW, B sees gW, C sees W0ᵀ · gb, D sees b0 ⊙ gb, E sees gb, each reduced to its kind.
 // Every store entry the configuration does not read gets exactly zero. gW (O, I) is formed only when A
-// is lora; with A vector or scalar its reduction Σ_i W0 ⊙ gW is Σ_rows dy ⊙ (x · W0ᵀ), and B is handled in
-// activation space. Given the workspace of the forward call that produced y, with the store, the
-// configuration and w0 unchanged since (W0's values included: it is the frozen weight), W_eff is not
-// formed again (glora_workspace).
+// is lora; with A vector or scalar its reduction Σ_i W0 ⊙ gW is Σ_rows dy ⊙ (x · W0ᵀ), where x · W0ᵀ is
+// the forward's, kept in the workspace, while x and w0 are the same (glora_workspace), and B is handled
+// in activation space. With A lora, dx = dy · W_eff goes through one GEMM that forms W_eff from W0 as it
+// packs it.
 //   x: (n, I), w0: (O, I), b0: (O), dy: (n, O), dx: (n, I); grad is resized to the store's shapes if
 // needed and overwritten. Throws argument_error, before writing anything, if a shape or the
 // configuration does not fit. Makes no allocation once the workspace has served a call of this layer,

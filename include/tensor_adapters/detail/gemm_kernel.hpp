@@ -73,6 +73,17 @@ struct grouped_matrix {
   index column(index c) const { return (c / group) * gs + (c % group) * cu; }
 };
 
+// An edit of B made as it is packed: after each block op(B)[pc : pc + kc, c0 : c0 + nc] is packed into
+// kc×NR micro-panels (panel t holds columns c0 + t·NR …, its row p at p·NR; lanes past nc are zero),
+// run(context, pc, kc, c0, nc, panels) may rewrite the block in place, and the product uses what it
+// wrote. An operand that is a function of another, element by element (GLoRA's W_eff of W0), is so
+// formed in cache as the kernel packs it, never in memory. Each thread edits its own panels.
+template <class T>
+struct packed_b_edit {
+  void (*run)(const void* context, index pc, index kc, index c0, index nc, T* panels) = nullptr;
+  const void* context = nullptr;
+};
+
 // Register tile and cache blocking per instruction set and type.
 template <class T, class Isa>
 struct gemm_shape {
@@ -302,7 +313,7 @@ void scale_matrix(index m, index n, T beta, const grouped_matrix<T>& c) {
 // One thread's share: rows [0, m) of a and c, columns [c0, c0 + n) of b and c.
 template <class T, class Isa>
 void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a, const grouped_matrix<const T>& b,
-                 T beta, const grouped_matrix<T>& c, index c0) {
+                 T beta, const grouped_matrix<T>& c, index c0, const packed_b_edit<T>& edit) {
   using shape = gemm_shape<T, Isa>;
   constexpr int MR = shape::mr, NR = shape::nv * simd<T, Isa>::width;
   constexpr index KC = shape::kc, MC = shape::mc, NC = (shape::nc / NR) * NR;
@@ -323,6 +334,7 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
       const T beta_k = pc == 0 ? beta : T(1);
       pack_b<T, Isa, NR>(kc, nc, grouped_matrix<const T>{b.data + pc * b.rs, b.rs, b.group, b.gs, b.cu}, c0 + jc,
                          bpack);
+      if (edit.run != nullptr) edit.run(edit.context, pc, kc, c0 + jc, nc, bpack);
       for (index ic = 0; ic < m; ic += MC) {
         const index mc = std::min(MC, m - ic);
         if (!a_in_place)
@@ -392,11 +404,11 @@ void split_rows(index total, int threads, Body&& body) {
   body(index(0), total);
 }
 
-// C (m, n) = alpha · A (m, k) · B (k, n) + beta · C on the instruction set Isa. With beta == 0 the old
-// contents of C are ignored.
+// C (m, n) = alpha · A (m, k) · B (k, n) + beta · C on the instruction set Isa, B edited as it is packed
+// if `edit` says so. With beta == 0 the old contents of C are ignored.
 template <class T, class Isa>
 void gemm_packed(index m, index n, index k, T alpha, const strided_matrix<T>& a, const grouped_matrix<const T>& b,
-                 T beta, const grouped_matrix<T>& c) {
+                 T beta, const grouped_matrix<T>& c, const packed_b_edit<T>& edit = {}) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0 || alpha == T(0)) {
     scale_matrix<T>(m, n, beta, c);
@@ -404,7 +416,7 @@ void gemm_packed(index m, index n, index k, T alpha, const strided_matrix<T>& a,
   }
   const int threads = gemm_threads(m, n, k);
   if (threads <= 1) {
-    gemm_serial<T, Isa>(m, n, k, alpha, a, b, beta, c, 0);
+    gemm_serial<T, Isa>(m, n, k, alpha, a, b, beta, c, 0, edit);
     return;
   }
 #ifdef _OPENMP
@@ -418,13 +430,13 @@ void gemm_packed(index m, index n, index k, T alpha, const strided_matrix<T>& a,
     if (split_columns) {
       const index chunk = ((n + nt - 1) / nt + NR - 1) / NR * NR;
       const index begin = std::min(n, t * chunk), end = std::min(n, begin + chunk);
-      if (begin < end) gemm_serial<T, Isa>(m, end - begin, k, alpha, a, b, beta, c, begin);
+      if (begin < end) gemm_serial<T, Isa>(m, end - begin, k, alpha, a, b, beta, c, begin, edit);
     } else {
       const index chunk = ((m + nt - 1) / nt + MR - 1) / MR * MR;
       const index begin = std::min(m, t * chunk), end = std::min(m, begin + chunk);
       if (begin < end)
         gemm_serial<T, Isa>(end - begin, n, k, alpha, strided_matrix<T>{a.data + begin * a.rs, a.rs, a.cs}, b, beta,
-                            grouped_matrix<T>{c.data + begin * c.rs, c.rs, c.group, c.gs, c.cu}, 0);
+                            grouped_matrix<T>{c.data + begin * c.rs, c.rs, c.group, c.gs, c.cu}, 0, edit);
     }
   }
 #endif
@@ -824,22 +836,24 @@ void short_columns_product(index p, index i, index q, const T* x, const T* u, in
   });
 }
 
-// The plain row-major product with leading dimensions, in the layouts above.
+// The plain row-major product with leading dimensions, in the layouts above; with an edit of B, always
+// the packed path.
 template <class T, class Isa>
 void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha, const T* a, index lda, const T* b,
-                 index ldb, T beta, T* c, index ldc) {
-  if (!trans_a && n <= 16 && m >= 2 * n && k > 0 && m > 0 && alpha != T(0)) {
+                 index ldb, T beta, T* c, index ldc, const packed_b_edit<T>& edit = {}) {
+  const bool narrow = edit.run == nullptr && n <= 16 && m >= 2 * n && m > 0 && k > 0 && alpha != T(0);
+  if (narrow && !trans_a) {
     gemm_narrow<T, Isa>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
     return;
   }
-  if (trans_a && n <= 16 && m >= 2 * n && k > 0 && alpha != T(0) && gemm_threads(m, n, k) <= 1) {
+  if (narrow && gemm_threads(m, n, k) <= 1) {
     gemm_narrow_transposed<T, Isa>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
     return;
   }
   const index group = std::max<index>(n, 1);
   gemm_packed<T, Isa>(m, n, k, alpha, strided_matrix<T>{a, trans_a ? 1 : lda, trans_a ? lda : 1},
                       grouped_matrix<const T>{b, trans_b ? 1 : ldb, group, 0, trans_b ? ldb : 1}, beta,
-                      grouped_matrix<T>{c, ldc, group, 0, 1});
+                      grouped_matrix<T>{c, ldc, group, 0, 1}, edit);
 }
 
 // The kernels' entry points on native_isa, for float and double, as explicit instantiations (keyword
@@ -847,9 +861,10 @@ void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha,
 // translation unit only declares them and one compiles them (tensor_adapters/kernel_instances.hpp).
 #define TA_KERNEL_INSTANCES(keyword, T)                                                                          \
   keyword template void gemm_packed<T, native_isa>(bool, bool, index, index, index, T, const T*, index, const T*, \
-                                                   index, T, T*, index);                                         \
+                                                   index, T, T*, index, const packed_b_edit<T>&);                \
   keyword template void gemm_packed<T, native_isa>(index, index, index, T, const strided_matrix<T>&,              \
-                                                   const grouped_matrix<const T>&, T, const grouped_matrix<T>&);  \
+                                                   const grouped_matrix<const T>&, T, const grouped_matrix<T>&,   \
+                                                   const packed_b_edit<T>&);                                      \
   keyword template void short_rows_product<T, native_isa>(index, index, index, const T*, const T*, index, index,  \
                                                           index, T, T, T*);                                      \
   keyword template void short_columns_product<T, native_isa>(index, index, index, const T*, const T*, index,      \
