@@ -171,67 +171,90 @@ TEMPLATE_TEST_CASE("the thread count does not change a single bit", "[gemm]", fl
 #endif
 }
 
-// An edit of B (packed_b_edit): op(B)[p, c] ↦ op(B)[p, c]·col_scale[c] + row_add[p], counting its visits.
+// The hooks (gemm_hooks): edit_b maps op(B)[p, c] to op(B)[p, c]·col_scale[c] + row_add[p]; finish_c
+// copies each finished tile of C into `out` as 3·C + its row index. Both count their visits.
 template <class T>
-struct test_edit {
-  std::vector<T> col_scale, row_add;
-  std::vector<int> visits;  // (k, n), counted while `counting` (on one thread)
+struct test_hooks {
+  std::vector<T> col_scale, row_add, out;
+  std::vector<int> b_visits, c_visits;  // (k, n), (m, n): counted while `counting` (on one thread)
   bool counting = true;
-  static void run(const void* context, ta::index pc, ta::index kc, ta::index c0, ta::index nc, T* panels) {
-    auto& e = *const_cast<test_edit*>(static_cast<const test_edit*>(context));
-    const ta::index NR = td::gemm_panel_width<T>, n = ta::index(e.col_scale.size());
+  static void edit_b(const void* context, ta::index pc, ta::index kc, ta::index c0, ta::index nc, T* panels) {
+    auto& h = *const_cast<test_hooks*>(static_cast<const test_hooks*>(context));
+    const ta::index NR = td::gemm_panel_width<T>, n = ta::index(h.col_scale.size());
     for (ta::index j = 0; j < nc; ++j)
       for (ta::index p = 0; p < kc; ++p) {
         T& v = panels[j / NR * NR * kc + p * NR + j % NR];
-        v = v * e.col_scale[std::size_t(c0 + j)] + e.row_add[std::size_t(pc + p)];
-        if (e.counting) ++e.visits[std::size_t((pc + p) * n + c0 + j)];
+        v = v * h.col_scale[std::size_t(c0 + j)] + h.row_add[std::size_t(pc + p)];
+        if (h.counting) ++h.b_visits[std::size_t((pc + p) * n + c0 + j)];
+      }
+  }
+  static void finish_c(const void* context, ta::index r0, ta::index mr, ta::index c0, ta::index nc, T* c, ta::index ldc) {
+    auto& h = *const_cast<test_hooks*>(static_cast<const test_hooks*>(context));
+    const ta::index n = ta::index(h.col_scale.size());
+    for (ta::index r = 0; r < mr; ++r)
+      for (ta::index t = 0; t < nc; ++t) {
+        h.out[std::size_t((r0 + r) * n + c0 + t)] = 3 * c[r * ldc + t] + T(r0 + r);
+        if (h.counting) ++h.c_visits[std::size_t((r0 + r) * n + c0 + t)];
       }
   }
 };
 
-TEMPLATE_TEST_CASE("an edit of B applies to every element of op(B) once, on every path", "[gemm]", float, double) {
+TEMPLATE_TEST_CASE("the hooks see every element of op(B) and of C once, on every path", "[gemm]", float, double) {
   using T = TestType;
   std::mt19937_64 gen(15);
   std::normal_distribution<double> normal;
-  // Narrow shapes (n ≤ 16, m ≥ 2n: a packed product only because of the edit), one or two column panels
-  // (A read in place), and more than one cache block of k, m and n, each with both layouts of B.
-  for (const problem& base : {problem{false, false, 40, 5, 19, 19, 5, 5}, problem{false, false, 70, 45, 33, 33, 45, 45},
-                              problem{false, false, 261, 1100, 517, 517, 1100, 1100}}) {
+  // Narrow shapes (n ≤ 16, m ≥ 2n: a packed product only because of the hooks), one or two column panels
+  // (A read in place), more than one cache block of k, m and n (with two threads, split by columns, then
+  // by rows), each with both layouts of B; and k = 0.
+  for (const problem& base : {problem{false, false, 40, 5, 19, 19, 5, 7}, problem{false, false, 70, 45, 33, 33, 45, 45},
+                              problem{false, false, 261, 1100, 517, 517, 1100, 1100}, problem{false, false, 1100, 45, 300, 300, 45, 45},
+                              problem{false, false, 9, 20, 0, 1, 20, 20}}) {
     for (const bool tb : {false, true}) {
       problem p = base;
       p.tb = tb;
-      p.ldb = tb ? p.k : p.n;
+      p.ldb = std::max<ta::index>(1, tb ? p.k : p.n);
       INFO("trans_b " << tb << " m " << p.m << " n " << p.n << " k " << p.k);
       operands<T> x(p, gen);
-      test_edit<T> edit;
-      for (ta::index c = 0; c < p.n; ++c) edit.col_scale.push_back(T(normal(gen)));
-      for (ta::index q = 0; q < p.k; ++q) edit.row_add.push_back(T(normal(gen)));
-      edit.visits.assign(std::size_t(p.k * p.n), 0);
+      test_hooks<T> hooks;
+      for (ta::index c = 0; c < p.n; ++c) hooks.col_scale.push_back(T(normal(gen)));
+      for (ta::index q = 0; q < p.k; ++q) hooks.row_add.push_back(T(normal(gen)));
+      hooks.out.assign(std::size_t(p.m * p.n), T(0));
+      hooks.b_visits.assign(std::size_t(p.k * p.n), 0);
+      hooks.c_visits.assign(std::size_t(p.m * p.n), 0);
       operands<T> edited = x;  // op(B) edited by hand, for the loops
       for (ta::index q = 0; q < p.k; ++q)
         for (ta::index c = 0; c < p.n; ++c) {
           T& v = tb ? edited.b[std::size_t(c * p.ldb + q)] : edited.b[std::size_t(q * p.ldb + c)];
-          v = v * edit.col_scale[std::size_t(c)] + edit.row_add[std::size_t(q)];
+          v = v * hooks.col_scale[std::size_t(c)] + hooks.row_add[std::size_t(q)];
         }
+      const td::gemm_hooks<T> both{test_hooks<T>::edit_b, test_hooks<T>::finish_c, &hooks};
+      const auto check = [&](const std::vector<T>& c) {
+        check_against_loops<T>(p, T(2), edited, T(0.5), x.c, c);
+        bool same = true;
+        for (ta::index r = 0; r < p.m; ++r)
+          for (ta::index col = 0; col < p.n; ++col)
+            same = same && hooks.out[std::size_t(r * p.n + col)] == 3 * c[std::size_t(r * p.ldc + col)] + T(r);
+        CHECK(same);
+      };
       std::vector<T> c = x.c;
 #ifdef _OPENMP
       const int threads = omp_get_max_threads();
       omp_set_num_threads(1);
 #endif
-      td::gemm<T>(false, tb, p.m, p.n, p.k, T(2), x.a.data(), p.lda, x.b.data(), p.ldb, T(0.5), c.data(), p.ldc,
-                  {test_edit<T>::run, &edit});
+      td::gemm<T>(false, tb, p.m, p.n, p.k, T(2), x.a.data(), p.lda, x.b.data(), p.ldb, T(0.5), c.data(), p.ldc, both);
 #ifdef _OPENMP
       omp_set_num_threads(threads);
 #endif
-      CHECK(std::all_of(edit.visits.begin(), edit.visits.end(), [](int v) { return v == 1; }));
-      check_against_loops<T>(p, T(2), edited, T(0.5), x.c, c);
+      CHECK(std::all_of(hooks.b_visits.begin(), hooks.b_visits.end(), [](int v) { return v == 1; }));
+      CHECK(std::all_of(hooks.c_visits.begin(), hooks.c_visits.end(), [](int v) { return v == 1; }));
+      check(c);
 #ifdef _OPENMP
-      // With two threads (each packs and edits its own share, or all of B): the same product.
+      // With two threads (each packs and edits its own share of B, or all of it): the same product.
       c = x.c;
-      edit.counting = false;
-      td::gemm<T>(false, tb, p.m, p.n, p.k, T(2), x.a.data(), p.lda, x.b.data(), p.ldb, T(0.5), c.data(), p.ldc,
-                  {test_edit<T>::run, &edit});
-      check_against_loops<T>(p, T(2), edited, T(0.5), x.c, c);
+      hooks.counting = false;
+      std::fill(hooks.out.begin(), hooks.out.end(), T(0));
+      td::gemm<T>(false, tb, p.m, p.n, p.k, T(2), x.a.data(), p.lda, x.b.data(), p.ldb, T(0.5), c.data(), p.ldc, both);
+      check(c);
 #endif
     }
   }

@@ -500,7 +500,7 @@ struct glora_workspace {
   std::vector<T> h;         // (n, r) or 2 × (n): x · Bu[:r]ᵀ, or row sums
   std::vector<T> dh;        // (n, r) or 2 × (O): dy · Bd[:, :r], or per-output factors
   std::vector<T> partials;  // per thread: its shares of the reductions over row blocks
-  std::vector<T> factors;   // A's and B's factors laid along the matrix product's lanes (glora_panel_edit)
+  std::vector<T> factors;   // A's and B's factors laid along the matrix product's lanes (glora_gemm)
   // z = x · W0ᵀ (n, O), which a linear forward with A vector or scalar computes and its backward needs
   // again, with what it was computed from: a copy of x (n, I) and w0's address (null: z holds nothing).
   // The backward uses z only while x's values are the same, bit for bit, and w0 the same array (W0 is
@@ -694,7 +694,7 @@ void glora_weight_rows(const glora<T>& a, const glora_config& c, const glora_dim
 }
 
 // W_eff = W0 + W0 ⊙ A + B for a linear layer's matrix products, formed on the GEMM's packed panels of W0
-// (packed_b_edit) rather than in memory: op(B) of the product is W0ᵀ (forward, y = x · W_effᵀ: W_eff's
+// (gemm_hooks::edit_b) rather than in memory: op(B) of the product is W0ᵀ (forward, y = x · W_effᵀ: W_eff's
 // rows along the panels' lanes, its columns along the steps) or W0 (backward, dx = dy · W_eff: columns
 // along the lanes). A's and B's values on a panel row are sums over their ranks of one factor along the
 // lanes times one along the steps: a lora X = Xd · Xu puts one of Xd's columns or Xu's rows on each side;
@@ -708,9 +708,18 @@ struct glora_panel_term {
   index step_p = 0, step_r = 0, rank = 0;
 };
 
+// The context of a linear layer's GEMM hooks (gemm_hooks).
 template <class T>
-struct glora_panel_edit {
-  glora_panel_term<T> a, b;
+struct glora_gemm {
+  glora_panel_term<T> a, b;  // edit_b: W_eff's A and B terms on W0's panels (glora_panel_factors)
+  // finish_c, forward only: y[i, o] = (z + z·av[o]) + bias[o] + sx[i]·bv[o] for each finished tile z of
+  // x · W0ᵀ or x · W_effᵀ, a null av or sx leaving its term out; y (rows ldy apart) may be the product's C.
+  const T* av = nullptr;
+  const T* bias = nullptr;
+  const T* sx = nullptr;
+  const T* bv = nullptr;
+  T* y = nullptr;
+  index ldy = 0;
 };
 
 // acc[q] += Σ_r t.steps(p0 + q, r) · t.lanes[r, col : col + NV·width]
@@ -729,7 +738,7 @@ void glora_panel_sum(const glora_panel_term<T>& t, index p0, index col, typename
 
 // Rows [p0, p0 + P) of one panel (`rows`, NR = NV·width values per row) whose lanes are columns col … of op(B).
 template <class T, int P, int NV>
-void glora_edit_rows(const glora_panel_edit<T>& e, index p0, index col, T* rows) {
+void glora_edit_rows(const glora_gemm<T>& e, index p0, index col, T* rows) {
   using S = simd<T, native_isa>;
   typename S::reg acc_a[P][NV], acc_b[P][NV];
   for (int q = 0; q < P; ++q)
@@ -744,13 +753,13 @@ void glora_edit_rows(const glora_panel_edit<T>& e, index p0, index col, T* rows)
     }
 }
 
-// packed_b_edit::run: op(B)[pc : pc + kc, c0 : c0 + nc], held as kc×NR panels of W0's values, becomes W_eff's.
+// gemm_hooks::edit_b: op(B)[pc : pc + kc, c0 : c0 + nc], held as kc×NR panels of W0's values, becomes W_eff's.
 // P rows at a time, P·NV accumulators for each of A and B within the dot kernels' register budget.
 template <class T>
 void glora_edit_panels(const void* context, index pc, index kc, index c0, index nc, T* panels) {
   constexpr int NV = gemm_shape<T, native_isa>::nv, NR = NV * simd<T, native_isa>::width;
   constexpr int P = std::max(1, gemm_shape<T, native_isa>::dot_acc / (2 * NV));
-  const auto& e = *static_cast<const glora_panel_edit<T>*>(context);
+  const auto& e = *static_cast<const glora_gemm<T>*>(context);
   for (index c = 0; c < nc; c += NR) {
     T* panel = panels + c * kc;
     index p = 0;
@@ -762,7 +771,7 @@ void glora_edit_panels(const void* context, index pc, index kc, index c0, index 
 // The edit for A lora and B of any kind, its lane factors copied into `buffer`: with lanes_out W_eff's
 // rows (O) lie along the lanes (op(B) = W0ᵀ), else its columns (I; op(B) = W0).
 template <class T>
-glora_panel_edit<T> glora_panel_factors(const glora<T>& a, const glora_config& c, const glora_dims& d,
+glora_gemm<T> glora_panel_factors(const glora<T>& a, const glora_config& c, const glora_dims& d,
                                         bool lanes_out, std::vector<T>& buffer) {
   const index O = d.out, I = d.in, R = d.rank, NR = gemm_panel_width<T>;
   const index lanes = lanes_out ? O : I, ld = (lanes + NR - 1) / NR * NR;
@@ -777,7 +786,7 @@ glora_panel_edit<T> glora_panel_factors(const glora<T>& a, const glora_config& c
       for (index l = 0; l < lanes; ++l) out[r * ld + l] = lanes_out ? xd.data()[l * R + r] : xu.data()[r * I + l];
     return lanes_out ? glora_panel_term<T>{out, ld, xu.data(), 1, I, rank} : glora_panel_term<T>{out, ld, xd.data(), R, 1, rank};
   };
-  glora_panel_edit<T> e;
+  glora_gemm<T> e;
   T* bl = buffer.data() + ra * ld;
   e.a = lora(a.Ad, a.Au, ra, buffer.data());
   if (c.B.kind == glora_kind::lora) {
@@ -790,6 +799,28 @@ glora_panel_edit<T> glora_panel_factors(const glora<T>& a, const glora_config& c
     e.b = {bl, ld, a.Bd.data(), c.B.kind == glora_kind::vector ? R : 0, 0, 1};
   }
   return e;
+}
+
+// gemm_hooks::finish_c of the linear forward: y's rows [r0, r0 + mr), columns [c0, c0 + nc) from the
+// finished tile z of the product (glora_gemm).
+template <class T>
+void glora_finish_tile(const void* context, index r0, index mr, index c0, index nc, T* z, index ldz) {
+  const auto& g = *static_cast<const glora_gemm<T>*>(context);
+  const T* b = g.bias + c0;
+  const T* av = g.av + (g.av != nullptr ? c0 : 0);
+  const T* bv = g.bv + (g.bv != nullptr ? c0 : 0);
+  for (index r = 0; r < mr; ++r) {
+    const T* zr = z + r * ldz;
+    T* yr = g.y + (r0 + r) * g.ldy + c0;
+    if (g.av == nullptr) {
+      for (index t = 0; t < nc; ++t) yr[t] = zr[t] + b[t];
+    } else if (g.sx == nullptr) {
+      for (index t = 0; t < nc; ++t) yr[t] = (zr[t] + zr[t] * av[t]) + b[t];
+    } else {
+      const T sx = g.sx[r0 + r];
+      for (index t = 0; t < nc; ++t) yr[t] = (zr[t] + zr[t] * av[t]) + b[t] + sx * bv[t];
+    }
+  }
 }
 
 // How a pass over the O·I work is split: `blocks` blocks of `step` rows (the last may be shorter), each
@@ -1292,7 +1323,7 @@ glora_dims check_glora_linear(const glora<T>& a, const glora_config& c, const co
 
 // Linear layers take one of two paths (both give x · W_effᵀ + b_eff, up to rounding):
 //   A is lora:  the batch goes through one GEMM against W_eff = W0 + W0 ⊙ A + B, formed on the GEMM's
-//               packed panels of W0 (glora_panel_edit: O·I work in cache, none in memory);
+//               packed panels of W0 (glora_gemm: O·I work in cache, none in memory);
 //   otherwise:  A = a·1ᵀ is constant along the input dimension, so x · (W0 ⊙ A)ᵀ = (x · W0ᵀ) ⊙ aᵀ and B
 //               acts in activation space (lora: (x · Bu[:r]ᵀ) · Bd[:, :r]ᵀ; vector and scalar: the row
 //               sums of x times Bd[:, 0] or Bd[0, 0]).
@@ -1321,17 +1352,6 @@ template <class T>
 bool glora_z_kept(const const_tensor_view<T, 2>& x, const T* w0, index O, const glora_workspace<T>& ws) {
   return ws.z_w0 == w0 && ws.z_rows == x.dimension(0) && ws.z_in == x.dimension(1) && ws.z_out == O &&
          (x.size() == 0 || std::memcmp(ws.z_x.data(), x.data(), static_cast<std::size_t>(x.size()) * sizeof(T)) == 0);
-}
-
-// y (n, O) += 1 · bᵀ
-template <class T>
-void glora_add_rows(const T* b, index n, index O, T* y) {
-  glora_parallel_for(n, n * O, [&](index i0, index i1) {
-    for (index i = i0; i < i1; ++i) {
-      T* row = y + i * O;
-      for (index o = 0; o < O; ++o) row[o] += b[o];
-    }
-  });
 }
 
 // gb (O) = Σ_rows dy, split by columns over the threads.
@@ -1364,43 +1384,41 @@ void glora_linear_forward(const glora<T>& a, const glora_config& c, const glora_
   glora_grow(ws.col, I);
   if (c.A.kind == glora_kind::lora) {
     glora_layer(a, c, d, w0, b0, true, ws.col.data(), static_cast<T*>(nullptr), ws.bias.data());
-    const glora_panel_edit<T> edit = glora_panel_factors(a, c, d, true, ws.factors);
-    gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), y, O, {glora_edit_panels<T>, &edit});
-    glora_add_rows(ws.bias.data(), n, O, y);
+    glora_gemm<T> g = glora_panel_factors(a, c, d, true, ws.factors);
+    g.bias = ws.bias.data(), g.y = y, g.ldy = O;  // y = x · W_effᵀ + b_eff, b_eff added tile by tile
+    gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), y, O,
+            {glora_edit_panels<T>, glora_finish_tile<T>, &g});
     return;
   }
   glora_layer(a, c, d, w0, b0, true, ws.col.data(), static_cast<T*>(nullptr), ws.bias.data());
-  // One pass over y after the GEMM: y[i, o] = z[i, o] + z[i, o]·a[o] + b_eff[o] + sx[i]·bv[o], where
-  // bv is B's column (vector) or value (scalar) and sx[i] = Σ_cols x[i, :].
+  // y[i, o] = (z[i, o] + z[i, o]·a[o]) + b_eff[o] + sx[i]·bv[o] with z = x · W0ᵀ, tile by tile as the GEMM
+  // finishes z (glora_finish_tile), where bv is B's column (vector) or value (scalar) and sx[i] = Σ_cols
+  // x[i, :]. z stays in the workspace for the backward when A reads it (vector or scalar), and x is copied
+  // beside it in the pass that sums x's rows.
   const bool b_sums = c.B.kind == glora_kind::vector || c.B.kind == glora_kind::scalar;
+  const bool keep = c.A.kind != glora_kind::none;
   glora_grow(ws.dh, 2 * O);
+  glora_grow(ws.h, n);
+  glora_grow(ws.z, n * O);
+  if (keep) glora_grow(ws.z_x, n * I);
+  glora_gemm<T> g;
   T* av = ws.dh.data();
   T* bv = av + O;
   for (index o = 0; o < O; ++o) {
     av[o] = glora_a_factor(a, c, o, R);
     bv[o] = c.B.kind == glora_kind::vector ? a.Bd.data()[o * R] : c.B.kind == glora_kind::scalar ? a.Bd.data()[0] : T(0);
   }
-  const T* b = ws.bias.data();
-  // z = x · W0ᵀ in the workspace, kept for the backward when A reads it (vector or scalar).
-  const bool keep = c.A.kind != glora_kind::none;
-  glora_grow(ws.z, n * O);
-  if (keep) glora_grow(ws.z_x, n * I);
-  const T* z = ws.z.data();
-  gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), ws.z.data(), O);
-  glora_parallel_for(n, n * (O + I), [&](index i0, index i1) {
-    for (index i = i0; i < i1; ++i) {
-      const T* xr = x.data() + i * I;
-      if (keep) std::copy(xr, xr + I, ws.z_x.data() + i * I);  // while the row is in cache for its sum
-      const T* zr = z + i * O;
-      T* row = y + i * O;
-      if (b_sums) {
-        const T sx = vector_sum(xr, I);
-        for (index o = 0; o < O; ++o) row[o] = (zr[o] + zr[o] * av[o]) + b[o] + sx * bv[o];
-      } else {
-        for (index o = 0; o < O; ++o) row[o] = (zr[o] + zr[o] * av[o]) + b[o];
+  T* sx = ws.h.data();
+  if (keep || b_sums)
+    glora_parallel_for(n, n * I, [&](index i0, index i1) {
+      for (index i = i0; i < i1; ++i) {
+        const T* xr = x.data() + i * I;
+        if (keep) std::copy(xr, xr + I, ws.z_x.data() + i * I);
+        if (b_sums) sx[i] = vector_sum(xr, I);
       }
-    }
-  });
+    });
+  g.av = av, g.bias = ws.bias.data(), g.sx = b_sums ? sx : nullptr, g.bv = bv, g.y = y, g.ldy = O;
+  gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), ws.z.data(), O, {nullptr, glora_finish_tile<T>, &g});
   glora_keep_z(x, w0, O, ws, keep ? glora_z_copied : glora_z_none);
   if (c.B.kind == glora_kind::lora) {
     const index r = c.B.rank;
@@ -1429,8 +1447,8 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
     glora_grow(ws.gw, O * I);
     gemm<T>(true, false, O, I, n, T(1), dy.data(), O, x.data(), I, T(0), ws.gw.data(), I);
     glora_backward_rows(a, c, d, w0, ws.gw.data(), gb, ws.col.data(), ws, grad);
-    const glora_panel_edit<T> edit = glora_panel_factors(a, c, d, false, ws.factors);
-    gemm<T>(false, false, n, I, O, T(1), dy.data(), O, w0, I, T(0), dx, I, {glora_edit_panels<T>, &edit});
+    const glora_gemm<T> g = glora_panel_factors(a, c, d, false, ws.factors);
+    gemm<T>(false, false, n, I, O, T(1), dy.data(), O, w0, I, T(0), dx, I, {glora_edit_panels<T>, nullptr, &g});
     return;
   }
 

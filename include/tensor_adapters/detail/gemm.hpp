@@ -4,9 +4,9 @@
 //
 // All matrices are row-major with a leading dimension (the distance between rows). op(A) is A (m, k)
 // or, with trans_a, the transpose of A stored as (k, m); likewise op(B) is B (k, n) or Bᵀ stored as
-// (n, k). With beta == 0 the old contents of C are ignored (they may be uninitialised or NaN). An
-// `edit` rewrites op(B) block by block as it is packed, in panels gemm_panel_width<T> wide
-// (packed_b_edit, gemm_kernel.hpp).
+// (n, k). With beta == 0 the old contents of C are ignored (they may be uninitialised or NaN). `hooks`
+// may rewrite op(B) block by block as it is packed, in panels gemm_panel_width<T> wide, and C tile by
+// tile as it is finished (gemm_hooks, gemm_kernel.hpp).
 //
 // The work is done by the packed, hand-vectorized kernel of gemm_kernel.hpp on the widest instruction
 // set compiled in (AVX-512, else AVX2+FMA, else scalar; TA_FORCE_SCALAR forces scalar). Repeated
@@ -26,8 +26,8 @@ constexpr index gemm_panel_width = gemm_shape<T, native_isa>::nv * simd<T, nativ
 
 template <class T>
 void gemm(bool trans_a, bool trans_b, index m, index n, index k, T alpha, const T* a, index lda,
-          const T* b, index ldb, T beta, T* c, index ldc, const packed_b_edit<T>& edit = {}) {
-  gemm_packed<T, native_isa>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, edit);
+          const T* b, index ldb, T beta, T* c, index ldc, const gemm_hooks<T>& hooks = {}) {
+  gemm_packed<T, native_isa>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, hooks);
 }
 
 }  // namespace tensor_adapters::detail

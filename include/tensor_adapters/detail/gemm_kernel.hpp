@@ -73,14 +73,21 @@ struct grouped_matrix {
   index column(index c) const { return (c / group) * gs + (c % group) * cu; }
 };
 
-// An edit of B made as it is packed: after each block op(B)[pc : pc + kc, c0 : c0 + nc] is packed into
-// kc×NR micro-panels (panel t holds columns c0 + t·NR …, its row p at p·NR; lanes past nc are zero),
-// run(context, pc, kc, c0, nc, panels) may rewrite the block in place, and the product uses what it
-// wrote. An operand that is a function of another, element by element (GLoRA's W_eff of W0), is so
-// formed in cache as the kernel packs it, never in memory. Each thread edits its own panels.
+// Hooks into a product, for an operand or a result that is a simple function of another (GLoRA's W_eff
+// of W0, its y of x · W0ᵀ), formed in cache as the kernel goes rather than in a pass over memory. Both
+// receive `context`.
+//   edit_b:   after each block op(B)[pc : pc + kc, c0 : c0 + nc] is packed into kc×NR micro-panels
+//             (panel t holds columns c0 + t·NR …, its row p at p·NR; lanes past nc are zero), it may
+//             rewrite the block in place, and the product uses what it wrote. Each thread edits the
+//             panels it packs (with several threads, a block of B may be packed by more than one).
+//   finish_c: once a tile of C, rows [r0, r0 + mr) and columns [c0, c0 + nc), holds its final value
+//             (also when k = 0 or alpha = 0: then once, for all of C), it may read or rewrite the tile,
+//             c pointing at C(r0, c0) with rows ldc apart. Rows and columns are the whole product's. For
+//             a plain row-major C only (one group of contiguous columns).
 template <class T>
-struct packed_b_edit {
-  void (*run)(const void* context, index pc, index kc, index c0, index nc, T* panels) = nullptr;
+struct gemm_hooks {
+  void (*edit_b)(const void* context, index pc, index kc, index c0, index nc, T* panels) = nullptr;
+  void (*finish_c)(const void* context, index r0, index mr, index c0, index nc, T* c, index ldc) = nullptr;
   const void* context = nullptr;
 };
 
@@ -313,7 +320,7 @@ void scale_matrix(index m, index n, T beta, const grouped_matrix<T>& c) {
 // One thread's share: rows [0, m) of a and c, columns [c0, c0 + n) of b and c.
 template <class T, class Isa>
 void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a, const grouped_matrix<const T>& b,
-                 T beta, const grouped_matrix<T>& c, index c0, const packed_b_edit<T>& edit) {
+                 T beta, const grouped_matrix<T>& c, index r0, index c0, const gemm_hooks<T>& hooks) {
   using shape = gemm_shape<T, Isa>;
   constexpr int MR = shape::mr, NR = shape::nv * simd<T, Isa>::width;
   constexpr index KC = shape::kc, MC = shape::mc, NC = (shape::nc / NR) * NR;
@@ -334,7 +341,8 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
       const T beta_k = pc == 0 ? beta : T(1);
       pack_b<T, Isa, NR>(kc, nc, grouped_matrix<const T>{b.data + pc * b.rs, b.rs, b.group, b.gs, b.cu}, c0 + jc,
                          bpack);
-      if (edit.run != nullptr) edit.run(edit.context, pc, kc, c0 + jc, nc, bpack);
+      if (hooks.edit_b != nullptr) hooks.edit_b(hooks.context, pc, kc, c0 + jc, nc, bpack);
+      const bool finish = hooks.finish_c != nullptr && pc + kc == k;
       for (index ic = 0; ic < m; ic += MC) {
         const index mc = std::min(MC, m - ic);
         if (!a_in_place)
@@ -355,14 +363,15 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
                 micro_kernel<T, Isa, MR, shape::nv>(kc, ap, bp, cp + off[0], c.rs, alpha, beta_k);
               else
                 micro_kernel_rows<T, Isa, shape::nv, MR>(int(mr), kc, ap, bp, cp + off[0], c.rs, alpha, beta_k, lda);
-              continue;
+            } else {
+              micro_kernel_rows<T, Isa, shape::nv, MR>(int(mr), kc, ap, bp, tile, NR, T(1), T(0), lda);
+              for (index r = 0; r < mr; ++r)
+                for (index t = 0; t < nr; ++t) {
+                  T& x = cp[r * c.rs + off[t]];
+                  x = alpha * tile[r * NR + t] + (beta_k == T(0) ? T(0) : beta_k * x);
+                }
             }
-            micro_kernel_rows<T, Isa, shape::nv, MR>(int(mr), kc, ap, bp, tile, NR, T(1), T(0), lda);
-            for (index r = 0; r < mr; ++r)
-              for (index t = 0; t < nr; ++t) {
-                T& x = cp[r * c.rs + off[t]];
-                x = alpha * tile[r * NR + t] + (beta_k == T(0) ? T(0) : beta_k * x);
-              }
+            if (finish) hooks.finish_c(hooks.context, r0 + ic + ir, mr, col, nr, cp + off[0], c.rs);
           }
         }
       }
@@ -404,19 +413,20 @@ void split_rows(index total, int threads, Body&& body) {
   body(index(0), total);
 }
 
-// C (m, n) = alpha · A (m, k) · B (k, n) + beta · C on the instruction set Isa, B edited as it is packed
-// if `edit` says so. With beta == 0 the old contents of C are ignored.
+// C (m, n) = alpha · A (m, k) · B (k, n) + beta · C on the instruction set Isa, with the hooks given.
+// With beta == 0 the old contents of C are ignored.
 template <class T, class Isa>
 void gemm_packed(index m, index n, index k, T alpha, const strided_matrix<T>& a, const grouped_matrix<const T>& b,
-                 T beta, const grouped_matrix<T>& c, const packed_b_edit<T>& edit = {}) {
+                 T beta, const grouped_matrix<T>& c, const gemm_hooks<T>& hooks = {}) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0 || alpha == T(0)) {
     scale_matrix<T>(m, n, beta, c);
+    if (hooks.finish_c != nullptr) hooks.finish_c(hooks.context, 0, m, 0, n, c.data, c.rs);
     return;
   }
   const int threads = gemm_threads(m, n, k);
   if (threads <= 1) {
-    gemm_serial<T, Isa>(m, n, k, alpha, a, b, beta, c, 0, edit);
+    gemm_serial<T, Isa>(m, n, k, alpha, a, b, beta, c, 0, 0, hooks);
     return;
   }
 #ifdef _OPENMP
@@ -430,13 +440,13 @@ void gemm_packed(index m, index n, index k, T alpha, const strided_matrix<T>& a,
     if (split_columns) {
       const index chunk = ((n + nt - 1) / nt + NR - 1) / NR * NR;
       const index begin = std::min(n, t * chunk), end = std::min(n, begin + chunk);
-      if (begin < end) gemm_serial<T, Isa>(m, end - begin, k, alpha, a, b, beta, c, begin, edit);
+      if (begin < end) gemm_serial<T, Isa>(m, end - begin, k, alpha, a, b, beta, c, 0, begin, hooks);
     } else {
       const index chunk = ((m + nt - 1) / nt + MR - 1) / MR * MR;
       const index begin = std::min(m, t * chunk), end = std::min(m, begin + chunk);
       if (begin < end)
         gemm_serial<T, Isa>(end - begin, n, k, alpha, strided_matrix<T>{a.data + begin * a.rs, a.rs, a.cs}, b, beta,
-                            grouped_matrix<T>{c.data + begin * c.rs, c.rs, c.group, c.gs, c.cu}, 0, edit);
+                            grouped_matrix<T>{c.data + begin * c.rs, c.rs, c.group, c.gs, c.cu}, begin, 0, hooks);
     }
   }
 #endif
@@ -836,12 +846,13 @@ void short_columns_product(index p, index i, index q, const T* x, const T* u, in
   });
 }
 
-// The plain row-major product with leading dimensions, in the layouts above; with an edit of B, always
-// the packed path.
+// The plain row-major product with leading dimensions, in the layouts above; with hooks, always the
+// packed path.
 template <class T, class Isa>
 void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha, const T* a, index lda, const T* b,
-                 index ldb, T beta, T* c, index ldc, const packed_b_edit<T>& edit = {}) {
-  const bool narrow = edit.run == nullptr && n <= 16 && m >= 2 * n && m > 0 && k > 0 && alpha != T(0);
+                 index ldb, T beta, T* c, index ldc, const gemm_hooks<T>& hooks = {}) {
+  const bool hooked = hooks.edit_b != nullptr || hooks.finish_c != nullptr;
+  const bool narrow = !hooked && n <= 16 && m >= 2 * n && m > 0 && k > 0 && alpha != T(0);
   if (narrow && !trans_a) {
     gemm_narrow<T, Isa>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
     return;
@@ -853,7 +864,7 @@ void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha,
   const index group = std::max<index>(n, 1);
   gemm_packed<T, Isa>(m, n, k, alpha, strided_matrix<T>{a, trans_a ? 1 : lda, trans_a ? lda : 1},
                       grouped_matrix<const T>{b, trans_b ? 1 : ldb, group, 0, trans_b ? ldb : 1}, beta,
-                      grouped_matrix<T>{c, ldc, group, 0, 1}, edit);
+                      grouped_matrix<T>{c, ldc, group, 0, 1}, hooks);
 }
 
 // The kernels' entry points on native_isa, for float and double, as explicit instantiations (keyword
@@ -861,10 +872,10 @@ void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha,
 // translation unit only declares them and one compiles them (tensor_adapters/kernel_instances.hpp).
 #define TA_KERNEL_INSTANCES(keyword, T)                                                                          \
   keyword template void gemm_packed<T, native_isa>(bool, bool, index, index, index, T, const T*, index, const T*, \
-                                                   index, T, T*, index, const packed_b_edit<T>&);                \
+                                                   index, T, T*, index, const gemm_hooks<T>&);                   \
   keyword template void gemm_packed<T, native_isa>(index, index, index, T, const strided_matrix<T>&,              \
                                                    const grouped_matrix<const T>&, T, const grouped_matrix<T>&,   \
-                                                   const packed_b_edit<T>&);                                      \
+                                                   const gemm_hooks<T>&);                                         \
   keyword template void short_rows_product<T, native_isa>(index, index, index, const T*, const T*, index, index,  \
                                                           index, T, T, T*);                                      \
   keyword template void short_columns_product<T, native_isa>(index, index, index, const T*, const T*, index,      \
