@@ -650,10 +650,21 @@ TEMPLATE_TEST_CASE("backward uses the forward's x · W0ᵀ only while x and w0 a
     return same;
   };
   ta::glora_workspace<T> ws;
+  {
+    ta::glora<T> grad;
+    ta::backward(a, c, x, w0, b0, dy, dx, grad, ws);  // a workspace that has served a backward keeps z
+    x.data()[0] += T(1);
+  }
   SECTION("the same x and w0: the forward's x · W0ᵀ, for any configuration") {
     ta::forward(a, ta::parse_glora_config("A=scalar,B=none,C=none,D=none,E=none"), x, w0, b0, y, ws);
     CHECK(same_as_fresh(x, w0, ws));
     CHECK(same_as_fresh(x, w0, ws));  // the backward's own, kept in turn
+  }
+  SECTION("a workspace that has served no backward keeps nothing") {
+    ta::glora_workspace<T> fresh;
+    ta::forward(a, c, x, w0, b0, y, fresh);
+    CHECK(fresh.z_w0 == nullptr);
+    CHECK(fresh.z_x.empty());
   }
   SECTION("x changed after the forward (one bit of one value), or another w0: computed again") {
     for (const ta::index k : {ta::index(0), n * I - 1}) {

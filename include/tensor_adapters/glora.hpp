@@ -504,10 +504,13 @@ struct glora_workspace {
   // z = x · W0ᵀ (n, O), which a linear forward with A vector or scalar computes and its backward needs
   // again, with what it was computed from: a copy of x (n, I) and w0's address (null: z holds nothing).
   // The backward uses z only while x's values are the same, bit for bit, and w0 the same array (W0 is
-  // frozen: its values are not compared); otherwise it computes z again.
+  // frozen: its values are not compared); otherwise it computes z again. A forward keeps z only once
+  // the workspace has served a backward (keep_z): a workspace used for inference alone never pays
+  // for the copies.
   std::vector<T> z, z_x;
   const T* z_w0 = nullptr;
   index z_rows = 0, z_out = 0, z_in = 0;
+  bool keep_z = false;
 };
 
 namespace detail {
@@ -1393,10 +1396,10 @@ void glora_linear_forward(const glora<T>& a, const glora_config& c, const glora_
   glora_layer(a, c, d, w0, b0, true, ws.col.data(), static_cast<T*>(nullptr), ws.bias.data());
   // y[i, o] = (z[i, o] + z[i, o]·a[o]) + b_eff[o] + sx[i]·bv[o] with z = x · W0ᵀ, tile by tile as the GEMM
   // finishes z (glora_finish_tile), where bv is B's column (vector) or value (scalar) and sx[i] = Σ_cols
-  // x[i, :]. z stays in the workspace for the backward when A reads it (vector or scalar), and x is copied
-  // beside it in the pass that sums x's rows.
+  // x[i, :]. z stays in the workspace for the backward when A reads it (vector or scalar) and the
+  // workspace has served a backward, and x is copied beside it in the pass that sums x's rows.
   const bool b_sums = c.B.kind == glora_kind::vector || c.B.kind == glora_kind::scalar;
-  const bool keep = c.A.kind != glora_kind::none;
+  const bool keep = c.A.kind != glora_kind::none && ws.keep_z;
   glora_grow(ws.dh, 2 * O);
   glora_grow(ws.h, n);
   glora_grow(ws.z, n * O);
@@ -1463,6 +1466,7 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
       glora_grow(ws.z, n * O);
       gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), ws.z.data(), O);
       glora_keep_z(x, w0, O, ws, glora_z_copy);
+      ws.keep_z = true;  // from now on the forward keeps it
     }
     glora_grow(ws.gw, n * O);
     glora_grow(ws.dh, 2 * O);
@@ -1541,7 +1545,8 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
 //   x: (n, I), w0: (O, I), b0: (O), y: (n, O).
 // With A lora, the batch goes through one GEMM against W_eff, formed from W0 as the GEMM packs it (O·I
 // work in cache, nothing written to memory); otherwise y = (x · W0ᵀ) ⊙ (1 + a)ᵀ + the B term in
-// activation space + b_eff, x · W0ᵀ kept in the workspace for the backward. Throws argument_error, before writing anything, if a shape or the
+// activation space + b_eff, x · W0ᵀ kept in the workspace for the backward once the workspace has
+// served one (glora_workspace). Throws argument_error, before writing anything, if a shape or the
 // configuration does not fit. Makes no allocation once the workspace has served a call of this layer,
 // batch size and configuration.
 template <class T>

@@ -29,6 +29,7 @@
 //   k = 0 or alpha = 0                  C = beta·C
 //   plain A, n ≤ 16, m ≥ 2n             gemm_narrow: dot products along k, A streamed once
 //   transposed A, n ≤ 16, m ≥ 2n, small gemm_narrow_transposed: rows of C as vectors, A read once
+//   hooks given (gemm_hooks)            packed, whatever the shape
 //   otherwise                           packed: B row runs copied into panels (transposed B in 8×8
 //                                       or 4×4 register blocks), A into MR panels, micro-kernel;
 //                                       with n ≤ 2·NR (one or two column panels) a row-major A is
@@ -317,7 +318,8 @@ void scale_matrix(index m, index n, T beta, const grouped_matrix<T>& c) {
     }
 }
 
-// One thread's share: rows [0, m) of a and c, columns [c0, c0 + n) of b and c.
+// One thread's share: rows [0, m) of a and c, columns [c0, c0 + n) of b and c; a and c start at row r0 of
+// the whole product (for the hooks).
 template <class T, class Isa>
 void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a, const grouped_matrix<const T>& b,
                  T beta, const grouped_matrix<T>& c, index r0, index c0, const gemm_hooks<T>& hooks) {
