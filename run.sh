@@ -63,7 +63,8 @@ case "${1:-}" in
     configure build/release -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=ON
     for b in build/release/benchmarks/bench_*; do
       [ -x "$b" ] || continue
-      "$b" --benchmark_filter="${2:-.}" --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+      "$b" --benchmark_filter="${2:-.}" --benchmark_repetitions=5 --benchmark_report_aggregates_only=true \
+        --benchmark_enable_random_interleaving=true
     done
     ;;
   report)

@@ -161,8 +161,10 @@ def run_all(args, out_data, raw_dir):
             continue
         for t in (threads if binary in PER_THREAD else [0]):
             raw = os.path.join(raw_dir, "%s.t%d.json" % (binary, t))
+            # Repetitions in random order across the program's benchmarks: a slow drift of the machine's
+            # speed (another process, the clock) then reaches a benchmark and its baseline alike.
             cmd = [path, "--benchmark_repetitions=%d" % reps, "--benchmark_report_aggregates_only=true",
-                   "--benchmark_min_time=%g" % min_time]
+                   "--benchmark_enable_random_interleaving=true", "--benchmark_min_time=%g" % min_time]
             if args.filter:
                 cmd.append("--benchmark_filter=%s" % args.filter)
             env = {"OMP_NUM_THREADS": str(t if t else 1)}
