@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Run the benchmarks and render docs/BENCHMARKS.md with its plots.
 
-    /usr/bin/python3 benchmarks/report.py [BENCH_DIR]          full run (5 repetitions), writes docs/
+    /usr/bin/python3 benchmarks/report.py [BENCH_DIR]          full run (15 repetitions), writes docs/
     /usr/bin/python3 benchmarks/report.py --quick              a short try-out, writes build/benchmark-report/
     /usr/bin/python3 benchmarks/report.py --from-json docs/data    re-render from saved results, no run
 
@@ -50,8 +50,8 @@ def parse_args():
     p.add_argument("bench_dir", nargs="?", default=os.path.join("build", "release", "benchmarks"),
                    help="directory of the bench_* programs (default build/release/benchmarks)")
     p.add_argument("--quick", action="store_true", help="3 repetitions of at least 0.02 s: for trying it out")
-    p.add_argument("--repetitions", type=int, default=None, help="repetitions per benchmark (default 5; quick 3)")
-    p.add_argument("--min-time", type=float, default=None, help="seconds per repetition at least (default 0.1)")
+    p.add_argument("--repetitions", type=int, default=None, help="repetitions per benchmark (default 15; quick 3)")
+    p.add_argument("--min-time", type=float, default=None, help="seconds per repetition at least (default 0.03; quick 0.02)")
     p.add_argument("--filter", default=None, help="regular expression passed to every program's --benchmark_filter "
                    "and to compare_pytorch.py")
     p.add_argument("--only", default=None, help="comma-separated programs to run (default all), e.g. bench_lora")
@@ -142,8 +142,8 @@ def medians(raw):
 
 
 def run_all(args, out_data, raw_dir):
-    reps = args.repetitions or (3 if args.quick else 5)
-    min_time = args.min_time or (0.02 if args.quick else 0.1)
+    reps = args.repetitions or (3 if args.quick else 15)
+    min_time = args.min_time or (0.02 if args.quick else 0.03)
     threads = [int(t) for t in args.threads.split(",")]
     only = set(args.only.split(",")) if args.only else set(BINARIES)
     os.makedirs(out_data, exist_ok=True)
