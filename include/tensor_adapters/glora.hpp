@@ -1338,17 +1338,11 @@ T glora_a_factor(const glora<T>& a, const glora_config& c, index o, index R) {
   return T(0);
 }
 
-// Records that ws.z holds x · W0ᵀ for this x and w0 (its address), O = W0's rows: copies x into ws.z_x,
-// or takes it as copied already, or records that ws.z holds nothing.
-enum glora_z_record { glora_z_copy, glora_z_copied, glora_z_none };
+// Records that ws.z holds x · W0ᵀ for this x (already copied into ws.z_x) and w0 (its address), O = W0's
+// rows.
 template <class T>
-void glora_keep_z(const const_tensor_view<T, 2>& x, const T* w0, index O, glora_workspace<T>& ws, glora_z_record how) {
-  if (how == glora_z_copy) {
-    glora_grow(ws.z_x, x.size());
-    std::copy(x.data(), x.data() + x.size(), ws.z_x.data());
-  }
-  ws.z_w0 = how == glora_z_none ? nullptr : w0;
-  ws.z_rows = x.dimension(0), ws.z_in = x.dimension(1), ws.z_out = O;
+void glora_keep_z(const const_tensor_view<T, 2>& x, const T* w0, index O, glora_workspace<T>& ws) {
+  ws.z_w0 = w0, ws.z_rows = x.dimension(0), ws.z_in = x.dimension(1), ws.z_out = O;
 }
 
 template <class T>
@@ -1402,8 +1396,7 @@ void glora_linear_forward(const glora<T>& a, const glora_config& c, const glora_
   const bool keep = c.A.kind != glora_kind::none && ws.keep_z;
   glora_grow(ws.dh, 2 * O);
   glora_grow(ws.h, n);
-  glora_grow(ws.z, n * O);
-  if (keep) glora_grow(ws.z_x, n * I);
+  if (keep) glora_grow(ws.z, n * O), glora_grow(ws.z_x, n * I);
   glora_gemm<T> g;
   T* av = ws.dh.data();
   T* bv = av + O;
@@ -1421,8 +1414,13 @@ void glora_linear_forward(const glora<T>& a, const glora_config& c, const glora_
       }
     });
   g.av = av, g.bias = ws.bias.data(), g.sx = b_sums ? sx : nullptr, g.bv = bv, g.y = y, g.ldy = O;
-  gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), ws.z.data(), O, {nullptr, glora_finish_tile<T>, &g});
-  glora_keep_z(x, w0, O, ws, keep ? glora_z_copied : glora_z_none);
+  // z goes to the workspace when it is kept; otherwise y is the product's C and each tile becomes y in place.
+  T* z = keep ? ws.z.data() : y;
+  gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), z, O, {nullptr, glora_finish_tile<T>, &g});
+  if (keep)
+    glora_keep_z(x, w0, O, ws);
+  else
+    ws.z_w0 = nullptr;  // ws.z no longer matches what it was kept for
   if (c.B.kind == glora_kind::lora) {
     const index r = c.B.rank;
     glora_grow(ws.h, n * r);
@@ -1465,7 +1463,9 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
     if (!glora_z_kept(x, w0, O, ws)) {  // not left by this step's forward (glora_workspace)
       glora_grow(ws.z, n * O);
       gemm<T>(false, true, n, O, I, T(1), x.data(), I, w0, I, T(0), ws.z.data(), O);
-      glora_keep_z(x, w0, O, ws, glora_z_copy);
+      glora_grow(ws.z_x, x.size());
+      std::copy(x.data(), x.data() + x.size(), ws.z_x.data());
+      glora_keep_z(x, w0, O, ws);
       ws.keep_z = true;  // from now on the forward keeps it
     }
     glora_grow(ws.gw, n * O);
