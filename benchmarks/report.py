@@ -218,8 +218,9 @@ def run_all(args, out_data, raw_dir):
             env = {"OMP_NUM_THREADS": str(t), "OPENBLAS_NUM_THREADS": str(t)}
             if libdir:
                 env["LD_LIBRARY_PATH"] = os.path.abspath(libdir)
-                if openblas_coretype() and "OPENBLAS_CORETYPE" not in os.environ:
-                    env["OPENBLAS_CORETYPE"] = openblas_coretype()
+                core = openblas_coretype()
+                if core and "OPENBLAS_CORETYPE" not in os.environ:
+                    env["OPENBLAS_CORETYPE"] = core
             print("report.py: " + sh(cmd, env), flush=True)
             if os.path.exists(out):
                 os.remove(out)

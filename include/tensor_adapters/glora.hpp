@@ -831,8 +831,9 @@ void glora_finish_tile(const void* context, index r0, index mr, index c0, index 
 
 // How a pass over the O·I work is split: `blocks` blocks of `step` rows (the last may be shorter), each
 // about `bytes` of each operand (by default 2 MiB, the size of a core's L2) so that a block stays in cache
-// between the products and elementwise steps applied to it, and `threads` threads (with OpenMP, outside a parallel region and for weights of
-// at least 2^17 elements: up to omp_get_max_threads(), the block count then a multiple of it; else 1).
+// between the products and elementwise steps applied to it, and `threads` threads (with OpenMP, outside
+// a parallel region and for weights of at least 2^17 elements: up to omp_get_max_threads(), the block
+// count then a multiple of it; else 1).
 struct glora_plan {
   index step, blocks;
   int threads;
