@@ -135,10 +135,14 @@ TEMPLATE_TEST_CASE("the vectorized product matches the scalar kernel and plain l
 TEMPLATE_TEST_CASE("products larger than one cache block match plain loops", "[gemm]", float, double) {
   std::mt19937_64 gen(12);
   // k > KC, m > MC and n > NC of every instruction set, with ragged edges; then one or two column
-  // panels (17 < n ≤ 2·NR), where a row-major A is read in place across several k and m blocks.
+  // panels (17 < n ≤ 2·NR), where a row-major A is read in place across several k and m blocks; then
+  // narrow products of one register per row of C (n ≤ width, more than three quarters of it: 13–16
+  // floats or 7–8 doubles on AVX-512) over several k blocks, B plain, transposed and misaligned.
   for (const problem& p : {problem{false, false, 261, 45, 517, 517, 45, 45}, problem{true, true, 29, 1100, 263, 29, 263, 1100},
                            problem{false, true, 389, 53, 270, 270, 270, 53}, problem{false, true, 300, 24, 600, 611, 603, 29},
-                           problem{false, false, 263, 31, 530, 530, 31, 32}}) {
+                           problem{false, false, 263, 31, 530, 530, 31, 32}, problem{false, false, 203, 14, 530, 533, 15, 17},
+                           problem{false, true, 77, 16, 600, 605, 603, 16}, problem{false, true, 150, 7, 300, 301, 301, 9},
+                           problem{false, true, 61, 8, 513, 513, 513, 8}}) {
     check_problem<TestType>(p, gen, false);
   }
 }
@@ -154,7 +158,8 @@ TEMPLATE_TEST_CASE("an empty product scales C by beta", "[gemm]", float, double)
 TEMPLATE_TEST_CASE("the thread count does not change a single bit", "[gemm]", float, double) {
 #ifdef _OPENMP
   std::mt19937_64 gen(13);
-  for (const problem& p : {problem{false, true, 300, 520, 400, 400, 400, 520}, problem{false, false, 900, 40, 300, 300, 40, 40}}) {
+  for (const problem& p : {problem{false, true, 300, 520, 400, 400, 400, 520}, problem{false, false, 900, 40, 300, 300, 40, 40},
+                           problem{false, true, 700, 15, 300, 301, 301, 15}}) {
     const operands<TestType> x(p, gen);
     std::vector<TestType> one = x.c, two = x.c;
     const int threads = omp_get_max_threads();

@@ -211,11 +211,20 @@ void transpose_into(const T* in, index rows, index cols, T* out) {
     for (index j = 0; j < cols; ++j) out[j * rows + i] = in[i * cols + j];
 }
 
-// out (b, a, s) = in (a, b, s): the first two modes of a row-major (A, B, S) block exchanged.
+// out (b, a, s) = in (a, b, s): the first two modes of a row-major (A, B, S) block exchanged. out is
+// written in order; a run of s ≤ width values (a conv kernel's 3×3 = 9) is one masked register copy.
+// (Reading in order and copying runs with std::copy took 4× as long for (32, 512, 9).)
 template <class T>
 void exchange_leading_modes(const T* in, index a_extent, index b_extent, index s, T* out) {
-  for (index i = 0; i < a_extent; ++i)
-    for (index j = 0; j < b_extent; ++j) std::copy(in + (i * b_extent + j) * s, in + (i * b_extent + j + 1) * s, out + (j * a_extent + i) * s);
+  using S = simd<T, native_isa>;
+  for (index j = 0; j < b_extent; ++j)
+    for (index i = 0; i < a_extent; ++i, out += s) {
+      const T* run = in + (i * b_extent + j) * s;
+      if (s <= S::width)
+        S::store_first(out, s, S::load_first(run, s));
+      else
+        std::copy(run, run + s, out);
+    }
 }
 
 // K (S, Rk): K[(i2 … i(N-1)), (a2 … a(N-1))] = Π_{m≥2} U_m[i_m, a_m]; then H and M as above.
