@@ -265,9 +265,12 @@ void pack_b(index kc, index nc, const grouped_matrix<const T>& b, index c0, T* o
           if (chunk == NR)
             for (index p = p0; p < p1; ++p)
               std::memcpy(dst + p * NR, src + p * b.rs + e, sizeof(T) * NR);  // a fixed size: register moves
-          else
+          else  // part of a panel: masked registers (std::memcpy of a run-time size is a call per row)
             for (index p = p0; p < p1; ++p)
-              std::memcpy(dst + p * NR, src + p * b.rs + e, sizeof(T) * std::size_t(chunk));
+              for (index v = 0; v < chunk; v += simd<T, Isa>::width) {
+                const index n = std::min<index>(simd<T, Isa>::width, chunk - v);
+                simd<T, Isa>::store_first(dst + p * NR + v, n, simd<T, Isa>::load_first(src + p * b.rs + e + v, n));
+              }
           e += chunk;
           t += chunk;
         }
