@@ -141,10 +141,11 @@ TEMPLATE_TEST_CASE("mode products with full register tiles and several cache blo
   // a contracted extent past one KC block; a last mode with many rows; a conv-like middle mode whose
   // trailing extent 9 is shorter than a register, large enough to be split over threads at J 8 and 13
   // (and over J 29 and 64 with J along the lanes where I ≥ 4 registers); trailing extents 2, 5 and 12 with
-  // J along the lanes.
+  // J along the lanes; with J 4 and 8, trailing extents of several column blocks of the streaming kernel
+  // (2 KB each, the last one partial) and contracted extents that its row blocking does not divide.
   for (const ta::shape<3>& dims : {ta::shape<3>{3, 40, 64}, ta::shape<3>{5, 300, 9}, ta::shape<3>{2, 19, 97},
                                    ta::shape<3>{400, 3, 3}, ta::shape<3>{600, 40, 9}, ta::shape<3>{7, 70, 2},
-                                   ta::shape<3>{3, 67, 5}, ta::shape<3>{4, 131, 12}}) {
+                                   ta::shape<3>{3, 67, 5}, ta::shape<3>{4, 131, 12}, ta::shape<3>{3, 41, 1100}}) {
     ta::tensor<TestType, 3> x(dims);
     ta::fill_normal(x, 0, 1, gen);
     for (int mode = 0; mode < 3; ++mode) {

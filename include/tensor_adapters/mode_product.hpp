@@ -12,7 +12,9 @@
 // a conv kernel's 3×3, with I·Q ≤ 64 and J·Q ≤ 16) is folded into such a product with op(u) ⊗ 1_Q;
 // any other trailing extent narrower than two registers with J ≤ 16 runs slice by slice with each
 // row x_p[i, :] in registers (short_rows_product), also streaming x once; with a wider J, a trailing
-// extent of 2 to 12 runs slice by slice with J along the vector lanes (short_columns_product).
+// extent of 2 to 12 runs slice by slice with J along the vector lanes (short_columns_product). A J ≤ 8
+// with a trailing extent of 2 KB or more (the first mode, mostly) streams x once too, building y in
+// tiles in L1 (stream_rows_product).
 //
 // Threads: built with OpenMP (-fopenmp), a large product is split over omp_get_max_threads()
 // threads; OMP_NUM_THREADS=1, omp_set_num_threads(1) or a build without OpenMP keeps it on one. A
@@ -90,6 +92,13 @@ void mode_product_kernel(const T* x, index p, index i, index q, const T* u, bool
     // Its tile is written element by element, which a long contraction (I ≥ 4 registers) amortizes;
     // FLoRA's VJP at ranks 16 (I = 16, J = 256) ran 13 % slower through it than through the GEMM.
     short_columns_product<T, Isa>(p, i, q, x, u, transposed ? 1 : ldu, transposed ? ldu : 1, j, alpha, beta, y);
+    return;
+  }
+  if (j <= 8 && q >= stream_rows_block<T> && simd<T, Isa>::width > 1) {
+    // A small J (memory-bound) with a trailing extent of at least one column block (2 KB): x streamed
+    // once, y built in L1 tiles (see stream_rows_product). With shorter rows (256³'s middle mode, rows
+    // of 1 KB) the tile's stores alias the loads of x 4 KB apart, and the packed kernel is as fast.
+    stream_rows_product<T, Isa>(p, i, q, x, u, transposed ? 1 : ldu, transposed ? ldu : 1, j, alpha, beta, y);
     return;
   }
   // y (J, P·Q) = op(u) (J, I) · x (I, P·Q): column (s, t) of x sits at s·I·Q + t, row r at r·Q.

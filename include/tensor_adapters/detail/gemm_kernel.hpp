@@ -115,6 +115,16 @@ struct gemm_shape<T, avx512_isa> {
 };
 #endif
 
+// Columns per block of the streaming kernel for small J (stream_rows_product): a row run of 2 KB of x,
+// and a tile of y of at most 8 rows that stays in L1.
+template <class T>
+constexpr index stream_rows_block = 2048 / sizeof(T);
+// The tile's row stride: one cache line more than the block, so that its rows do not fall 2 KB apart,
+// where stores to them alias loads of x 4 KB apart (256³ mode 1 with J 8, rows of x 1 KB apart, ran
+// 1.15–1.4× slower).
+template <class T>
+constexpr index stream_rows_stride = stream_rows_block<T> + 64 / sizeof(T);
+
 // The micro-kernel: C (MR, NR) = alpha · Σ_p a_p ⊗ b_p + beta · C over kc steps, where a is a packed
 // panel of A (AS ≥ MR values per step, the first MR used) or, with AS = 0, A read in place (row i at
 // a + i·lda, contiguous along p), and b a packed kc×NR panel of B (NR values per step), NR = NV·width.
@@ -856,6 +866,88 @@ void short_rows_product(index p, index i, index q, const T* x, const T* u, index
   });
 }
 
+// The first or a middle mode with a small J (≤ 8: 2·J flops per element of x, memory-bound) and a
+// trailing extent of at least two registers: for each slice s, y_s (J, q) = alpha · op(u) · x_s (I, q) +
+// beta · y_s, in blocks of up to CB columns. The J × CB block of y accumulates in a tile in L1, each row
+// r of x_s adding op(u)[j, r] · x_s[r, block] (op(u)[:, r] in J registers), so x is read once, in row
+// runs of up to CB values that the prefetcher follows, and nothing is packed (the packed kernel copied
+// x into panels first: 256³ modes 0 and 1 with J 8 reached 70–73 % of the copy bandwidth).
+// tile (J, cb; rows LT apart) += op(u)[:, r : r + R] · x_s[r : r + R, 0 : cb]: R rows of x per pass over the tile, so
+// that each load and store of the tile carries R multiply-adds (op(u)'s J·R values in registers).
+template <class T, class Isa, int J, int R>
+inline void rows_into_tile(index r, index cb, const T* xs, index q, const T* u, index us_j, index us_r, T* tile) {
+  using S = simd<T, Isa>;
+  using reg = typename S::reg;
+  constexpr int W = S::width;
+  constexpr index LT = stream_rows_stride<T>;
+  reg ur[R][J];
+#pragma GCC unroll 4
+  for (int t = 0; t < R; ++t)
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) ur[t][j] = S::broadcast(u[j * us_j + (r + t) * us_r]);
+  for (index c = 0; c < cb; c += W) {
+    reg xv[R];
+#pragma GCC unroll 4
+    for (int t = 0; t < R; ++t) xv[t] = S::load_first(xs + (r + t) * q + c, cb - c);
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) {
+      reg acc = S::load(tile + j * LT + c);
+#pragma GCC unroll 4
+      for (int t = 0; t < R; ++t) acc = S::fma(ur[t][j], xv[t], acc);
+      S::store(tile + j * LT + c, acc);
+    }
+  }
+}
+
+template <class T, class Isa, int J>
+void stream_rows_serial(index begin, index end, index i, index q, const T* x, const T* u, index us_j, index us_r,
+                        T alpha, T beta, T* y) {
+  using S = simd<T, Isa>;
+  using reg = typename S::reg;
+  constexpr int W = S::width;
+  constexpr index CB = stream_rows_block<T>, LT = stream_rows_stride<T>;
+  constexpr int R = 24 / J < 4 ? 24 / J : 4;  // rows of x per pass: J·R ≤ 24 registers of op(u)
+  alignas(64) T tile[J * LT];
+  const index blocks = (q + CB - 1) / CB;
+  const reg va = S::broadcast(alpha), vb = S::broadcast(beta);
+  for (index item = begin; item < end; ++item) {  // item: (slice, column block)
+    const index s = item / blocks, c0 = item % blocks * CB, cb = std::min(CB, q - c0);
+    const T* xs = x + s * i * q + c0;
+    std::fill(tile, tile + J * LT, T(0));
+    index r = 0;
+    for (; r + R <= i; r += R) rows_into_tile<T, Isa, J, R>(r, cb, xs, q, u, us_j, us_r, tile);
+    for (; r < i; ++r) rows_into_tile<T, Isa, J, 1>(r, cb, xs, q, u, us_j, us_r, tile);
+    T* ys = y + s * J * q + c0;
+    for (int j = 0; j < J; ++j)
+      for (index c = 0; c < cb; c += W) {
+        T* yc = ys + j * q + c;
+        const index n = std::min<index>(W, cb - c);
+        const reg v = S::mul(va, S::load(tile + j * LT + c));
+        S::store_first(yc, n, beta == T(0) ? v : S::fma(vb, S::load_first(yc, n), v));
+      }
+  }
+}
+
+template <class T, class Isa, int J = 8>
+void stream_rows_dispatch(index j, index begin, index end, index i, index q, const T* x, const T* u, index us_j,
+                          index us_r, T alpha, T beta, T* y) {
+  if constexpr (J >= 1) {
+    if (j == J) return stream_rows_serial<T, Isa, J>(begin, end, i, q, x, u, us_j, us_r, alpha, beta, y);
+    stream_rows_dispatch<T, Isa, J - 1>(j, begin, end, i, q, x, u, us_j, us_r, alpha, beta, y);
+  }
+}
+
+// 1 ≤ j ≤ 8, q ≥ 1. op(u)[j, r] = u[j·us_j + r·us_r]. With OpenMP, the (slice, column block) pairs are
+// split over the threads (memory-bound: sooner than a compute-bound product).
+template <class T, class Isa>
+void stream_rows_product(index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j, T alpha,
+                         T beta, T* y) {
+  const index items = p * ((q + stream_rows_block<T> - 1) / stream_rows_block<T>);
+  split_rows(items, gemm_threads(p * q, j, i * 8), [&](index begin, index end) {
+    stream_rows_dispatch<T, Isa>(j, begin, end, i, q, x, u, us_j, us_r, alpha, beta, y);
+  });
+}
+
 // A middle mode whose trailing extent q ≤ 12 is short of a register and whose J is wide (> 16): a conv
 // kernel's 3×3 = 9 with a rank of 32 or 64. For each slice s, y_s (J, q) = alpha · op(u) · x_s (I, q) +
 // beta · y_s is computed transposed, y_sᵀ (Q, J) = x_sᵀ · op(u)ᵀ, with J along the vector lanes: x_s
@@ -944,7 +1036,9 @@ void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha,
   keyword template void short_rows_product<T, native_isa>(index, index, index, const T*, const T*, index, index,  \
                                                           index, T, T, T*);                                      \
   keyword template void short_columns_product<T, native_isa>(index, index, index, const T*, const T*, index,      \
-                                                             index, index, T, T, T*);
+                                                             index, index, T, T, T*);                            \
+  keyword template void stream_rows_product<T, native_isa>(index, index, index, const T*, const T*, index, index, \
+                                                           index, T, T, T*);
 
 #ifdef TENSOR_ADAPTERS_SEPARATE_KERNELS
 TA_KERNEL_INSTANCES(extern, float)
