@@ -120,8 +120,8 @@ struct gemm_shape<T, avx512_isa> {
 template <class T>
 constexpr index stream_rows_block = 2048 / sizeof(T);
 // The tile's row stride: one cache line more than the block, so that its rows do not fall 2 KB apart,
-// where stores to them alias loads of x 4 KB apart (256³ mode 1 with J 8, rows of x 1 KB apart, ran
-// 1.15–1.4× slower).
+// where stores to them alias loads of x 4 KB apart (with rows of x 1 KB apart, J 8 ran 1.15–1.4×
+// slower).
 template <class T>
 constexpr index stream_rows_stride = stream_rows_block<T> + 64 / sizeof(T);
 
@@ -866,14 +866,16 @@ void short_rows_product(index p, index i, index q, const T* x, const T* u, index
   });
 }
 
-// The first or a middle mode with a small J (≤ 8: 2·J flops per element of x, memory-bound) and a
-// trailing extent of at least two registers: for each slice s, y_s (J, q) = alpha · op(u) · x_s (I, q) +
-// beta · y_s, in blocks of up to CB columns. The J × CB block of y accumulates in a tile in L1, each row
-// r of x_s adding op(u)[j, r] · x_s[r, block] (op(u)[:, r] in J registers), so x is read once, in row
-// runs of up to CB values that the prefetcher follows, and nothing is packed (the packed kernel copied
-// x into panels first: 256³ modes 0 and 1 with J 8 reached 70–73 % of the copy bandwidth).
-// tile (J, cb; rows LT apart) += op(u)[:, r : r + R] · x_s[r : r + R, 0 : cb]: R rows of x per pass over the tile, so
-// that each load and store of the tile carries R multiply-adds (op(u)'s J·R values in registers).
+// The first or a middle mode with a small J (≤ 8: 2·J flops per element of x, memory-bound): for each
+// slice s, y_s (J, q) = alpha · op(u) · x_s (I, q) + beta · y_s, in blocks of up to CB columns. The
+// J × CB block of y accumulates in a tile in L1, each row r of x_s adding op(u)[j, r] · x_s[r, block],
+// so x is read once, in row runs of up to CB values that the prefetcher follows, and nothing is packed
+// (the packed kernel copies x into panels first: 256³ mode 0 with J 8 reached 73 % of the copy
+// bandwidth that way). mode_product takes it for rows of x of at least CB values.
+//
+// tile (J, cb; rows LT apart) += op(u)[:, r : r + R] · x_s[r : r + R, 0 : cb]: R rows of x per pass
+// over the tile, so that each load and store of the tile carries R multiply-adds (op(u)'s J·R values
+// in registers).
 template <class T, class Isa, int J, int R>
 inline void rows_into_tile(index r, index cb, const T* xs, index q, const T* u, index us_j, index us_r, T* tile) {
   using S = simd<T, Isa>;
