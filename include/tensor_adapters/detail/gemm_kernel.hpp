@@ -93,6 +93,13 @@ struct gemm_hooks {
   const void* context = nullptr;
 };
 
+// y[0 : n] = alpha · v + beta · y[0 : n] for the first n ≤ width values at y, with va, vb alpha and beta
+// broadcast; with beta == 0, y is not read (its old contents may be NaN).
+template <class S, class T>
+inline void store_scaled_first(T* y, index n, typename S::reg v, typename S::reg va, typename S::reg vb, T beta) {
+  S::store_first(y, n, beta == T(0) ? S::mul(va, v) : S::fma(va, v, S::mul(vb, S::load_first(y, n))));
+}
+
 // Register tile and cache blocking per instruction set and type.
 template <class T, class Isa>
 struct gemm_shape {
@@ -358,8 +365,7 @@ void add_tile(index mr, index nr, const T* tile, T alpha, T beta, const grouped_
         const index n = std::min<index>(W, run - e);
         for (index r = 0; r < mr; ++r) {
           T* x = cp + r * c.rs + off[t] + e;
-          const typename S::reg v = S::mul(va, S::load_first(tile + r * NR + t + e, n));
-          S::store_first(x, n, beta == T(0) ? v : S::fma(vb, S::load_first(x, n), v));
+          store_scaled_first<S>(x, n, S::load_first(tile + r * NR + t + e, n), va, vb, beta);
         }
       }
       t += run;
@@ -653,8 +659,7 @@ inline void register_rows_block(index n, index k, T alpha, const T* a, index lda
   const reg va = S::broadcast(alpha), vb = S::broadcast(beta);
 #pragma GCC unroll 32
   for (int r = 0; r < R; ++r) {
-    T* cr = c + r * ldc;
-    S::store_first(cr, n, beta == T(0) ? S::mul(va, acc[r]) : S::fma(va, acc[r], S::mul(vb, S::load_first(cr, n))));
+    store_scaled_first<S>(c + r * ldc, n, acc[r], va, vb, beta);
   }
 }
 
@@ -818,9 +823,7 @@ void short_rows_block(index p, index i, index q, const T* x, const T* u, index u
     for (int b = 0; b < JB; ++b)
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) {
-        T* yb = ys + b * q + v * W;
-        const index n = q - v * W;
-        S::store_first(yb, n, beta == T(0) ? S::mul(va, acc[b][v]) : S::fma(va, acc[b][v], S::mul(vb, S::load_first(yb, n))));
+        store_scaled_first<S>(ys + b * q + v * W, q - v * W, acc[b][v], va, vb, beta);
       }
   }
 }
@@ -922,10 +925,7 @@ void stream_rows_serial(index begin, index end, index i, index q, const T* x, co
     T* ys = y + s * J * q + c0;
     for (int j = 0; j < J; ++j)
       for (index c = 0; c < cb; c += W) {
-        T* yc = ys + j * q + c;
-        const index n = std::min<index>(W, cb - c);
-        const reg v = S::mul(va, S::load(tile + j * LT + c));
-        S::store_first(yc, n, beta == T(0) ? v : S::fma(vb, S::load_first(yc, n), v));
+        store_scaled_first<S>(ys + j * q + c, std::min<index>(W, cb - c), S::load(tile + j * LT + c), va, vb, beta);
       }
   }
 }
