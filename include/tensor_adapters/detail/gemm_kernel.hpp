@@ -122,6 +122,12 @@ struct gemm_shape<T, avx512_isa> {
 };
 #endif
 
+// The deepest k block before whose micro-kernel calls the packed kernel requests the next C tile's
+// lines, a whole call ahead of its stores. With a short k, writing C is a large share of the time and
+// its store misses stall the arithmetic: FLoRA's ΔW (512 × 4608) = U0 · M with k 32 ran 0.68–0.79×
+// the time. With k 64 it changed nothing, and from k 128 on it cost 10–25 %.
+constexpr index next_tile_depth = 32;
+
 // Columns per block of the streaming kernel for small J (stream_rows_product): a row run of 2 KB of x,
 // and a tile of y of at most 8 rows that stays in L1.
 template <class T>
@@ -426,6 +432,11 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
             const index lda = a_in_place ? a.rs : 0;
             T* cp = c.data + (ic + ir) * c.rs;
             if (contiguous) {
+              if (kc <= next_tile_depth && ir + 2 * MR <= mc)
+                for (index i = MR; i < 2 * MR; ++i) {
+                  __builtin_prefetch(cp + off[0] + i * c.rs, 1);
+                  __builtin_prefetch(cp + off[0] + i * c.rs + NR - 1, 1);
+                }
               if (mr == MR && !a_in_place)
                 micro_kernel<T, Isa, MR, shape::nv>(kc, ap, bp, cp + off[0], c.rs, alpha, beta_k);
               else
