@@ -147,6 +147,60 @@ TEMPLATE_TEST_CASE("products larger than one cache block match plain loops", "[g
   }
 }
 
+TEMPLATE_TEST_CASE("a C of grouped columns matches plain loops across groups and column blocks", "[gemm]", float,
+                   double) {
+  // C(r, c) = c[r·rs + (c / group)·gs + c % group], as a middle mode's y: groups side by side (gs = group,
+  // where a register tile across two groups is still contiguous), apart (gs > group), narrower than a
+  // register, and n past one column block (NC) with the block starting inside a group; the largest is
+  // split over threads by columns, so a thread's columns start inside a group too.
+  using T = TestType;
+  std::mt19937_64 gen(13);
+  std::normal_distribution<double> normal;
+  struct grouped_case {
+    ta::index m, n, k, group, gs;
+  };
+  for (const grouped_case& g : {grouped_case{29, 90, 37, 9, 9}, grouped_case{29, 90, 37, 9, 20}, grouped_case{13, 75, 300, 5, 6},
+                                grouped_case{40, 1100, 19, 33, 33}, grouped_case{30, 1100, 45, 40, 47},
+                                grouped_case{64, 1100, 200, 100, 130}, grouped_case{25, 48, 16, 1, 3}}) {
+    INFO("m " << g.m << " n " << g.n << " k " << g.k << " group " << g.group << " gs " << g.gs);
+    const ta::index groups = (g.n + g.group - 1) / g.group, rs = groups * g.gs + 3;
+    std::vector<T> a(std::size_t(g.m * g.k)), b(std::size_t(g.k * g.n)), c_old(std::size_t(g.m * rs));
+    for (auto* v : {&a, &b, &c_old})
+      for (auto& x : *v) x = T(normal(gen));
+    for (const auto& [alpha, beta] : {std::pair<T, T>{1, 0}, {T(-0.75), T(1)}}) {
+      INFO("alpha " << alpha << " beta " << beta);
+      std::vector<T> native = c_old, scalar = c_old;
+      const td::strided_matrix<T> am{a.data(), g.k, 1};
+      const td::grouped_matrix<const T> bm{b.data(), g.n, g.n, 0, 1};
+      td::gemm_packed<T, td::native_isa>(g.m, g.n, g.k, alpha, am, bm, beta,
+                                         td::grouped_matrix<T>{native.data(), rs, g.group, g.gs, 1});
+      td::gemm_packed<T, td::scalar_isa>(g.m, g.n, g.k, alpha, am, bm, beta,
+                                         td::grouped_matrix<T>{scalar.data(), rs, g.group, g.gs, 1});
+      std::vector<bool> written(c_old.size(), false);
+      ta::index bad = -1;
+      for (ta::index r = 0; r < g.m; ++r)
+        for (ta::index col = 0; col < g.n; ++col) {
+          const std::size_t e = std::size_t(r * rs + (col / g.group) * g.gs + col % g.group);
+          written[e] = true;
+          long double sum = 0, abs_sum = 0;
+          for (ta::index p = 0; p < g.k; ++p) {
+            const long double t = (long double)a[std::size_t(r * g.k + p)] * b[std::size_t(p * g.n + col)];
+            sum += t;
+            abs_sum += std::fabs(t);
+          }
+          const long double want = alpha * sum + (beta == T(0) ? 0 : (long double)beta * c_old[e]);
+          const double tol = 4 * std::numeric_limits<T>::epsilon() * double(g.k + 2) *
+                             (double(std::fabs(alpha) * abs_sum) + std::fabs(double(beta) * double(c_old[e])));
+          for (const T got : {native[e], scalar[e]})
+            if (bad < 0 && !(std::fabs(double(got) - double(want)) <= tol)) bad = r * g.n + col;
+        }
+      for (std::size_t e = 0; e < c_old.size(); ++e)  // the gaps between groups are not written
+        if (bad < 0 && !written[e] && !(native[e] == c_old[e] && scalar[e] == c_old[e])) bad = ta::index(e);
+      REQUIRE(bad == -1);
+    }
+  }
+}
+
 TEMPLATE_TEST_CASE("an empty product scales C by beta", "[gemm]", float, double) {
   std::vector<TestType> c{1, 2, 3, 4, 5, 6};
   td::gemm<TestType>(false, false, 2, 3, 0, TestType(1), nullptr, 0, nullptr, 3, TestType(2), c.data(), 3);
