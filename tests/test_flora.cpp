@@ -227,6 +227,7 @@ TEST_CASE("FLoRA delta_weight_vjp matches finite differences", "[flora][fd]") {
     check_vjp_all_plans<4>({6, 4, 3, 3}, {1, 1, 1, 1}, 37);
     check_vjp_all_plans<4>({6, 4, 3, 3}, {6, 4, 3, 3}, 38);
     check_vjp_all_plans<4>({6, 4, 3, 3}, {3, 2, 2, 1}, 39);
+    check_vjp_all_plans<4>({10, 30, 3, 3}, {3, 4, 2, 2}, 139);  // gW read in two blocks of columns
   }
   SECTION("N = 5") {
     check_vjp_all_plans<5>({4, 3, 3, 2, 3}, {1, 1, 1, 1, 1}, 40);
@@ -268,6 +269,12 @@ TEMPLATE_TEST_CASE("FLoRA's chain and channel plans agree", "[flora]", float, do
   check_plans_agree<TestType, 4>({12, 8, 3, 3}, {4, 2, 2, 3}, 45);
   check_plans_agree<TestType, 4>({16, 4, 1, 1}, {3, 2, 1, 1}, 46);  // a 1x1 conv
   check_plans_agree<TestType, 4>({40, 6, 3, 3}, {20, 3, 2, 2}, 146);  // r0 > 16: grad.U0 formed transposed
+  // gW of more than one block of 256 columns (I1·S = 360 and 270), read once by grad.U0 and Y together,
+  // with grad.U0 direct and (r0 = 40 > 32) transposed; then products large enough to be split over
+  // threads, which run whole (with OpenMP and more than one thread; block by block otherwise).
+  check_plans_agree<TestType, 4>({24, 40, 3, 3}, {5, 4, 2, 2}, 147);
+  check_plans_agree<TestType, 4>({48, 30, 3, 3}, {40, 6, 2, 3}, 148);
+  check_plans_agree<TestType, 4>({128, 256, 3, 3}, {32, 2, 1, 1}, 149);
   check_plans_agree<TestType, 5>({6, 5, 3, 2, 3}, {2, 5, 1, 2, 2}, 47);
   // The automatic choice: the channel plan for linear weights and conv weights of small kernel ranks;
   // the chain where the channel plan would need more than twice its flops (a full-rank first mode).
