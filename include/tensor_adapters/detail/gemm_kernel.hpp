@@ -11,9 +11,9 @@
 // Structure (BLIS): for each NC-wide block of columns and KC-deep slice of k, B is packed into
 // KC×NR micro-panels; for each MC-tall block of rows, A is packed into MR×KC micro-panels; then an
 // MR×NR register tile of C is computed per pair of micro-panels by the micro-kernel, the only place
-// that does arithmetic. A tile with fewer than MR rows uses the micro-kernel for that many rows; a
-// tile with fewer than NR columns, or whose columns are not contiguous in C, goes through a small
-// local tile and is added to C element by element.
+// that does arithmetic, one strip of MR rows at a time, left to right. A tile with fewer than MR rows
+// uses the micro-kernel for that many rows; a tile with fewer than NR columns, or whose columns are
+// not contiguous in C, goes through a small local tile and is added to C element by element.
 //
 // Instruction set: the micro-kernel is written once over simd<T, Isa> (simd.hpp) and instantiated
 // for scalar_isa (the reference, 4×4 tiles), avx2_isa (6×16 float / 6×8 double) and avx512_isa
@@ -117,7 +117,8 @@ struct gemm_shape<T, avx2_isa> {
 template <class T>
 struct gemm_shape<T, avx512_isa> {
   static constexpr int mr = 12, nv = 2, dot_acc = 24;
-  // kc·NR (32 KB) stays in L1 beside an A panel; mc·kc (256 KB float) and kc·nc (512 KB) in L2.
+  // A strip's panel of A, kc·MR (12 KB float), stays in L1 while the kc·NR panels of B (32 KB each)
+  // stream past it from L2; mc·kc (256 KB) and kc·nc (512 KB) stay in L2.
   static constexpr index kc = 256, mc = 252, nc = 512;
 };
 #endif
