@@ -771,12 +771,16 @@ void columns_kernel(index m, index k, const T* a, index lda, const T* b, index b
         x = alpha * tile[(j * V + r / W) * W + r % W] + (beta == T(0) ? T(0) : beta * x);
       }
   }
-  for (; i0 < m; ++i0)  // the last rows, fewer than V·width
+  // The last rows, fewer than V·width, counted down rather than compared with m: with the sizes known at
+  // compile time (a constant-size call in a user's translation unit), g++ 12 -O3 otherwise warns that
+  // this loop would overflow i0 · ldc (-Waggressive-loop-optimizations, on by default).
+  const T* ai = a + i0;
+  T* ci = c + i0 * ldc;
+  for (index left = m - i0; left > 0; --left, ++ai, ci += ldc)
     for (int j = 0; j < J; ++j) {
       T sum = T(0);
-      for (index p = 0; p < k; ++p) sum += a[p * lda + i0] * b[p * b_rs + j * b_cs];
-      T& x = c[i0 * ldc + j];
-      x = alpha * sum + (beta == T(0) ? T(0) : beta * x);
+      for (index p = 0; p < k; ++p) sum += ai[p * lda] * b[p * b_rs + j * b_cs];
+      ci[j] = alpha * sum + (beta == T(0) ? T(0) : beta * ci[j]);
     }
 }
 
