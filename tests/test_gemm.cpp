@@ -57,11 +57,23 @@ void run(const problem& p, T alpha, const operands<T>& x, T beta, std::vector<T>
                           p.ldc);
 }
 
+// Whether got is alpha · Σ + beta · old within the rounding of a k-term float sum, given the long double
+// sum Σ of the terms and the sum of their magnitudes.
+template <class T>
+bool matches_loop(T got, long double sum, long double abs_sum, T alpha, T beta, T old, ta::index k) {
+  long double want = alpha * sum;
+  double scale = double(std::fabs(alpha) * abs_sum);
+  if (beta != T(0)) {
+    want += (long double)beta * old;
+    scale += std::fabs(double(beta) * double(old));
+  }
+  return std::fabs(double(got) - double(want)) <= 4 * std::numeric_limits<T>::epsilon() * double(k + 2) * scale + 1e-300;
+}
+
 // Checks c against a long double triple loop; entries past n in each row must be untouched.
 template <class T>
 void check_against_loops(const problem& p, T alpha, const operands<T>& x, T beta, const std::vector<T>& c_old,
                          const std::vector<T>& c) {
-  const double eps = std::numeric_limits<T>::epsilon();
   // One assertion per matrix (the first bad entry), which keeps the test fast.
   ta::index bad_row = -1, bad_col = -1;
   for (ta::index r = 0; r < p.m && bad_row < 0; ++r) {
@@ -77,14 +89,7 @@ void check_against_loops(const problem& p, T alpha, const operands<T>& x, T beta
         sum += t;
         abs_sum += std::fabs(t);
       }
-      long double want = alpha * sum;
-      double scale = double(std::fabs(alpha) * abs_sum);
-      if (beta != T(0)) {
-        want += (long double)beta * c_old[e];
-        scale += std::fabs(double(beta) * double(c_old[e]));
-      }
-      if (!(std::fabs(double(c[e]) - double(want)) <= 4 * eps * double(p.k + 2) * scale + 1e-300))
-        bad_row = r, bad_col = col;
+      if (!matches_loop(c[e], sum, abs_sum, alpha, beta, c_old[e], p.k)) bad_row = r, bad_col = col;
     }
   }
   INFO("row " << bad_row << " column " << bad_col);
@@ -188,11 +193,8 @@ TEMPLATE_TEST_CASE("a C of grouped columns matches plain loops across groups and
             sum += t;
             abs_sum += std::fabs(t);
           }
-          const long double want = alpha * sum + (beta == T(0) ? 0 : (long double)beta * c_old[e]);
-          const double tol = 4 * std::numeric_limits<T>::epsilon() * double(g.k + 2) *
-                             (double(std::fabs(alpha) * abs_sum) + std::fabs(double(beta) * double(c_old[e])));
           for (const T got : {native[e], scalar[e]})
-            if (bad < 0 && !(std::fabs(double(got) - double(want)) <= tol)) bad = r * g.n + col;
+            if (bad < 0 && !matches_loop(got, sum, abs_sum, alpha, beta, c_old[e], g.k)) bad = r * g.n + col;
         }
       for (std::size_t e = 0; e < c_old.size(); ++e)  // the gaps between groups are not written
         if (bad < 0 && !written[e] && !(native[e] == c_old[e] && scalar[e] == c_old[e])) bad = ta::index(e);
