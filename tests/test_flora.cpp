@@ -213,10 +213,12 @@ void check_vjp_all_plans(const ta::shape<N>& weight, const ta::shape<N>& ranks, 
 }  // namespace
 
 TEST_CASE("FLoRA delta_weight_vjp matches finite differences", "[flora][fd]") {
+  constexpr ta::index double_width = ta::detail::simd<double, ta::detail::native_isa>::width;
   SECTION("N = 2") {
     check_vjp_all_plans<2>({7, 5}, {1, 1}, 31);
     check_vjp_all_plans<2>({7, 5}, {7, 5}, 32);
     check_vjp_all_plans<2>({7, 5}, {3, 2}, 33);
+    check_vjp_all_plans<2>({double_width + 2, 7}, {double_width, 3}, 133);  // r0 = the register width
   }
   SECTION("N = 3") {
     check_vjp_all_plans<3>({5, 4, 3}, {1, 1, 1}, 34);
@@ -228,6 +230,8 @@ TEST_CASE("FLoRA delta_weight_vjp matches finite differences", "[flora][fd]") {
     check_vjp_all_plans<4>({6, 4, 3, 3}, {6, 4, 3, 3}, 38);
     check_vjp_all_plans<4>({6, 4, 3, 3}, {3, 2, 2, 1}, 39);
     check_vjp_all_plans<4>({10, 30, 3, 3}, {3, 4, 2, 2}, 139);  // gW read in two blocks of columns
+    // r0 = the register width: grad.U0 and Y in one pass over gW (thin_pair_product), two blocks.
+    check_vjp_all_plans<4>({double_width + 3, 30, 3, 3}, {double_width, 3, 2, 1}, 140);
   }
   SECTION("N = 5") {
     check_vjp_all_plans<5>({4, 3, 3, 2, 3}, {1, 1, 1, 1, 1}, 40);
@@ -275,6 +279,13 @@ TEMPLATE_TEST_CASE("FLoRA's chain and channel plans agree", "[flora]", float, do
   check_plans_agree<TestType, 4>({24, 40, 3, 3}, {5, 4, 2, 2}, 147);
   check_plans_agree<TestType, 4>({48, 30, 3, 3}, {40, 6, 2, 3}, 148);
   check_plans_agree<TestType, 4>({128, 256, 3, 3}, {32, 2, 1, 1}, 149);
+  // r0 = the register width (16 floats or 8 doubles on AVX-512): grad.U0 and Y in one pass over gW
+  // (thin_pair_product), for a conv weight of several blocks of columns, a linear weight, and a product
+  // large enough to be split over threads.
+  constexpr ta::index width = ta::detail::simd<TestType, ta::detail::native_isa>::width;
+  check_plans_agree<TestType, 4>({40, 70, 3, 3}, {width, 3, 2, 2}, 150);
+  check_plans_agree<TestType, 2>({3 * width + 1, 300}, {width, 5}, 151);
+  check_plans_agree<TestType, 4>({256, 128, 3, 3}, {width, 4, 2, 2}, 152);
   check_plans_agree<TestType, 5>({6, 5, 3, 2, 3}, {2, 5, 1, 2, 2}, 47);
   // The automatic choice: the channel plan for linear weights and conv weights of small kernel ranks;
   // the chain where the channel plan would need more than twice its flops (a full-rank first mode).

@@ -15,7 +15,7 @@
 //
 // Weight space runs one of two plans (see detail::channel_dims): tucker.hpp's chains of mode products in
 // the flop-minimal order, or, for conv weights, a plan that folds the kernel modes into one Kronecker
-// factor so that ΔW is written, and gW read, by single GEMMs; either way the gradient shares its
+// factor so that ΔW is written by a single GEMM and gW read in one pass; either way the gradient shares its
 // partial products between modes. The workspace forms (flora_weight_workspace for the channel plan,
 // flora_workspace) make no allocation once warm.
 //
@@ -35,6 +35,7 @@
 
 #include "detail/check.hpp"
 #include "detail/gemm.hpp"
+#include "detail/thin_pair_product.hpp"
 #include "init.hpp"
 #include "mode_product.hpp"
 #include "parameters.hpp"
@@ -57,9 +58,10 @@ struct flora {
 // inside tucker.hpp (its mode ordering and its shared compression).
 template <class T, int N>
 struct flora_weight_workspace {
-  tucker_workspace<T> chain;                  // intermediates of the Tucker chains
-  std::array<tensor<T, N>, N> z;              // chain plan: z[n] = gW ×_{m≠n} U_mᵀ
-  std::vector<T> kron, h, m, y, yp, hp, zs, c;  // channel plan: K, H, M, Y, Yp, Hp, Zs, C
+  tucker_workspace<T> chain;              // intermediates of the Tucker chains
+  std::array<tensor<T, N>, N> z;          // chain plan: z[n] = gW ×_{m≠n} U_mᵀ
+  std::vector<T> kron, h, yp, hp, zs, c;  // channel plan: K, H, Yp, Hp, Zs, C
+  detail::scratch<T> m, y;                // channel plan: M or Mᵀ, Y or Yᵀ, rows on 64-byte boundaries
 };
 
 // The ranks (r0, …, r(N-1)): the extents of the core.
@@ -146,7 +148,8 @@ std::array<const_tensor_view<T, 2>, N> factor_views(const flora<T, N>& a) {
 //              M (r0, I1, S)  = H ×1 U1                      one mode product
 //              ΔW (I0, I1·S)  = scale · U0 · M               one GEMM: the weight is written once
 //            and the VJP, given gW seen as (I0, I1·S):
-//              grad.U0 = scale · gW · Mᵀ,   Y (r0, I1·S) = U0ᵀ · gW      (the two reads of gW)
+//              grad.U0 = scale · gW · Mᵀ,   Y (r0, I1·S) = U0ᵀ · gW      (one pass over gW: with r0 the
+//                                                                    register width, thin_pair_product)
 //              grad.U1 = scale · Σ_a Y[a] (I1, S) · H[a] (r1, S)ᵀ
 //              Zs (r0, r1, S) = Y ×1 U1ᵀ;   grad.G = scale · Zs · K      (G, grad.G seen as (r0·r1, Rk))
 //              C (S, Rk) = scale · Zsᵀ · G;  grad.U_k[i, b] = Σ_{s_k = i, ρ_k = b} C[s, ρ] · Π_{m≥2, m≠k} U_m[s_m, ρ_m]
@@ -227,12 +230,11 @@ void exchange_leading_modes(const T* in, index a_extent, index b_extent, index s
     }
 }
 
-// K (S, Rk): K[(i2 … i(N-1)), (a2 … a(N-1))] = Π_{m≥2} U_m[i_m, a_m]; then H and M as above.
+// K (S, Rk): K[(i2 … i(N-1)), (a2 … a(N-1))] = Π_{m≥2} U_m[i_m, a_m], and H = G ×2 K.
 template <class T, int N>
 void channel_prepare(const flora<T, N>& a, const channel_dims& d, flora_weight_workspace<T, N>& ws) {
   grow_buffer(ws.kron, d.s * d.rk);
   grow_buffer(ws.h, d.r0 * d.r1 * d.s);
-  grow_buffer(ws.m, d.r0 * d.i1 * d.s);
   T* k = ws.kron.data();
   for (index row = 0; row < d.s; ++row)
     for (index col = 0; col < d.rk; ++col) {
@@ -248,7 +250,14 @@ void channel_prepare(const flora<T, N>& a, const channel_dims& d, flora_weight_w
       k[row * d.rk + col] = v;
     }
   gemm<T>(false, true, d.r0 * d.r1, d.s, d.rk, T(1), a.G.data(), d.rk, k, d.rk, T(0), ws.h.data(), d.s);
-  mode_product_kernel<T>(ws.h.data(), d.r0, d.r1, d.s, a.U[1].data(), false, d.i1, T(1), T(0), ws.m.data());
+}
+
+// M (r0, I1, S) = H ×1 U1, in ws.m.
+template <class T, int N>
+const T* channel_m(const flora<T, N>& a, const channel_dims& d, flora_weight_workspace<T, N>& ws) {
+  T* m = ws.m.get(d.r0 * d.i1 * d.s);
+  mode_product_kernel<T>(ws.h.data(), d.r0, d.r1, d.s, a.U[1].data(), false, d.i1, T(1), T(0), m);
+  return m;
 }
 
 // w ← alpha · G ×0 U0 … ×(N-1) U(N-1) + beta · w, by the cheaper plan.
@@ -261,8 +270,9 @@ void expand(const flora<T, N>& a, T alpha, T beta, tensor_view<T, N> w, flora_we
   }
   const channel_dims d = channel_plan_dims(a);
   channel_prepare(a, d, ws);
+  const T* m = channel_m(a, d, ws);
   const index cols = d.i1 * d.s;
-  gemm<T>(false, false, d.o, cols, d.r0, alpha, a.U[0].data(), d.r0, ws.m.data(), cols, beta, w.data(), cols);
+  gemm<T>(false, false, d.o, cols, d.r0, alpha, a.U[0].data(), d.r0, m, cols, beta, w.data(), cols);
 }
 
 // The channel plan of delta_weight_vjp (grad already has the adapter's shapes). Y and H are also
@@ -273,40 +283,54 @@ void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_wei
   const channel_dims d = channel_plan_dims(a);
   channel_prepare(a, d, ws);
   const index cols = d.i1 * d.s, p = d.r0 * d.r1, rs = d.r0 * d.s;
-  grow_buffer(ws.y, d.r0 * cols);
   grow_buffer(ws.yp, d.r0 * cols);
   grow_buffer(ws.hp, p * d.s);
   grow_buffer(ws.zs, p * d.s);
   grow_buffer(ws.c, std::max(d.s * d.rk, d.r0 * d.o));
   const T* u0 = a.U[0].data();
   const T* u1 = a.U[1].data();
-  T* y = ws.y.data();
+  T* y = ws.y.get(d.r0 * cols);
   T* yp = ws.yp.data();
   T* hp = ws.hp.data();
   T* zs = ws.zs.data();
   T* c = ws.c.data();
-  // grad.U0 (O, r0) = scale · gW · Mᵀ and Y (r0, I1·S) = U0ᵀ · gW, the two products that read all of gW,
-  // in one pass over it: a block of 256 columns at a time, which the second product then reads from L2
-  // (0.86× the time of the two whole products for the 256×256×3×3 weight, 0.92× for 512×512×3×3;
-  // float, one thread). A product large enough for several threads runs whole, split over them.
-  // grad.U0 is gW · Mᵀ while r0 fits one column panel of the kernel, which then reads gW in place (1.5×
-  // faster than the transposed form at r0 = 32, float, AVX-512); beyond it, its transpose (r0, O) =
-  // scale · M · gWᵀ, since the direct form would copy gW into panels.
-  const index block = gemm_threads(d.o, cols, d.r0) > 1 ? cols : 256;
-  for (index c0 = 0; c0 < cols; c0 += block) {
-    const index n = std::min(block, cols - c0);
-    const T beta = c0 == 0 ? T(0) : T(1);
-    if (d.r0 <= gemm_panel_width<T>)
-      gemm<T>(false, true, d.o, d.r0, n, a.scale, gw + c0, cols, ws.m.data() + c0, cols, beta, grad.U[0].data(),
-              d.r0);
-    else
-      gemm<T>(false, true, d.r0, d.o, n, a.scale, ws.m.data() + c0, cols, gw + c0, cols, beta, c, d.o);
-    gemm<T>(true, false, d.r0, n, d.o, T(1), u0, d.r0, gw + c0, cols, T(0), y + c0, cols);
+  // grad.U0 (O, r0) = scale · gW · Mᵀ and Y (r0, I1·S) = U0ᵀ · gW, the two products that read all of gW.
+  if (thin_pair_fits<T>(d.r0)) {
+    // r0 = the register width: both in one pass over gW (thin_pair_product), from Mᵀ (I1·S, r0) and
+    // into Yᵀ (I1·S, r0). Mᵀ = U1 (I1, r1) · Ht (r1, S·r0), Ht[b, s, a] = H[a, b, s] (in zs, free until
+    // Zs); Yp[i, a, s] = Yᵀ[i·S + s, a]. The two GEMMs below took 1.4–1.6× the time (256×256×3×3,
+    // ranks 16,16,2,2, float, one thread).
+    const T* h = ws.h.data();
+    for (index b = 0; b < d.r1; ++b)
+      for (index e = 0; e < d.s; ++e)
+        for (index r = 0; r < d.r0; ++r) zs[(b * d.s + e) * d.r0 + r] = h[(r * d.r1 + b) * d.s + e];
+    T* mt = ws.m.get(cols * d.r0);
+    gemm<T>(false, false, d.i1, rs, d.r1, T(1), u1, d.r1, zs, rs, T(0), mt, rs);
+    thin_pair_product<T>(d.o, cols, a.scale, gw, cols, u0, mt, T(0), grad.U[0].data(), y);
+    for (index i = 0; i < d.i1; ++i) transpose_into(y + i * rs, d.s, d.r0, yp + i * rs);
+  } else {
+    // In one pass over gW as well: a block of 256 columns at a time, which the second product then
+    // reads from L2 (0.86× the time of the two whole products for the 256×256×3×3 weight, 0.92× for
+    // 512×512×3×3; float, one thread). A product large enough for several threads runs whole, split
+    // over them. grad.U0 is gW · Mᵀ while r0 fits one column panel of the kernel, which then reads gW
+    // in place (1.5× faster than the transposed form at r0 = 32, float, AVX-512); beyond it, its
+    // transpose (r0, O) = scale · M · gWᵀ, since the direct form would copy gW into panels.
+    const T* m = channel_m(a, d, ws);
+    const index block = gemm_threads(d.o, cols, d.r0) > 1 ? cols : 256;
+    for (index c0 = 0; c0 < cols; c0 += block) {
+      const index n = std::min(block, cols - c0);
+      const T beta = c0 == 0 ? T(0) : T(1);
+      if (d.r0 <= gemm_panel_width<T>)
+        gemm<T>(false, true, d.o, d.r0, n, a.scale, gw + c0, cols, m + c0, cols, beta, grad.U[0].data(),
+                d.r0);
+      else
+        gemm<T>(false, true, d.r0, d.o, n, a.scale, m + c0, cols, gw + c0, cols, beta, c, d.o);
+      gemm<T>(true, false, d.r0, n, d.o, T(1), u0, d.r0, gw + c0, cols, T(0), y + c0, cols);
+    }
+    if (d.r0 > gemm_panel_width<T>) transpose_into(c, d.r0, d.o, grad.U[0].data());
+    exchange_leading_modes(y, d.r0, d.i1, d.s, yp);  // Yp (I1, r0, S)
   }
-  if (d.r0 > gemm_panel_width<T>) transpose_into(c, d.r0, d.o, grad.U[0].data());
-  // Yp (I1, r0, S) and Hp (r1, r0, S).
-  exchange_leading_modes(y, d.r0, d.i1, d.s, yp);
-  exchange_leading_modes(ws.h.data(), d.r0, d.r1, d.s, hp);
+  exchange_leading_modes(ws.h.data(), d.r0, d.r1, d.s, hp);  // Hp (r1, r0, S)
   // grad.U1 (I1, r1) = scale · Yp (I1, r0·S) · Hpᵀ
   gemm<T>(false, true, d.i1, d.r1, rs, a.scale, yp, rs, hp, rs, T(0), grad.U[1].data(), d.r1);
   // Zs (r1, r0, S) = U1ᵀ · Yp, then back to (r0, r1, S) in hp (Hp is not needed any more).
