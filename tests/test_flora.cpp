@@ -230,8 +230,11 @@ TEST_CASE("FLoRA delta_weight_vjp matches finite differences", "[flora][fd]") {
     check_vjp_all_plans<4>({6, 4, 3, 3}, {6, 4, 3, 3}, 38);
     check_vjp_all_plans<4>({6, 4, 3, 3}, {3, 2, 2, 1}, 39);
     check_vjp_all_plans<4>({10, 30, 3, 3}, {3, 4, 2, 2}, 139);  // gW read in two blocks of columns
-    // r0 = the register width: grad.U0 and Y in one pass over gW (thin_pair_product), two blocks.
-    check_vjp_all_plans<4>({double_width + 3, 30, 3, 3}, {double_width, 3, 2, 1}, 140);
+    // r0 and r1 the register width: grad.U0 and Y, then grad.U1 and Zs, each pair in one pass over its
+    // operand (thin_pair_product), gW in two blocks of columns; either one alone.
+    check_vjp_all_plans<4>({double_width + 3, 30, 3, 3}, {double_width, double_width, 2, 1}, 140);
+    check_vjp_all_plans<4>({double_width + 3, 30, 3, 3}, {double_width, 3, 2, 1}, 141);
+    check_vjp_all_plans<4>({10, double_width + 1, 3, 3}, {3, double_width, 2, 2}, 142);
   }
   SECTION("N = 5") {
     check_vjp_all_plans<5>({4, 3, 3, 2, 3}, {1, 1, 1, 1, 1}, 40);
@@ -285,7 +288,11 @@ TEMPLATE_TEST_CASE("FLoRA's chain and channel plans agree", "[flora]", float, do
   constexpr ta::index width = ta::detail::simd<TestType, ta::detail::native_isa>::width;
   check_plans_agree<TestType, 4>({40, 70, 3, 3}, {width, 3, 2, 2}, 150);
   check_plans_agree<TestType, 2>({3 * width + 1, 300}, {width, 5}, 151);
-  check_plans_agree<TestType, 4>({256, 128, 3, 3}, {width, 4, 2, 2}, 152);
+  check_plans_agree<TestType, 4>({256, 128, 3, 3}, {width, 1, 1, 1}, 152);
+  // r1 = the register width: grad.U1 and Zs in one pass over Y (thin_pair_product), with and without
+  // r0 = width (the kernel's split over threads is tested in test_thin_pair_product).
+  check_plans_agree<TestType, 4>({40, 70, 3, 3}, {width, width, 2, 2}, 153);
+  check_plans_agree<TestType, 4>({40, 70, 3, 3}, {5, width, 1, 2}, 154);
   check_plans_agree<TestType, 5>({6, 5, 3, 2, 3}, {2, 5, 1, 2, 2}, 47);
   // The automatic choice: the channel plan for linear weights and conv weights of small kernel ranks;
   // the chain where the channel plan would need more than twice its flops (a full-rank first mode).

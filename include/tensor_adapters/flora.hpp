@@ -60,7 +60,7 @@ template <class T, int N>
 struct flora_weight_workspace {
   tucker_workspace<T> chain;              // intermediates of the Tucker chains
   std::array<tensor<T, N>, N> z;          // chain plan: z[n] = gW ×_{m≠n} U_mᵀ
-  std::vector<T> kron, h, yp, hp, zs, c;  // channel plan: K, H, Yp, Hp, Zs, C
+  std::vector<T> kron, h, ys, ht, zt, c;  // channel plan: K, H, Ys, Ht, Zt, C
   detail::scratch<T> m, y;                // channel plan: M or Mᵀ, Y or Yᵀ, rows on 64-byte boundaries
 };
 
@@ -207,27 +207,23 @@ void grow_buffer(std::vector<T>& buffer, index size) {
   if (static_cast<index>(buffer.size()) < size) buffer.resize(static_cast<std::size_t>(size));
 }
 
-// out (cols, rows) = in (rows, cols)ᵀ, for the small matrices of the rank-r products.
+// out (cols, rows) = in (rows, cols)ᵀ, in register blocks where whole ones fit; rows of in are ld_in
+// apart, rows of out ld_out (by default, both matrices dense).
 template <class T>
-void transpose_into(const T* in, index rows, index cols, T* out) {
-  for (index i = 0; i < rows; ++i)
-    for (index j = 0; j < cols; ++j) out[j * rows + i] = in[i * cols + j];
-}
-
-// out (b, a, s) = in (a, b, s): the first two modes of a row-major (A, B, S) block exchanged. out is
-// written in order; a run of s ≤ width values (a conv kernel's 3×3 = 9) is one masked register copy.
-// (Reading in order and copying runs with std::copy took 4× as long for (32, 512, 9).)
-template <class T>
-void exchange_leading_modes(const T* in, index a_extent, index b_extent, index s, T* out) {
-  using S = simd<T, native_isa>;
-  for (index j = 0; j < b_extent; ++j)
-    for (index i = 0; i < a_extent; ++i, out += s) {
-      const T* run = in + (i * b_extent + j) * s;
-      if (s <= S::width)
-        S::store_first(out, s, S::load_first(run, s));
-      else
-        std::copy(run, run + s, out);
-    }
+void transpose_into(const T* in, index rows, index cols, T* out, index ld_in = -1, index ld_out = -1) {
+  using block = transpose_block<T, native_isa>;
+  if (ld_in < 0) ld_in = cols;
+  if (ld_out < 0) ld_out = rows;
+  index i = 0;
+  for (; i + block::size <= rows; i += block::size) {
+    index j = 0;
+    for (; j + block::size <= cols; j += block::size)
+      block::run(in + i * ld_in + j, ld_in, out + j * ld_out + i, ld_out);
+    for (; j < cols; ++j)
+      for (index t = 0; t < block::size; ++t) out[j * ld_out + i + t] = in[(i + t) * ld_in + j];
+  }
+  for (; i < rows; ++i)
+    for (index j = 0; j < cols; ++j) out[j * ld_out + i] = in[i * ld_in + j];
 }
 
 // K (S, Rk): K[(i2 … i(N-1)), (a2 … a(N-1))] = Π_{m≥2} U_m[i_m, a_m], and H = G ×2 K.
@@ -275,39 +271,40 @@ void expand(const flora<T, N>& a, T alpha, T beta, tensor_view<T, N> w, flora_we
   gemm<T>(false, false, d.o, cols, d.r0, alpha, a.U[0].data(), d.r0, m, cols, beta, w.data(), cols);
 }
 
-// The channel plan of delta_weight_vjp (grad already has the adapter's shapes). Y and H are also
-// used with their first two modes exchanged, Yp (I1, r0, S) and Hp (r1, r0, S), so that grad.U1 and Zs
-// are single GEMMs over (r0, S) instead of r0 products of depth S.
+// The channel plan of delta_weight_vjp (grad already has the adapter's shapes). Y is kept as
+// Ys (I1, S·r0), Ys[i, (s, a)] = Y[a, i, s]: that is Yᵀ (I1·S, r0) as thin_pair_product writes it, and
+// with its columns (s, a) and those of Ht (S·r0, r1), Ht[(s, a), b] = H[a, b, s], grad.U1 and Zs are
+// the two thin products of Ys:
+//   grad.U1 (I1, r1) = scale · Ys · Ht,   Zt (S·r0, r1) = Ysᵀ · U1,   Zt[(s, a), b] = Zs[a, b, s]
+// and Zt, seen as (S, r0·r1), is Zsᵀ: grad.G = scale · Ztᵀ · K and C = scale · Zt · G read it in place.
 template <class T, int N>
 void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_weight_workspace<T, N>& ws) {
   const channel_dims d = channel_plan_dims(a);
   channel_prepare(a, d, ws);
   const index cols = d.i1 * d.s, p = d.r0 * d.r1, rs = d.r0 * d.s;
-  grow_buffer(ws.yp, d.r0 * cols);
-  grow_buffer(ws.hp, p * d.s);
-  grow_buffer(ws.zs, p * d.s);
-  grow_buffer(ws.c, std::max(d.s * d.rk, d.r0 * d.o));
+  grow_buffer(ws.ys, d.r0 * cols);
+  grow_buffer(ws.ht, p * d.s);
+  grow_buffer(ws.zt, p * d.s);
+  grow_buffer(ws.c, std::max({d.s * d.rk, d.r0 * d.o, p * d.s}));
   const T* u0 = a.U[0].data();
   const T* u1 = a.U[1].data();
+  const T* h = ws.h.data();
   T* y = ws.y.get(d.r0 * cols);
-  T* yp = ws.yp.data();
-  T* hp = ws.hp.data();
-  T* zs = ws.zs.data();
+  T* ht = ws.ht.data();
+  T* zt = ws.zt.data();
   T* c = ws.c.data();
-  // grad.U0 (O, r0) = scale · gW · Mᵀ and Y (r0, I1·S) = U0ᵀ · gW, the two products that read all of gW.
+  for (index e = 0; e < d.s; ++e)
+    for (index r = 0; r < d.r0; ++r)
+      for (index b = 0; b < d.r1; ++b) ht[(e * d.r0 + r) * d.r1 + b] = h[(r * d.r1 + b) * d.s + e];
+  // grad.U0 (O, r0) = scale · gW · Mᵀ and Y = U0ᵀ · gW, the two products that read all of gW.
+  const T* ys = y;
   if (thin_pair_fits<T>(d.r0)) {
-    // r0 = the register width: both in one pass over gW (thin_pair_product), from Mᵀ (I1·S, r0) and
-    // into Yᵀ (I1·S, r0). Mᵀ = U1 (I1, r1) · Ht (r1, S·r0), Ht[b, s, a] = H[a, b, s] (in zs, free until
-    // Zs); Yp[i, a, s] = Yᵀ[i·S + s, a]. The two GEMMs below took 1.4–1.6× the time (256×256×3×3,
-    // ranks 16,16,2,2, float, one thread).
-    const T* h = ws.h.data();
-    for (index b = 0; b < d.r1; ++b)
-      for (index e = 0; e < d.s; ++e)
-        for (index r = 0; r < d.r0; ++r) zs[(b * d.s + e) * d.r0 + r] = h[(r * d.r1 + b) * d.s + e];
+    // r0 = the register width: both in one pass over gW (thin_pair_product), from Mᵀ (I1·S, r0) =
+    // U1 · Htᵀ and into Yᵀ = Ys. The GEMMs below took 1.4–1.6× the time (256×256×3×3, ranks
+    // 16,16,2,2, float, one thread).
     T* mt = ws.m.get(cols * d.r0);
-    gemm<T>(false, false, d.i1, rs, d.r1, T(1), u1, d.r1, zs, rs, T(0), mt, rs);
+    gemm<T>(false, true, d.i1, rs, d.r1, T(1), u1, d.r1, ht, d.r1, T(0), mt, rs);
     thin_pair_product<T>(d.o, cols, a.scale, gw, cols, u0, mt, T(0), grad.U[0].data(), y);
-    for (index i = 0; i < d.i1; ++i) transpose_into(y + i * rs, d.s, d.r0, yp + i * rs);
   } else {
     // In one pass over gW as well: a block of 256 columns at a time, which the second product then
     // reads from L2 (0.86× the time of the two whole products for the 256×256×3×3 weight, 0.92× for
@@ -326,20 +323,22 @@ void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_wei
       else
         gemm<T>(false, true, d.r0, d.o, n, a.scale, m + c0, cols, gw + c0, cols, beta, c, d.o);
       gemm<T>(true, false, d.r0, n, d.o, T(1), u0, d.r0, gw + c0, cols, T(0), y + c0, cols);
+      transpose_into(y + c0, d.r0, n, ws.ys.data() + c0 * d.r0, cols, d.r0);  // Ys, while in cache
     }
     if (d.r0 > gemm_panel_width<T>) transpose_into(c, d.r0, d.o, grad.U[0].data());
-    exchange_leading_modes(y, d.r0, d.i1, d.s, yp);  // Yp (I1, r0, S)
+    ys = ws.ys.data();
   }
-  exchange_leading_modes(ws.h.data(), d.r0, d.r1, d.s, hp);  // Hp (r1, r0, S)
-  // grad.U1 (I1, r1) = scale · Yp (I1, r0·S) · Hpᵀ
-  gemm<T>(false, true, d.i1, d.r1, rs, a.scale, yp, rs, hp, rs, T(0), grad.U[1].data(), d.r1);
-  // Zs (r1, r0, S) = U1ᵀ · Yp, then back to (r0, r1, S) in hp (Hp is not needed any more).
-  gemm<T>(true, false, d.r1, rs, d.i1, T(1), u1, d.r1, yp, rs, T(0), zs, rs);
-  exchange_leading_modes(zs, d.r1, d.r0, d.s, hp);
-  zs = hp;
-  // grad.G (r0·r1, Rk) = scale · Zs · K;  C (S, Rk) = scale · Zsᵀ · G
-  gemm<T>(false, false, p, d.rk, d.s, a.scale, zs, d.s, ws.kron.data(), d.rk, T(0), grad.G.data(), d.rk);
-  gemm<T>(true, false, d.s, d.rk, p, a.scale, zs, d.s, a.G.data(), d.rk, T(0), c, d.rk);
+  // grad.U1 = scale · Ys · Ht and Zt = Ysᵀ · U1: one pass over Ys where r1 is the register width.
+  if (thin_pair_fits<T>(d.r1)) {
+    thin_pair_product<T>(d.i1, rs, a.scale, ys, rs, u1, ht, T(0), grad.U[1].data(), zt);
+  } else {
+    gemm<T>(false, false, d.i1, d.r1, rs, a.scale, ys, rs, ht, d.r1, T(0), grad.U[1].data(), d.r1);
+    gemm<T>(true, false, d.r1, rs, d.i1, T(1), u1, d.r1, ys, rs, T(0), c, rs);
+    transpose_into(c, d.r1, rs, zt);
+  }
+  // grad.G (r0·r1, Rk) = scale · Zs · K = scale · Ztᵀ · K;  C (S, Rk) = scale · Zsᵀ · G = scale · Zt · G
+  gemm<T>(true, false, p, d.rk, d.s, a.scale, zt, p, ws.kron.data(), d.rk, T(0), grad.G.data(), d.rk);
+  gemm<T>(false, false, d.s, d.rk, p, a.scale, zt, p, a.G.data(), d.rk, T(0), c, d.rk);
   for (int k = 2; k < N; ++k) {
     tensor<T, 2>& gk = grad.U[static_cast<std::size_t>(k)];
     gk.setZero();
