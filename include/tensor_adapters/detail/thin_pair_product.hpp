@@ -5,19 +5,20 @@
 //
 // for r equal to the register width (thin_pair_fits: 16 floats or 8 doubles on AVX-512, 8 floats or 4
 // doubles on AVX2). This is the shape of a gradient that reads a large matrix with rank-r factors on
-// either side: FLoRA's grad.U0 = scale · gW · Mᵀ and Y = U0ᵀ · gW. As two GEMMs, X is read twice,
-// and with r rows the second is dominated by copying X into panels; here each element of X is
-// broadcast once and feeds two FMAs whose lanes all hold useful values (a row of L, a row of Rt).
+// either side: FLoRA's grad.U0 = scale · gW · Mᵀ and Y = U0ᵀ · gW, then grad.U1 and Zs from Yᵀ. As
+// two GEMMs, X is read twice, and with r rows the second is dominated by copying X into panels; here
+// each element of X is broadcast once and feeds two FMAs whose lanes all hold useful values (a row of
+// L, a row of Rt).
 //
-// Register tile: RT rows of X × CT columns. The RT rows of L (accumulators) and of P stay in registers
-// while the rows sweep a block of columns; each tile loads its CT rows of Rt and of Qt, broadcasts its
-// RT·CT elements of X in turn, and stores the rows of Rt back. X is taken in blocks of 256 columns
-// (the block's rows of Rt and Qt, 16 KB each for floats on AVX-512, stay in L1 while all rows of X
-// pass), its rows in order within a block, the next tile's rows requested a line at a time. Every
-// matrix is row-major; all but X have rows of exactly r values. Rows of r < width values would make
-// the stores of one row of Rt and the loads of the next overlap in a register's span, which the
-// store-to-load forwarding does not serve (r = 4 and 8 ran 1.4–2× slower than two GEMMs), so those
-// stay with the GEMMs.
+// Register tile: RT rows of X × CT columns. The RT rows of L (two accumulators each, for even and odd
+// columns) and of P stay in registers while the rows sweep a block of columns; each tile loads its CT
+// rows of Rt and of Qt, broadcasts its RT·CT elements of X in turn, and stores the rows of Rt back. X
+// is taken in blocks of 256 columns (the block's rows of Rt and Qt, 16 KB each for floats on AVX-512,
+// stay in L1 while all rows of X pass), its rows in order within a block, the next tile's rows
+// requested a line at a time. Every matrix is row-major; all but X have rows of exactly r values.
+// Rows of r < width values would make the stores of one row of Rt and the loads of the next overlap in
+// a register's span, which the store-to-load forwarding does not serve (r = 4 and 8 ran 1.4–2× slower
+// than two GEMMs), so those stay with the GEMMs.
 //
 // Threads: with OpenMP, a product of more than about 8 million multiply-adds splits the columns over
 // the threads in whole cache lines; each thread sums its share of L in its own scratch, and the shares
@@ -49,12 +50,14 @@ void thin_pair_rows(index c0, index c1, T alpha, const T* x, index ldx, const T*
   using reg = typename S::reg;
   constexpr int W = S::width;
   constexpr index line = 64 / sizeof(T);
-  reg accl[RT], pv[RT];
+  // Two accumulators per row of L, for even and odd columns: with one, its CT FMAs per tile form a
+  // dependent chain as long as the tile's whole FMA time (one took 1.06–1.19× the time).
+  reg accl[RT][2], pv[RT];
   const T* xr[RT];
 #pragma GCC unroll 16
   for (int i = 0; i < RT; ++i) {
     xr[i] = x + i * ldx;
-    accl[i] = S::zero();
+    accl[i][0] = accl[i][1] = S::zero();
     pv[i] = S::load(p + i * W);
   }
   auto tile = [&](index c, auto columns) {
@@ -70,7 +73,7 @@ void thin_pair_rows(index c0, index c1, T alpha, const T* x, index ldx, const T*
 #pragma GCC unroll 16
       for (int j = 0; j < C; ++j) {
         const reg b = S::broadcast(xr[i][c + j]);
-        accl[i] = S::fma(b, qv[j], accl[i]);
+        accl[i][j % 2] = S::fma(b, qv[j], accl[i][j % 2]);
         accr[j] = S::fma(b, pv[i], accr[j]);
       }
 #pragma GCC unroll 16
@@ -89,7 +92,7 @@ void thin_pair_rows(index c0, index c1, T alpha, const T* x, index ldx, const T*
   for (int i = 0; i < RT; ++i) {
     T* li = l + i * W;
     const reg old = first ? (beta == T(0) ? S::zero() : S::mul(vb, S::load(li))) : S::load(li);
-    S::store(li, S::fma(va, accl[i], old));
+    S::store(li, S::fma(va, S::add(accl[i][0], accl[i][1]), old));
   }
 }
 
@@ -98,7 +101,7 @@ template <class T, class Isa>
 void thin_pair_columns(index m, index c0, index c1, T alpha, const T* x, index ldx, const T* p, const T* qt, T beta,
                        T* l, T* rt) {
   constexpr int W = simd<T, Isa>::width;
-  // 2·RT + 2·CT + 1 registers of the 32 (AVX-512) or 16 (AVX2), with CT = 2·RT.
+  // 3·RT + 2·CT + 1 registers of the 32 (AVX-512) or 16 (AVX2), with CT = 2·RT.
   constexpr int RT = W * sizeof(T) >= 64 ? 4 : 2, CT = 2 * RT;
   constexpr index block = 256;
   for (index b0 = c0; b0 < c1; b0 += block) {
