@@ -6,14 +6,15 @@
 //                  bandwidth the memory-bound cases are measured against), an FMA loop (the compute
 //                  peak) and the single GEMM that dominates the compute-bound chain.
 //   linear layer   forward and forward+backward at (batch 512, 768 → 768, ranks 8, 8) beside the frozen
-//                  base layer x · W0ᵀ (+ dx = dy · W0 for the backward) and LoRA at the closest rank.
+//                  base layer x · W0ᵀ (+ dx = dy · W0 for the backward) and LoRA at the closest rank;
+//                  the three forwards also call by call in one benchmark (linear_forward_paired).
 //
 // Counters: GFLOP/s of the flops each benchmark executes (for FLoRA, those of the plan that runs: the
 // channel plan's, or the Tucker chain's in the flop-minimal order); GB/s of the weight-sized bytes it produces or consumes (ΔW written by
 // delta_weight, gW read by delta_weight_vjp, the copied weight for the copy: each counted once), so
 // that a GB/s ratio is a time ratio against copying the weight. Everything runs on one thread and is
 // timed in CPU time (the machine's cores are shared with other work), so the FMA peak and the copy
-// bandwidth are one core's too.
+// bandwidth are one core's too; linear_forward_paired times each call on the wall clock.
 // Goals: delta_weight + delta_weight_vjp ≥ 70% of the copy's GB/s where memory-bound, ≥ 60% of the
 // FMA peak where compute-bound; the linear forward ≤ 1.05× the base layer's time.
 #include <tensor_adapters/flora.hpp>
@@ -26,6 +27,7 @@
 #endif
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -339,6 +341,54 @@ void linear_lora_forward(benchmark::State& state) {
   state.counters["lora_r"] = static_cast<double>(p.lora.A.dimension(0));
 }
 
+// The three forwards above call by call: each iteration runs the frozen layer, FLoRA and LoRA once
+// each, the order rotating, and the ratios of their median times are counters (ratio: FLoRA / base,
+// lora_ratio: LoRA / base). The machine's speed drifts within minutes; pairing the calls measures a
+// ratio of a few per cent more tightly than the separately timed benchmarks, whose ratio also
+// includes the drift between their repetitions. Each call runs once untimed first (the workspaces
+// allocate on first use), and every repetition takes 25 rotations (a fixed count: at 5 ms a call, the
+// usual minimum time would give one or two). The iteration time (manual) is the three calls'.
+void linear_forward_paired(benchmark::State& state) {
+  linear_problem p(state);
+  std::vector<double> times[3];
+  const auto call = [&p](int which) {
+    const auto start = std::chrono::steady_clock::now();
+    if (which == 0)
+      base_forward(p);
+    else if (which == 1)
+      ta::forward(p.adapter, p.x, p.w0, p.b0, p.y, p.ws);
+    else
+      ta::forward(p.lora, p.x, p.w0, p.b0, p.y, p.lora_ws);
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  for (int which = 0; which < 3; ++which) call(which);
+  int first = 0;
+  for (auto _ : state) {
+    double total = 0;
+    for (int k = 0; k < 3; ++k) {
+      const int which = (first + k) % 3;
+      const double t = call(which);
+      times[which].push_back(t);
+      total += t;
+    }
+    first = (first + 1) % 3;
+    state.SetIterationTime(total);
+  }
+  const auto median = [](std::vector<double>& v) {
+    std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+    return v[v.size() / 2];
+  };
+  const double base = median(times[0]), flora = median(times[1]), lora = median(times[2]);
+  state.counters["base_us"] = base * 1e6;
+  state.counters["flora_us"] = flora * 1e6;
+  state.counters["lora_us"] = lora * 1e6;
+  state.counters["ratio"] = flora / base;
+  state.counters["lora_ratio"] = lora / base;
+  state.counters["lora_r"] = static_cast<double>(p.lora.A.dimension(0));
+}
+
 // The frozen layer's own backward: dx = dy · W0 after the forward.
 void linear_base_forward_backward(benchmark::State& state) {
   linear_problem p(state);
@@ -396,6 +446,7 @@ BENCHMARK(gemm_of_last_step)->Apply(conv_shapes);
 BENCHMARK(linear_base_forward)->Apply(linear_shapes);
 BENCHMARK(linear_flora_forward)->Apply(linear_shapes);
 BENCHMARK(linear_lora_forward)->Apply(linear_shapes);
+BENCHMARK(linear_forward_paired)->Apply(linear_shapes)->UseManualTime()->Iterations(25);
 BENCHMARK(linear_base_forward_backward)->Apply(linear_shapes);
 BENCHMARK(linear_flora_forward_backward)->Apply(linear_shapes);
 BENCHMARK(linear_lora_forward_backward)->Apply(linear_shapes);

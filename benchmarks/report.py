@@ -134,7 +134,7 @@ def medians(raw):
     """Google Benchmark JSON -> {run name without /real_time: entry of its median}."""
     out, singles = {}, {}
     for b in raw.get("benchmarks", []):
-        name = re.sub(r"/real_time$", "", b.get("run_name", b["name"]))
+        name = re.sub(r"/(real|manual)_time$", "", b.get("run_name", b["name"]))
         if b.get("run_type") == "aggregate":
             if b.get("aggregate_name") != "median":
                 continue
@@ -569,18 +569,30 @@ def flora_section(runs, goals):
            "| | base layer | FLoRA | ratio | goal | LoRA (r %s) | ratio |" %
            num(get(run, "linear_lora_forward/" + args, "lora_r"), "%.0f"),
            "|---|---:|---:|---:|---|---:|---:|"]
+    # The goal is read from the paired benchmark (the three forwards call by call, wall clock) when it
+    # ran; the separately timed benchmarks' ratio is shown beside it.
+    paired = "linear_forward_paired/%s/iterations:25" % args
+    pr = get(run, paired, "ratio")
     for what, suffix in [("forward", "forward"), ("forward + backward (base: + `dx = dy·W0`)", "forward_backward")]:
         b = get(run, "linear_base_%s/%s" % (suffix, args))
         f = get(run, "linear_flora_%s/%s" % (suffix, args))
         lo = get(run, "linear_lora_%s/%s" % (suffix, args))
         rq = ratio(f, b)
         ok, g = None, ""
-        if suffix == "forward":
+        if suffix == "forward" and pr is None:
             ok = None if rq is None else rq <= 1.05
             g = "≤ 1.05: " + verdict(ok)
             goals.add("4 FLoRA", "linear forward ≤ 1.05× base layer (512, 768→768, ranks 8,8)", num(rq, "%.3f×"), ok)
         lin.append("| %s | %s | %s | %s | %s | %s | %s |" % (what, us(b), us(f), num(rq, "**%.3f**"), g, us(lo),
                                                              num(ratio(lo, b), "%.3f")))
+        if suffix == "forward" and pr is not None:
+            ok = pr <= 1.05
+            goals.add("4 FLoRA", "linear forward ≤ 1.05× base layer (512, 768→768, ranks 8,8; paired calls)",
+                      num(pr, "%.3f×"), ok)
+            lin.append("| forward, paired calls (wall clock) | %s | %s | %s | %s | %s | %s |"
+                       % (us(get(run, paired, "base_us")), us(get(run, paired, "flora_us")), num(pr, "**%.3f**"),
+                          "≤ 1.05: " + verdict(ok), us(get(run, paired, "lora_us")),
+                          num(get(run, paired, "lora_ratio"), "%.3f")))
     return weight, "\n".join(lin)
 
 
