@@ -235,6 +235,9 @@ TEST_CASE("FLoRA delta_weight_vjp matches finite differences", "[flora][fd]") {
     check_vjp_all_plans<4>({double_width + 3, 30, 3, 3}, {double_width, double_width, 2, 1}, 140);
     check_vjp_all_plans<4>({double_width + 3, 30, 3, 3}, {double_width, 3, 2, 1}, 141);
     check_vjp_all_plans<4>({10, double_width + 1, 3, 3}, {3, double_width, 2, 2}, 142);
+    // Rows of two registers: r0 = r1 = twice the register width.
+    constexpr ta::index two = 2 * double_width;
+    check_vjp_all_plans<4>({two + 2, two + 1, 3, 1}, {two, two, 2, 1}, 143);
   }
   SECTION("N = 5") {
     check_vjp_all_plans<5>({4, 3, 3, 2, 3}, {1, 1, 1, 1, 1}, 40);
@@ -293,6 +296,8 @@ TEMPLATE_TEST_CASE("FLoRA's chain and channel plans agree", "[flora]", float, do
   // r0 = width (the kernel's split over threads is tested in test_thin_pair_product).
   check_plans_agree<TestType, 4>({40, 70, 3, 3}, {width, width, 2, 2}, 153);
   check_plans_agree<TestType, 4>({40, 70, 3, 3}, {5, width, 1, 2}, 154);
+  // Rows of two registers (r0 = r1 = 2 · width), as the 512×512×3×3 weight at ranks 32 runs.
+  check_plans_agree<TestType, 4>({40, 36, 3, 3}, {2 * width, 2 * width, 1, 1}, 155);
   check_plans_agree<TestType, 5>({6, 5, 3, 2, 3}, {2, 5, 1, 2, 2}, 47);
   // The automatic choice: the channel plan for linear weights and conv weights of small kernel ranks;
   // the chain where the channel plan would need more than twice its flops (a full-rank first mode).

@@ -148,8 +148,8 @@ std::array<const_tensor_view<T, 2>, N> factor_views(const flora<T, N>& a) {
 //              M (r0, I1, S)  = H ×1 U1                      one mode product
 //              ΔW (I0, I1·S)  = scale · U0 · M               one GEMM: the weight is written once
 //            and the VJP, given gW seen as (I0, I1·S):
-//              grad.U0 = scale · gW · Mᵀ,   Y (r0, I1·S) = U0ᵀ · gW      (one pass over gW: with r0 the
-//                                                                    register width, thin_pair_product)
+//              grad.U0 = scale · gW · Mᵀ,   Y (r0, I1·S) = U0ᵀ · gW      (one pass over gW; thin_pair_product
+//                                                                    where r0 is one or two registers)
 //              grad.U1 = scale · Σ_a Y[a] (I1, S) · H[a] (r1, S)ᵀ
 //              Zs (r0, r1, S) = Y ×1 U1ᵀ;   grad.G = scale · Zs · K      (G, grad.G seen as (r0·r1, Rk))
 //              C (S, Rk) = scale · Zsᵀ · G;  grad.U_k[i, b] = Σ_{s_k = i, ρ_k = b} C[s, ρ] · Π_{m≥2, m≠k} U_m[s_m, ρ_m]
@@ -299,12 +299,12 @@ void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_wei
   // grad.U0 (O, r0) = scale · gW · Mᵀ and Y = U0ᵀ · gW, the two products that read all of gW.
   const T* ys = y;
   if (thin_pair_fits<T>(d.r0)) {
-    // r0 = the register width: both in one pass over gW (thin_pair_product), from Mᵀ (I1·S, r0) =
-    // U1 · Htᵀ and into Yᵀ = Ys. The GEMMs below took 1.4–1.6× the time (256×256×3×3, ranks
-    // 16,16,2,2, float, one thread).
+    // r0 of one or two registers: both in one pass over gW (thin_pair_product), from Mᵀ (I1·S, r0) =
+    // U1 · Htᵀ and into Yᵀ = Ys. The GEMMs below took 1.4–1.6× the time for the 256×256×3×3 weight
+    // (ranks 16,16,2,2) and 1.3× for 512×512×3×3 (32,32,3,3; float, one thread).
     T* mt = ws.m.get(cols * d.r0);
     gemm<T>(false, true, d.i1, rs, d.r1, T(1), u1, d.r1, ht, d.r1, T(0), mt, rs);
-    thin_pair_product<T>(d.o, cols, a.scale, gw, cols, u0, mt, T(0), grad.U[0].data(), y);
+    thin_pair_product<T>(d.o, cols, d.r0, a.scale, gw, cols, u0, mt, T(0), grad.U[0].data(), y);
   } else {
     // In one pass over gW as well: a block of 256 columns at a time, which the second product then
     // reads from L2 (0.86× the time of the two whole products for the 256×256×3×3 weight, 0.92× for
@@ -328,9 +328,9 @@ void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_wei
     if (d.r0 > gemm_panel_width<T>) transpose_into(c, d.r0, d.o, grad.U[0].data());
     ys = ws.ys.data();
   }
-  // grad.U1 = scale · Ys · Ht and Zt = Ysᵀ · U1: one pass over Ys where r1 is the register width.
+  // grad.U1 = scale · Ys · Ht and Zt = Ysᵀ · U1: one pass over Ys where r1 is one or two registers.
   if (thin_pair_fits<T>(d.r1)) {
-    thin_pair_product<T>(d.i1, rs, a.scale, ys, rs, u1, ht, T(0), grad.U[1].data(), zt);
+    thin_pair_product<T>(d.i1, rs, d.r1, a.scale, ys, rs, u1, ht, T(0), grad.U[1].data(), zt);
   } else {
     gemm<T>(false, false, d.i1, d.r1, rs, a.scale, ys, rs, ht, d.r1, T(0), grad.U[1].data(), d.r1);
     gemm<T>(true, false, d.r1, rs, d.i1, T(1), u1, d.r1, ys, rs, T(0), c, rs);
