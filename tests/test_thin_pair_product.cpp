@@ -48,6 +48,18 @@ bool close(T got, long double want, long double magnitude, ta::index k) {
   return std::fabs((long double)got - want) <= bound + 1e-300;
 }
 
+// Σ a[e · sa] · b[e · sb] over e < count in long double, and the sum of the terms' magnitudes.
+template <class T>
+std::pair<long double, long double> long_dot(const T* a, ta::index sa, const T* b, ta::index sb, ta::index count) {
+  long double sum = 0, magnitude = 0;
+  for (ta::index e = 0; e < count; ++e) {
+    const long double term = (long double)a[e * sa] * b[e * sb];
+    sum += term;
+    magnitude += std::fabs(term);
+  }
+  return {sum, magnitude};
+}
+
 // The first entry of L and of Rt that differs from long double loops; -1 when none does.
 template <class T>
 std::pair<ta::index, ta::index> first_bad(const thin_problem<T>& t, T alpha, T beta, const std::vector<T>& l_old,
@@ -56,12 +68,7 @@ std::pair<ta::index, ta::index> first_bad(const thin_problem<T>& t, T alpha, T b
   ta::index bad_l = -1, bad_rt = -1;
   for (ta::index i = 0; i < t.m && bad_l < 0; ++i)
     for (ta::index a = 0; a < r && bad_l < 0; ++a) {
-      long double sum = 0, magnitude = 0;
-      for (ta::index c = 0; c < t.n; ++c) {
-        const long double e = (long double)t.x[std::size_t(i * t.ldx + c)] * t.qt[std::size_t(c * r + a)];
-        sum += e;
-        magnitude += std::fabs(e);
-      }
+      auto [sum, magnitude] = long_dot(t.x.data() + i * t.ldx, 1, t.qt.data() + a, r, t.n);
       long double want = alpha * sum;
       magnitude *= std::fabs(alpha);
       if (beta != T(0)) {
@@ -72,12 +79,7 @@ std::pair<ta::index, ta::index> first_bad(const thin_problem<T>& t, T alpha, T b
     }
   for (ta::index c = 0; c < t.n && bad_rt < 0; ++c)
     for (ta::index a = 0; a < r && bad_rt < 0; ++a) {
-      long double sum = 0, magnitude = 0;
-      for (ta::index i = 0; i < t.m; ++i) {
-        const long double e = (long double)t.x[std::size_t(i * t.ldx + c)] * t.p[std::size_t(i * r + a)];
-        sum += e;
-        magnitude += std::fabs(e);
-      }
+      const auto [sum, magnitude] = long_dot(t.x.data() + c, t.ldx, t.p.data() + a, r, t.m);
       if (!close(rt[std::size_t(c * r + a)], sum, magnitude, t.m)) bad_rt = c * r + a;
     }
   return {bad_l, bad_rt};
