@@ -282,7 +282,6 @@ void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_wei
   const channel_dims d = channel_plan_dims(a);
   channel_prepare(a, d, ws);
   const index cols = d.i1 * d.s, p = d.r0 * d.r1, rs = d.r0 * d.s;
-  grow_buffer(ws.ys, d.r0 * cols);
   grow_buffer(ws.ht, p * d.s);
   grow_buffer(ws.zt, p * d.s);
   grow_buffer(ws.c, std::max({d.s * d.rk, d.r0 * d.o, p * d.s}));
@@ -313,6 +312,7 @@ void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_wei
     // in place (1.5× faster than the transposed form at r0 = 32, float, AVX-512); beyond it, its
     // transpose (r0, O) = scale · M · gWᵀ, since the direct form would copy gW into panels.
     const T* m = channel_m(a, d, ws);
+    grow_buffer(ws.ys, d.r0 * cols);
     const index block = gemm_threads(d.o, cols, d.r0) > 1 ? cols : 256;
     for (index c0 = 0; c0 < cols; c0 += block) {
       const index n = std::min(block, cols - c0);

@@ -10,15 +10,15 @@
 // here each element of X is broadcast once and feeds FMAs whose lanes all hold useful values (a row of
 // L, a row of Rt).
 //
-// Register tile: RT rows of X × CT columns. The RT rows of L (two accumulators per register, for even
-// and odd columns) and of P stay in registers while the rows sweep a block of columns; each tile loads its CT
-// rows of Rt and of Qt, broadcasts its RT·CT elements of X in turn, and stores the rows of Rt back. X
-// is taken in blocks of 256 columns (the block's rows of Rt and Qt, 16 KB each for floats on AVX-512,
-// stay in L1 while all rows of X pass), its rows in order within a block, the next tile's rows
-// requested a line at a time. Every matrix is row-major; all but X have rows of exactly r values.
-// Rows of r < width values would make the stores of one row of Rt and the loads of the next overlap in
-// a register's span, which the store-to-load forwarding does not serve (r = 4 and 8 ran 1.4–2× slower
-// than two GEMMs), so those stay with the GEMMs.
+// Register tile: RT rows of X × CT columns. The RT rows of L (accumulators) and of P stay in registers
+// while the rows sweep a block of columns; each tile loads its CT rows of Rt and of Qt, broadcasts its
+// RT·CT elements of X in turn, and stores the rows of Rt back (tile shapes: thin_pair_columns). X is
+// taken in blocks of 256 columns with rows of one register, 128 with two (the block's rows of Rt and
+// of Qt, 16 KB each for floats on AVX-512, stay in L1 while all rows of X pass), its rows in order
+// within a block, the next tile's rows requested a line at a time. Every matrix is row-major; all but
+// X have rows of exactly r values. Rows of r < width values would make the stores of one row of Rt and
+// the loads of the next overlap in a register's span, which store-to-load forwarding does not serve
+// (r = 4 and 8 in masked registers ran 1.4–2× slower than two GEMMs), so those stay with the GEMMs.
 //
 // Threads: with OpenMP, a product of more than about 8 million multiply-adds splits the columns over
 // the threads in whole cache lines; each thread sums its share of L in its own scratch, and the shares
@@ -125,7 +125,6 @@ void thin_pair_columns(index m, index c0, index c1, T alpha, const T* x, index l
   // their CT FMAs per tile formed a dependent chain as long as the tile's FMA time (1.06–1.19× the
   // time). With two, CT is smaller, so that the rows of Rt loaded and stored per tile stay few against
   // its FMAs (RT 2, CT 4 with split accumulators ran at 127 GFLOP/s in cache, 0.7× one register's).
-  // The block's rows of Rt and of Qt, 16 KB each for floats on AVX-512, stay in L1.
   constexpr bool wide = W * sizeof(T) >= 64;
   constexpr int RT = wide ? 4 : 2, CT = NV == 1 ? 2 * RT : (wide ? 2 : 1), Split = NV == 1 ? 2 : 1;
   constexpr index block = 256 / NV;
@@ -135,10 +134,11 @@ void thin_pair_columns(index m, index c0, index c1, T alpha, const T* x, index l
     index i = 0;
     if (m >= RT) {
       thin_pair_rows<T, Isa, NV, RT, CT, Split, true>(b0, b1, alpha, x, ldx, p, qt, beta, first, l, rt,
-                                               2 * RT <= m ? x + RT * ldx : nullptr);
+                                                      2 * RT <= m ? x + RT * ldx : nullptr);
       for (i = RT; i + RT <= m; i += RT)
         thin_pair_rows<T, Isa, NV, RT, CT, Split, false>(b0, b1, alpha, x + i * ldx, ldx, p + i * r, qt, beta, first,
-                                                  l + i * r, rt, i + 2 * RT <= m ? x + (i + RT) * ldx : nullptr);
+                                                         l + i * r, rt,
+                                                         i + 2 * RT <= m ? x + (i + RT) * ldx : nullptr);
     }
     // The last rows, fewer than RT, counted down with row pointers: compared with m, g++ 12 -O3 warns
     // that the loop would overflow i · ldx when the sizes are known at compile time.
@@ -172,7 +172,8 @@ void thin_pair_product(index m, index n, index r, T alpha, const T* x, index ldx
     else
       thin_pair_columns<T, Isa, 2>(m, c0, c1, alpha, x, ldx, p, qt, b, lp, rt);
   };
-  const int threads = std::min(gemm_threads(m, n, 2 * r), 16);
+  constexpr int max_threads = 16;  // the shares' pointers below
+  const int threads = std::min(gemm_threads(m, n, 2 * r), max_threads);
   if (threads <= 1) {
     columns(0, n, beta, l);
     return;
@@ -180,7 +181,7 @@ void thin_pair_product(index m, index n, index r, T alpha, const T* x, index ldx
 #ifdef _OPENMP
   constexpr index line = 64 / sizeof(T);
   const index lines = (n + line - 1) / line;
-  T* shares[16];
+  T* shares[max_threads];
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
