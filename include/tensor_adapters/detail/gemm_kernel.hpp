@@ -136,13 +136,13 @@ constexpr index stream_rows_stride = stream_rows_block<T> + 64 / sizeof(T);
 // The micro-kernel: C (MR, NR) = alpha · Σ_p a_p ⊗ b_p + beta · C over kc steps, where a is a packed
 // panel of A (AS ≥ MR values per step, the first MR used) or, with AS = 0, A read in place (row i at
 // a + i·lda, contiguous along p), and b a packed kc×NR panel of B (NR values per step), NR = NV·width.
-// C rows are ldc apart; with beta == 0 C is not read. With kc ≤ 16 (a rank-16 or smaller update that
+// C rows are ldc apart; with beta == 0 C is not read. next_a: see the k loop. With kc ≤ 16 (a rank-16 or smaller update that
 // writes a large C: ΔW = B·A) the arithmetic is too short to hide the C tile's cache misses, so the
 // tile's lines are requested first (768×768 with k 8 and FLoRA's 256×2304 with k 16 ran 0.78–0.90×
 // the time; a 4096×4096 C, from memory, 1.03×; with k 32 it cost 2–7 %, so longer k does not).
 template <class T, class Isa, int MR, int NV, int AS = MR>
 inline void micro_kernel(index kc, const T* __restrict a, const T* __restrict b, T* __restrict c, index ldc, T alpha,
-                         T beta, index lda = 0) {
+                         T beta, index lda = 0, const T* next_a = nullptr) {
   using S = simd<T, Isa>;
   using reg = typename S::reg;
   constexpr int W = S::width;
@@ -156,7 +156,19 @@ inline void micro_kernel(index kc, const T* __restrict a, const T* __restrict b,
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[i][v] = S::zero();
   }
+  // With A in place, next_a (or null): the next strip's MR rows, requested a cache line per step, row
+  // by row, along the kc values the next call reads (its first panel's call then finds them in cache; a
+  // last mode with J 64 took 0.81× the time).
+  [[maybe_unused]] const T* pf = next_a;
+  [[maybe_unused]] const T* pf_end = next_a != nullptr ? next_a + kc : nullptr;
+  [[maybe_unused]] int pf_row = 0;
   for (index p = 0; p < kc; ++p) {
+    if constexpr (AS == 0) {
+      if (pf < pf_end) {
+        __builtin_prefetch(pf + pf_row * lda);
+        if (++pf_row == MR) pf_row = 0, pf += 64 / sizeof(T);
+      }
+    }
     reg bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bv[v] = S::load(b + v * W);
@@ -191,13 +203,13 @@ inline void micro_kernel(index kc, const T* __restrict a, const T* __restrict b,
 // place), chosen at run time.
 template <class T, class Isa, int NV, int MR, int R = MR>
 inline void micro_kernel_rows(int mr, index kc, const T* a, const T* b, T* c, index ldc, T alpha, T beta,
-                              index lda = 0) {
+                              index lda = 0, const T* next_a = nullptr) {
   if constexpr (R >= 1) {
     if (mr == R) {
-      if (lda > 0) return micro_kernel<T, Isa, R, NV, 0>(kc, a, b, c, ldc, alpha, beta, lda);
+      if (lda > 0) return micro_kernel<T, Isa, R, NV, 0>(kc, a, b, c, ldc, alpha, beta, lda, next_a);
       return micro_kernel<T, Isa, R, NV, MR>(kc, a, b, c, ldc, alpha, beta);
     }
-    micro_kernel_rows<T, Isa, NV, MR, R - 1>(mr, kc, a, b, c, ldc, alpha, beta, lda);
+    micro_kernel_rows<T, Isa, NV, MR, R - 1>(mr, kc, a, b, c, ldc, alpha, beta, lda, next_a);
   }
 }
 
@@ -427,6 +439,8 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
           const index mr = std::min<index>(MR, mc - ir);
           const T* ap = a_in_place ? a.data + (ic + ir) * a.rs + pc : apack + ir * kc;
           const index lda = a_in_place ? a.rs : 0;
+          // In place, the first panel's call requests the next strip's rows of A as it goes (next_a).
+          const T* next_strip = a_in_place && ic + ir + 2 * MR <= m ? ap + MR * a.rs : nullptr;
           T* cp = c.data + (ic + ir) * c.rs;
           for (index jr = 0; jr < nc; jr += NR) {
             const index nr = std::min<index>(NR, nc - jr);
@@ -436,11 +450,13 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
             // (offsets increase by at least 1 per column, so equal ends mean consecutive columns)
             const bool contiguous = nr == NR && (plain || (c.cu == 1 && off[NR - 1] == off[0] + NR - 1));
             const T* bp = bpack + jr * kc;
+            const T* next_a = jr == 0 ? next_strip : nullptr;
             if (contiguous) {
               if (mr == MR && !a_in_place)
                 micro_kernel<T, Isa, MR, shape::nv>(kc, ap, bp, cp + off[0], c.rs, alpha, beta_k);
               else
-                micro_kernel_rows<T, Isa, shape::nv, MR>(int(mr), kc, ap, bp, cp + off[0], c.rs, alpha, beta_k, lda);
+                micro_kernel_rows<T, Isa, shape::nv, MR>(int(mr), kc, ap, bp, cp + off[0], c.rs, alpha, beta_k, lda,
+                                                         next_a);
             } else {
               if (plain)
                 for (index t = 1; t < nr; ++t) panel_off[t] = col + t;
