@@ -18,13 +18,14 @@ if(TENSOR_ADAPTERS_NATIVE)
 endif()
 
 if(TENSOR_ADAPTERS_SANITIZE)
-  # -O1 (it follows, so overrides, the build type's -O3): the checks are the same, and the Eigen-heavy
-  # test programs compile about 3.5x faster than at -O3 under the sanitizers. -UNDEBUG turns Eigen's
-  # own index and size assertions on as well.
+  # -Og (it follows, so overrides, the build type's -O3): the checks are the same, and the Eigen-heavy
+  # test programs compile about 2x faster than at -O1 and 7x faster than at -O3 under the sanitizers,
+  # while they run nearly as fast as at -O1 (-O0 would run 7x slower). -UNDEBUG turns Eigen's own index
+  # and size assertions on as well.
   target_compile_options(tensor_adapters_project_options INTERFACE
-    -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -O1 -UNDEBUG)
+    -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -Og -UNDEBUG)
   if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
-    # g++ 12's use-before-set analysis at -O1 under the sanitizers reports false positives in system
+    # g++ 12's use-before-set analysis at -Og under the sanitizers reports false positives in system
     # headers: avx512fintrin.h's _mm512_undefined_pd() idiom inside Eigen's AVX-512 ptranspose (as
     # -Wuninitialized), and libstdc++'s <regex> compiler (as -Wmaybe-uninitialized, without
     # -march=native). The same sources build with these warnings on, as errors, in the release build.
@@ -52,6 +53,11 @@ file(GENERATE OUTPUT ${CMAKE_CURRENT_BINARY_DIR}/kernel_instances.cpp
 add_library(tensor_adapters_kernels STATIC ${CMAKE_CURRENT_BINARY_DIR}/kernel_instances.cpp)
 target_link_libraries(tensor_adapters_kernels PUBLIC tensor_adapters_project_options)
 target_compile_definitions(tensor_adapters_kernels PUBLIC TENSOR_ADAPTERS_SEPARATE_KERNELS)
+if(TENSOR_ADAPTERS_SANITIZE)
+  # The kernels are most of the tests' run time: under the sanitizers they stay at -O1 (a source's own
+  # options follow the target's, so this overrides the -Og above), which runs them about 3x faster.
+  set_source_files_properties(${CMAKE_CURRENT_BINARY_DIR}/kernel_instances.cpp PROPERTIES COMPILE_OPTIONS -O1)
+endif()
 
 add_library(tensor_adapters_project_flags INTERFACE)
 target_link_libraries(tensor_adapters_project_flags INTERFACE tensor_adapters_kernels)
