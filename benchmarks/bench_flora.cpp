@@ -22,12 +22,13 @@
 
 #include <benchmark/benchmark.h>
 
+#include "paired_calls.hpp"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -341,18 +342,11 @@ void linear_lora_forward(benchmark::State& state) {
   state.counters["lora_r"] = static_cast<double>(p.lora.A.dimension(0));
 }
 
-// The three forwards above call by call: each iteration runs the frozen layer, FLoRA and LoRA once
-// each, the order rotating, and the ratios of their median times are counters (ratio: FLoRA / base,
-// lora_ratio: LoRA / base). The machine's speed drifts within minutes; pairing the calls measures a
-// ratio of a few per cent more tightly than the separately timed benchmarks, whose ratio also
-// includes the drift between their repetitions. Each call runs once untimed first (the workspaces
-// allocate on first use), and every repetition takes 25 rotations (a fixed count: at 5 ms a call, the
-// usual minimum time would give one or two). The iteration time (manual) is the three calls'.
+// The three forwards above call by call (paired_calls.hpp), the order rotating; the ratios of their
+// median times are counters (ratio: FLoRA / base, lora_ratio: LoRA / base).
 void linear_forward_paired(benchmark::State& state) {
   linear_problem p(state);
-  std::vector<double> times[3];
-  const auto call = [&p](int which) {
-    const auto start = std::chrono::steady_clock::now();
+  const auto [base, flora, lora] = paired_call_medians<3>(state, [&p](std::size_t which) {
     if (which == 0)
       base_forward(p);
     else if (which == 1)
@@ -360,27 +354,7 @@ void linear_forward_paired(benchmark::State& state) {
     else
       ta::forward(p.lora, p.x, p.w0, p.b0, p.y, p.lora_ws);
     benchmark::DoNotOptimize(p.y.data());
-    benchmark::ClobberMemory();
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  };
-  for (int which = 0; which < 3; ++which) call(which);
-  int first = 0;
-  for (auto _ : state) {
-    double total = 0;
-    for (int k = 0; k < 3; ++k) {
-      const int which = (first + k) % 3;
-      const double t = call(which);
-      times[which].push_back(t);
-      total += t;
-    }
-    first = (first + 1) % 3;
-    state.SetIterationTime(total);
-  }
-  const auto median = [](std::vector<double>& v) {
-    std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
-    return v[v.size() / 2];
-  };
-  const double base = median(times[0]), flora = median(times[1]), lora = median(times[2]);
+  });
   state.counters["base_us"] = base * 1e6;
   state.counters["flora_us"] = flora * 1e6;
   state.counters["lora_us"] = lora * 1e6;

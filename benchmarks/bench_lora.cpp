@@ -1,11 +1,14 @@
 // LoRA on a linear layer against the frozen base layer alone (x · W0ᵀ), in the same binary.
 //
 // Shapes: (batch 512, 768 → 768, r 8) and (batch 64, 4096 → 4096, r 16). Counters: GFLOP/s of the
-// work each benchmark does. Goal: LoRA forward ≤ 1.05× the base layer's time. lora_merge folds the
-// adapter into the weight in place (W ← W + scale · B · A), what switching to inference costs once.
+// work each benchmark does. Goal: LoRA forward ≤ 1.05× the base layer's time, also timed call by call
+// against it (lora_forward_paired). lora_merge folds the adapter into the weight in place
+// (W ← W + scale · B · A), what switching to inference costs once.
 #include <tensor_adapters/lora.hpp>
 
 #include <benchmark/benchmark.h>
+
+#include "paired_calls.hpp"
 
 #include <random>
 
@@ -40,11 +43,16 @@ void set_gflops(benchmark::State& state, double flops_per_iteration) {
                                                  benchmark::Counter::kIsRate);
 }
 
+// The frozen layer: y = x · W0ᵀ.
+void base_layer(problem& p) {
+  ta::detail::gemm<float>(false, true, p.n, p.out, p.in, 1.0f, p.x.data(), p.in, p.w0.data(), p.in, 0.0f, p.y.data(),
+                          p.out);
+}
+
 void base_forward(benchmark::State& state) {
   problem p(state);
   for (auto _ : state) {
-    ta::detail::gemm<float>(false, true, p.n, p.out, p.in, 1.0f, p.x.data(), p.in, p.w0.data(), p.in, 0.0f,
-                            p.y.data(), p.out);
+    base_layer(p);
     benchmark::DoNotOptimize(p.y.data());
     benchmark::ClobberMemory();
   }
@@ -59,6 +67,22 @@ void lora_forward(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   set_gflops(state, p.base_flops() + p.lora_flops());
+}
+
+// The two forwards above call by call (paired_calls.hpp), the order alternating; ratio is the LoRA
+// forward's median time over the base layer's.
+void lora_forward_paired(benchmark::State& state) {
+  problem p(state);
+  const auto [base, lora] = paired_call_medians<2>(state, [&p](std::size_t which) {
+    if (which == 0)
+      base_layer(p);
+    else
+      ta::forward(p.adapter, p.x, p.w0, p.b0, p.y, p.ws);
+    benchmark::DoNotOptimize(p.y.data());
+  });
+  state.counters["base_us"] = base * 1e6;
+  state.counters["lora_us"] = lora * 1e6;
+  state.counters["ratio"] = lora / base;
 }
 
 void lora_forward_backward(benchmark::State& state) {
@@ -84,11 +108,15 @@ void lora_merge(benchmark::State& state) {
   set_gflops(state, 2.0 * double(p.out) * double(p.in) * double(p.r));
 }
 
-void shapes(benchmark::internal::Benchmark* b) {
+void shape_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"n", "in", "out", "r"});
   b->Args({512, 768, 768, 8});
   b->Args({64, 4096, 4096, 16});
   b->Unit(benchmark::kMicrosecond);
+}
+
+void shapes(benchmark::internal::Benchmark* b) {
+  shape_args(b);
   b->UseRealTime();
 }
 
@@ -96,6 +124,7 @@ void shapes(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(base_forward)->Apply(shapes);
 BENCHMARK(lora_forward)->Apply(shapes);
+BENCHMARK(lora_forward_paired)->Apply(shape_args)->UseManualTime()->Iterations(25);
 BENCHMARK(lora_forward_backward)->Apply(shapes);
 BENCHMARK(lora_merge)->Apply(shapes);
 

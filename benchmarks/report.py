@@ -356,18 +356,34 @@ def lora_section(runs, goals):
         out.append("| shape (batch, in → out, r) | base forward `x·W0ᵀ` | LoRA forward | ratio | goal ≤ 1.05 | "
                    "LoRA forward + backward | fwd+bwd / base |")
         out.append("|---|---:|---:|---:|---|---:|---:|")
+        paired_rows = []
         for n, i, o, r in [(512, 768, 768, 8), (64, 4096, 4096, 16)]:
             args = "n:%d/in:%d/out:%d/r:%d" % (n, i, o, r)
             base, fwd = get(run, "base_forward/" + args), get(run, "lora_forward/" + args)
             fb = get(run, "lora_forward_backward/" + args)
             rq = ratio(fwd, base)
-            ok = None if rq is None else rq <= 1.05
+            # The goal is read from the paired benchmark (the two forwards call by call, wall clock) when
+            # it ran; the separately timed benchmarks' ratio is shown beside it.
+            paired = "lora_forward_paired/%s/iterations:25" % args
+            pr = get(run, paired, "ratio")
+            measured = rq if pr is None else pr
+            ok = None if measured is None else measured <= 1.05
             gf = get(run, "base_forward/" + args, "GFLOP/s")
-            goals.add("2 LoRA", "forward ≤ 1.05× base layer (%d, %d→%d, r %d; %d thread%s)"
-                      % (n, i, o, r, t, "" if t == 1 else "s"), num(rq, "%.3f×"), ok)
+            goals.add("2 LoRA", "forward ≤ 1.05× base layer (%d, %d→%d, r %d; %d thread%s%s)"
+                      % (n, i, o, r, t, "" if t == 1 else "s", "" if pr is None else "; paired calls"),
+                      num(measured, "%.3f×"), ok)
             out.append("| %d, %d → %d, %d | %s (%s GFLOP/s) | %s | %s | %s | %s | %s |"
-                       % (n, i, o, r, us(base), num(gf, "%.0f"), us(fwd), num(rq, "**%.3f**"), verdict(ok), us(fb),
-                          num(ratio(fb, base))))
+                       % (n, i, o, r, us(base), num(gf, "%.0f"), us(fwd), num(rq, "**%.3f**"),
+                          verdict(ok) if pr is None else "paired, below", us(fb), num(ratio(fb, base))))
+            if pr is not None:
+                paired_rows.append("| %d, %d → %d, %d | %s | %s | **%.3f** | %s |"
+                                   % (n, i, o, r, us(get(run, paired, "base_us")), us(get(run, paired, "lora_us")),
+                                      pr, verdict(ok)))
+        if paired_rows:
+            out += ["", "The same forwards timed call by call, alternating (`lora_forward_paired`, wall clock, medians "
+                    "of 25 calls each per repetition):", "",
+                    "| shape (batch, in → out, r) | base forward | LoRA forward | ratio | goal ≤ 1.05 |",
+                    "|---|---:|---:|---:|---|"] + paired_rows
         out.append("")
     return "\n".join(out) or "_No bench_lora results in this run._"
 
