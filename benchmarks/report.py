@@ -536,9 +536,28 @@ def flora_section(runs, goals):
                                           s[0], s[1], s[2], s[2]) for s, _ in FLORA_CONV)), "",
            "| weight, ranks | operation | FLoRA | GB/s | GFLOP/s | Tucker chain | LoRA (rank) | goal | reached |",
            "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    paired_rows = []
     for s, kind in FLORA_CONV:
         args = "O:%d/I:%d/k:%d/r:%d/rk:%d" % s
         copy_t = get(run, "copy_weight/" + args)
+        # A weight measured against the copy takes its goals from the paired benchmark (the copy and both
+        # operations call by call, wall clock) when it ran; the separately timed shares stay in the table.
+        paired = "weight_space_paired/%s/iterations:101" % args
+        shares = {"delta_weight": get(run, paired, "dw_of_copy"), "delta_weight_vjp": get(run, paired, "vjp_of_copy"),
+                  "together": get(run, paired, "together_of_copy")} if kind == "memory" else {}
+        is_paired = any(v is not None for v in shares.values())
+        names = "%d×%d×%d×%d" % (s[0], s[1], s[2], s[2])
+
+        def add_goal(op, goal, frac, ok):
+            what = "`delta_weight` + `delta_weight_vjp`" if op == "together" else "`%s`" % op
+            if is_paired:
+                share = shares[op]
+                goals.add("4 FLoRA", "%s %s: %s; paired calls" % (what, names, goal), pct(share),
+                          None if share is None else share >= 0.70)
+                return "%s; paired, below" % pct(frac)
+            goals.add("4 FLoRA", "%s %s: %s" % (what, names, goal), pct(frac), ok)
+            return "%s — %s" % (pct(frac), verdict(ok))
+
         times = {}
         for op in ["delta_weight", "delta_weight_vjp"]:
             name = "flora_%s/%s" % (op, args)
@@ -554,11 +573,11 @@ def flora_section(runs, goals):
             else:
                 frac, goal = ratio(gf, peak), "≥ 60 % of FMA peak"
                 ok = None if frac is None else frac >= 0.60
-            goals.add("4 FLoRA", "`%s` %d×%d×%d×%d: %s" % (op, s[0], s[1], s[2], s[2], goal), pct(frac), ok)
-            out.append("| %s | `%s` | %s | %s | %s | %s | %s | %s | %s — %s |"
-                       % ("%d×%d×%d×%d, %d,%d,%d,%d" % (s[0], s[1], s[2], s[2], s[3], s[3], s[4], s[4])
-                          if op == "delta_weight" else "", op, us(t), num(gb, "%.2f"), num(gf, "%.0f"), us(chain),
-                          "%s (r %s)" % (us(lora_t), num(lr, "%.0f")), goal, pct(frac), verdict(ok)))
+            reached = add_goal(op, goal, frac, ok)
+            out.append("| %s | `%s` | %s | %s | %s | %s | %s | %s | %s |"
+                       % ("%s, %d,%d,%d,%d" % (names, s[3], s[3], s[4], s[4]) if op == "delta_weight" else "", op,
+                          us(t), num(gb, "%.2f"), num(gf, "%.0f"), us(chain), "%s (r %s)" % (us(lora_t), num(lr, "%.0f")),
+                          goal, reached))
         if times["delta_weight"] and times["delta_weight_vjp"]:
             both = times["delta_weight"] + times["delta_weight_vjp"]
             if kind == "memory":
@@ -570,14 +589,25 @@ def flora_section(runs, goals):
                 frac = ratio(fl / both, peak)
                 ok = None if frac is None else frac >= 0.60
                 g = "≥ 60 % of FMA peak"
-            goals.add("4 FLoRA", "`delta_weight` + `delta_weight_vjp` %d×%d×%d×%d: %s" % (s[0], s[1], s[2], s[2], g),
-                      pct(frac), ok)
-            out.append("| | together | %s | | | | | %s | %s — %s |" % (us(both), g, pct(frac), verdict(ok)))
+            reached = add_goal("together", g, frac, ok)
+            out.append("| | together | %s | | | | | %s | %s |" % (us(both), g, reached))
+        if is_paired:
+            reached = {op: "%s — %s" % (pct(v), verdict(None if v is None else v >= 0.70)) for op, v in shares.items()}
+            paired_rows.append("| %s, %d,%d,%d,%d | %s | %s | %s | %s | %s | %s |"
+                               % (names, s[3], s[3], s[4], s[4], us(get(run, paired, "copy_us")),
+                                  us(get(run, paired, "dw_us")), reached["delta_weight"], us(get(run, paired, "vjp_us")),
+                                  reached["delta_weight_vjp"], reached["together"]))
     gl = get(run, "gemm_of_last_step/O:512/I:512/k:3/r:32/rk:3")
     if gl:
         gfl = rate(run, "gemm_of_last_step/O:512/I:512/k:3/r:32/rk:3", "GFLOP/s")
         out.append("| | GEMM `U0 · M` alone (512 × 4608 × 32) | %s | | %s (%s of peak) | | | | |"
                    % (us(gl), num(gfl, "%.0f"), pct(ratio(gfl, peak))))
+    if paired_rows:
+        out += ["", "The weight measured against the copy, timed call by call with it, alternating "
+                "(`weight_space_paired`, wall clock, medians of 101 calls each per repetition); shares of the copy "
+                "are the copy's time over the operation's (goal ≥ 70 %):", "",
+                "| weight, ranks | copy | `delta_weight` | share | `delta_weight_vjp` | share | together |",
+                "|---|---:|---:|---|---:|---|---|"] + paired_rows
     weight = "\n".join(out)
 
     args = "n:512/in:768/out:768/r:8"
