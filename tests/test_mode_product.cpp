@@ -142,10 +142,13 @@ TEMPLATE_TEST_CASE("mode products with full register tiles and several cache blo
   // trailing extent 9 is shorter than a register, large enough to be split over threads at J 8 and 13
   // (and over J 29 and 64 with J along the lanes where I ≥ 4 registers); trailing extents 2, 5 and 12 with
   // J along the lanes; with J 4 and 8, trailing extents of several column blocks of the streaming kernel
-  // (2 KB each, the last one partial) and contracted extents that its row blocking does not divide.
+  // (2 KB each, the last one partial) and contracted extents that its row blocking does not divide, and
+  // shorter trailing extents wider than two registers (64, 97, 200, 335), taken in strips of two
+  // registers with the last strip whole, partly in its second register, or only in its first.
   for (const ta::shape<3>& dims : {ta::shape<3>{3, 40, 64}, ta::shape<3>{5, 300, 9}, ta::shape<3>{2, 19, 97},
                                    ta::shape<3>{400, 3, 3}, ta::shape<3>{600, 40, 9}, ta::shape<3>{7, 70, 2},
-                                   ta::shape<3>{3, 67, 5}, ta::shape<3>{4, 131, 12}, ta::shape<3>{3, 41, 1100}}) {
+                                   ta::shape<3>{3, 67, 5}, ta::shape<3>{4, 131, 12}, ta::shape<3>{3, 41, 1100},
+                                   ta::shape<3>{4, 23, 200}}) {
     ta::tensor<TestType, 3> x(dims);
     ta::fill_normal(x, 0, 1, gen);
     for (int mode = 0; mode < 3; ++mode) {

@@ -14,7 +14,8 @@
 // row x_p[i, :] in registers (short_rows_product), also streaming x once; with a wider J, a trailing
 // extent of 2 to 12 runs slice by slice with J along the vector lanes (short_columns_product). A J ≤ 8
 // with a trailing extent of 2 KB or more (the first mode, mostly) streams x once too, building y in
-// tiles in L1 (stream_rows_product).
+// tiles in L1 (stream_rows_product); with a shorter one, wider than two registers, it runs as the
+// short rows do, each slice in strips of two registers' columns.
 //
 // Threads: built with OpenMP (-fopenmp), a large product is split over omp_get_max_threads()
 // threads; OMP_NUM_THREADS=1, omp_set_num_threads(1) or a build without OpenMP keeps it on one. A
@@ -81,9 +82,10 @@ void mode_product_kernel(const T* x, index p, index i, index q, const T* u, bool
     gemm_narrow<T, Isa>(p, jq, iq, alpha, x, iq, true, kron, iq, beta, y, jq);
     return;
   }
-  if (q < 2 * simd<T, Isa>::width && j <= 16) {
+  if ((q < 2 * simd<T, Isa>::width && j <= 16) || (j <= 8 && q < stream_rows_block<T> && simd<T, Isa>::width > 1)) {
     // A trailing extent of at most two registers (a conv kernel's 3×3 = 9 in mode 1) and a small J: slice
-    // by slice, one row of x in one or two registers, x read once in place (see short_rows_product).
+    // by slice, one row of x in one or two registers, x read once in place (see short_rows_product). So
+    // too, in strips of two registers, rows shorter than the streaming kernel's block with J ≤ 8.
     short_rows_product<T, Isa>(p, i, q, x, u, transposed ? 1 : ldu, transposed ? ldu : 1, j, alpha, beta, y);
     return;
   }
@@ -97,7 +99,7 @@ void mode_product_kernel(const T* x, index p, index i, index q, const T* u, bool
   if (j <= 8 && q >= stream_rows_block<T> && simd<T, Isa>::width > 1) {
     // A small J (memory-bound) with a trailing extent of at least one column block (2 KB): x streamed
     // once, y built in L1 tiles (see stream_rows_product). With shorter rows (256³'s middle mode, rows
-    // of 1 KB) the tile's stores alias the loads of x 4 KB apart, and the packed kernel is as fast.
+    // of 1 KB) the tile's stores alias the loads of x 4 KB apart; those take the strips above.
     stream_rows_product<T, Isa>(p, i, q, x, u, transposed ? 1 : ldu, transposed ? ldu : 1, j, alpha, beta, y);
     return;
   }

@@ -824,44 +824,59 @@ void gemm_narrow_transposed(index m, index n, index k, T alpha, const T* a, inde
   }
 }
 
-// A middle mode whose trailing extent q is at most two registers wide, with a small J: for each slice
-// s of the batch, y_s (J, q) = alpha · op(u) (J, I) · x_s (I, q) + beta · y_s. NV registers hold one
-// row x_s[r, 0:q] (the last only partly) and JB × NV accumulators the rows y_s[j, 0:q], each r adding
+// A middle mode with a small J whose trailing extent q is at most two registers wide: for each slice s
+// of the batch, y_s (J, q) = alpha · op(u) (J, I) · x_s (I, q) + beta · y_s. NV registers hold one row
+// x_s[r, 0:q] (the last only partly) and JB × NV accumulators the rows y_s[j, 0:q], each r adding
 // op(u)[j, r] · x_s[r, :]: x is read once and in place, y written once, and no tile is gathered or
 // scattered. op(u)[j, r] = u[j·us_j + r·us_r].
-template <class T, class Isa, int JB, int NV>
+//
+// With STRIPS, for wider rows (up to stream_rows_block, with J ≤ 8: 256³'s middle mode), each slice is
+// taken in strips of NV registers' columns, and as a strip passes row r it requests that row's lines of
+// the next strip (or of the next slice's first strip). Against the packed kernel, which copied x into
+// panels that only J ≤ 8 rows then read, the strips took 0.60–0.67× the time (256³ mode 1, J 2–8,
+// interleaved, one thread); without the requests 1.1–1.7× (each strip reads 128 bytes of each row,
+// rows 1 KB apart, and the hardware prefetcher does not follow from one strip to the next).
+template <class T, class Isa, int JB, int NV, bool STRIPS>
 void short_rows_block(index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j, index j0,
                       T alpha, T beta, T* y) {
   using S = simd<T, Isa>;
   using reg = typename S::reg;
   constexpr int W = S::width;
+  constexpr index SW = NV * W;  // columns per strip
   const reg va = S::broadcast(alpha), vb = S::broadcast(beta);
   const T* uj = u + j0 * us_j;
   for (index s = 0; s < p; ++s) {
     const T* xs = x + s * i * q;
     T* ys = y + (s * j + j0) * q;
-    reg acc[JB][NV];
+    for (index c0 = 0; c0 < (STRIPS ? q : 1); c0 += SW) {
+      const T* next = !STRIPS ? nullptr : c0 + SW < q ? xs + c0 + SW : s + 1 < p ? xs + i * q : nullptr;
+      index left[NV];  // columns of the strip in each register
+      for (int v = 0; v < NV; ++v) left[v] = std::max<index>(0, q - c0 - v * W);
+      reg acc[JB][NV];
 #pragma GCC unroll 16
-    for (int b = 0; b < JB; ++b)
+      for (int b = 0; b < JB; ++b)
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[b][v] = S::zero();
-    for (index r = 0; r < i; ++r) {
-      reg xr[NV];
+        for (int v = 0; v < NV; ++v) acc[b][v] = S::zero();
+      for (index r = 0; r < i; ++r) {
+        reg xr[NV];
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) xr[v] = S::load_first(xs + r * q + v * W, q - v * W);
+        for (int v = 0; v < NV; ++v) xr[v] = S::load_first(xs + r * q + c0 + v * W, left[v]);
+        if (next != nullptr) {
+#pragma GCC unroll 2
+          for (int v = 0; v < NV; ++v) __builtin_prefetch(next + r * q + v * W);
+        }
 #pragma GCC unroll 16
-      for (int b = 0; b < JB; ++b) {
-        const reg ub = S::broadcast(uj[b * us_j + r * us_r]);
+        for (int b = 0; b < JB; ++b) {
+          const reg ub = S::broadcast(uj[b * us_j + r * us_r]);
 #pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) acc[b][v] = S::fma(ub, xr[v], acc[b][v]);
+          for (int v = 0; v < NV; ++v) acc[b][v] = S::fma(ub, xr[v], acc[b][v]);
+        }
       }
+#pragma GCC unroll 16
+      for (int b = 0; b < JB; ++b)
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) store_scaled_first<S>(ys + b * q + c0 + v * W, left[v], acc[b][v], va, vb, beta);
     }
-#pragma GCC unroll 16
-    for (int b = 0; b < JB; ++b)
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) {
-        store_scaled_first<S>(ys + b * q + v * W, q - v * W, acc[b][v], va, vb, beta);
-      }
   }
 }
 
@@ -871,30 +886,34 @@ void short_rows_block(index p, index i, index q, const T* x, const T* u, index u
 template <class T, class Isa, int NV>
 constexpr int short_rows_jb = std::min(8, gemm_shape<T, Isa>::dot_acc / NV);
 
-template <class T, class Isa, int NV, int B = short_rows_jb<T, Isa, NV>>
+template <class T, class Isa, int NV, bool STRIPS, int B = short_rows_jb<T, Isa, NV>>
 void short_rows_rows(int jb, index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j,
                      index j0, T alpha, T beta, T* y) {
   if constexpr (B >= 1) {
-    if (jb == B) return short_rows_block<T, Isa, B, NV>(p, i, q, x, u, us_j, us_r, j, j0, alpha, beta, y);
-    short_rows_rows<T, Isa, NV, B - 1>(jb, p, i, q, x, u, us_j, us_r, j, j0, alpha, beta, y);
+    if (jb == B) return short_rows_block<T, Isa, B, NV, STRIPS>(p, i, q, x, u, us_j, us_r, j, j0, alpha, beta, y);
+    short_rows_rows<T, Isa, NV, STRIPS, B - 1>(jb, p, i, q, x, u, us_j, us_r, j, j0, alpha, beta, y);
   }
 }
 
-template <class T, class Isa, int NV>
+template <class T, class Isa, int NV, bool STRIPS>
 void short_rows_blocks(index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j, T alpha,
                        T beta, T* y) {
   constexpr int JB = short_rows_jb<T, Isa, NV>;
   for (index j0 = 0; j0 < j; j0 += JB)
-    short_rows_rows<T, Isa, NV>(int(std::min<index>(JB, j - j0)), p, i, q, x, u, us_j, us_r, j, j0, alpha, beta, y);
+    short_rows_rows<T, Isa, NV, STRIPS>(int(std::min<index>(JB, j - j0)), p, i, q, x, u, us_j, us_r, j, j0, alpha,
+                                        beta, y);
 }
 
 template <class T, class Isa>
 void short_rows_serial(index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j, T alpha,
                        T beta, T* y) {
-  if (q <= simd<T, Isa>::width)
-    short_rows_blocks<T, Isa, 1>(p, i, q, x, u, us_j, us_r, j, alpha, beta, y);
+  constexpr index W = simd<T, Isa>::width;
+  if (q <= W)
+    short_rows_blocks<T, Isa, 1, false>(p, i, q, x, u, us_j, us_r, j, alpha, beta, y);
+  else if (q <= 2 * W)
+    short_rows_blocks<T, Isa, 2, false>(p, i, q, x, u, us_j, us_r, j, alpha, beta, y);
   else
-    short_rows_blocks<T, Isa, 2>(p, i, q, x, u, us_j, us_r, j, alpha, beta, y);
+    short_rows_blocks<T, Isa, 2, true>(p, i, q, x, u, us_j, us_r, j, alpha, beta, y);
 }
 
 // With OpenMP, the slices are split over the threads (sooner than a compute-bound product: memory-bound).
