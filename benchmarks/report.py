@@ -492,9 +492,11 @@ def gemm_section(runs, goals):
     run = runs.get(("bench_gemm", 0))
     if run is None:
         return "_No bench_gemm results in this run._"
-    out = [caption(run), "", "GFLOP/s; ratio = Eigen's time / ours (above 1: ours faster).", "",
-           "| type | product | ours, 1 thread | Eigen | ratio | ours, 2 threads | Eigen | ratio |",
-           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = [caption(run), "", "GFLOP/s; ratio = Eigen's time / ours (above 1: ours faster); paired: the same ratio "
+           "with the two products timed call by call, alternating (`gemm_paired`, wall clock, medians of 25 calls "
+           "each per repetition), which the goal reads when it ran.", "",
+           "| type | product | ours, 1 thread | Eigen | ratio | paired | ours, 2 threads | Eigen | ratio |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     items = []
     for typ in ["float", "double"]:
         for shape in ["512x768x768", "64x4096x4096"]:
@@ -507,15 +509,22 @@ def gemm_section(runs, goals):
                     r = ratio(eig, ours)
                     cells += [num(get(run, "gemm" + key, "GFLOP/s"), "%.1f"),
                               num(get(run, "eigen_product" + key, "GFLOP/s"), "%.1f"), num(r)]
+                    if t == 1:
+                        pr = get(run, "gemm_paired%s/iterations:25" % key, "ratio")
+                        cells.append(num(pr, "**%.3f**"))
+                        if pr is not None:
+                            r = pr
                     if typ == "float" and t == 1 and r is not None:
                         items.append(("%s·%s" % (shape, tr), r))
                 prod = "%s×%s · %s" % (m, k, ("%s×%s" % (k, n)) if tr == "NN" else "(%s×%s)ᵀ" % (n, k))
                 out.append("| %s | %s | %s |" % (typ, prod, " | ".join(cells)))
     if items:
         bad = [(l, v) for l, v in items if v < 1.0]
-        goals.add("3 mode product", "2-D products at least as fast as Eigen's matrix product (float, 1 thread)",
-                  "%.2f–%.2f×%s" % (min(v for _, v in items), max(v for _, v in items),
-                                    "; short: " + ", ".join("%s (%.2f)" % b for b in bad) if bad else ""), not bad)
+        paired = get(run, "gemm_paired<float>/512x768x768/NN/threads:1/iterations:25", "ratio") is not None
+        goals.add("3 mode product", "2-D products at least as fast as Eigen's matrix product (float, 1 thread%s)"
+                  % ("; paired calls" if paired else ""),
+                  "%.3f–%.3f×%s" % (min(v for _, v in items), max(v for _, v in items),
+                                    "; short: " + ", ".join("%s (%.3f)" % b for b in bad) if bad else ""), not bad)
     return "\n".join(out)
 
 
