@@ -13,6 +13,8 @@
 // and the machine's limits:
 //   fma_peak<T>/threads:{1,2}         independent FMAs on registers only (no memory)
 //   copy_bandwidth/threads:{1,2}      a 64 MB → 64 MB copy (bytes read + written)
+// and, for the compute-bound float cases (J and the contracted extent ≥ 64):
+//   mode_product_threads_paired<float>/…  one thread and two, call by call (two_over_one)
 // Counters: GFLOP/s (2·|y|·I_mode) and GB/s (|x| + |u| + |y| elements, each moved once).
 //
 //   build/<dir>/benchmarks/bench_mode_product --benchmark_min_time=0.1
@@ -27,6 +29,8 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include "paired_calls.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -169,6 +173,23 @@ void fma_peak(benchmark::State& state, int threads) {
   set_threads(1);
 }
 
+// One thread and two, call by call (paired_calls.hpp): timed apart, the two come from different
+// minutes, and the machine's clock drifts between them by as much as the goal's margin. Counters
+// one_thread_ms, two_threads_ms and two_over_one (one thread's time over two threads').
+template <class T, int N>
+void mode_product_threads_paired(benchmark::State& state, ta::shape<N> dims, int mode, ta::index j) {
+  problem<T, N> pr(dims, mode, j);
+  const auto [one, two] = paired_call_medians<2>(state, [&](std::size_t which) {
+    set_threads(which == 0 ? 1 : 2);
+    ta::mode_product<T, N>(ta::view(pr.x), pr.u, mode, ta::writable_view(pr.y));
+    benchmark::DoNotOptimize(pr.y.data());
+  });
+  set_threads(1);
+  state.counters["one_thread_ms"] = one * 1e3;
+  state.counters["two_threads_ms"] = two * 1e3;
+  state.counters["two_over_one"] = one / two;
+}
+
 // A large copy: the bandwidth a memory-bound product can hope for (bytes read + bytes written).
 void copy_bandwidth(benchmark::State& state, int threads) {
   const std::size_t n = std::size_t(16) << 20;  // 16 Mi floats = 64 MB each way
@@ -210,6 +231,12 @@ void register_case(const ta::shape<N>& dims, int mode, ta::index j) {
   style(benchmark::RegisterBenchmark(("eigen_gemm" + t + c).c_str(), eigen_gemm<T, N>, dims, mode, j));
   if (sizeof(T) == 4)
     style(benchmark::RegisterBenchmark(("scalar_kernel" + t + c).c_str(), scalar_kernel<T, N>, dims, mode, j));
+  if (sizeof(T) == 4 && j >= 64 && dims[std::size_t(mode)] >= 64)
+    benchmark::RegisterBenchmark(("mode_product_threads_paired" + t + c).c_str(), mode_product_threads_paired<T, N>,
+                                 dims, mode, j)
+        ->UseManualTime()
+        ->Iterations(15)
+        ->Unit(benchmark::kMillisecond);
 }
 
 template <class T>
