@@ -123,7 +123,7 @@ struct gemm_shape<T, avx512_isa> {
   // stream past it from L2; mc·kc (256 KB) and kc·nc (512 KB) stay in L2. With n = 768 (a linear
   // layer's width) the columns are then one block, not 512 and 256: A is packed once and each strip
   // of C written in one pass (float, one thread: 512×768·768×768 0.95× the time, plain or with B
-  // transposed; with k 8, 0.81–0.94×; the same product in double, whose B would take 1.5 MB, was
+  // transposed; with k 8, 0.81–1.02×; the same product in double, whose B would take 1.5 MB, was
   // 1.02–1.03× slower taken whole, so it stays in two).
   static constexpr index kc = 256, mc = 252, nc = 512, rest_bytes = 768 * 1024;
 };
