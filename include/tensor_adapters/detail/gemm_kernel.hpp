@@ -101,18 +101,19 @@ inline void store_scaled_first(T* y, index n, typename S::reg v, typename S::reg
 }
 
 // Register tile and cache blocking per instruction set and type.
-// rest_bytes: a last block of columns of up to 1.5·nc is taken whole, rather than as nc and a short
-// rest, where its packed B (kc × columns) fits in this many bytes (0: never).
+// b_bytes: with a short k, blocks of B are made wider than nc columns, up to this many bytes packed
+// (kc × columns), and a last block of up to 1.5 times the width is taken whole where its packed B
+// fits in 1.5·b_bytes, rather than as a block and a short rest (0: always nc columns).
 template <class T, class Isa>
 struct gemm_shape {
   static constexpr int mr = 4, nv = 4, dot_acc = 12;
-  static constexpr index kc = 256, mc = 64, nc = 1024, rest_bytes = 0;
+  static constexpr index kc = 256, mc = 64, nc = 1024, b_bytes = 0;
 };
 #ifdef TA_HAVE_AVX2
 template <class T>
 struct gemm_shape<T, avx2_isa> {
   static constexpr int mr = 6, nv = 2, dot_acc = 12;
-  static constexpr index kc = 256, mc = 120, nc = 1024, rest_bytes = 0;
+  static constexpr index kc = 256, mc = 120, nc = 1024, b_bytes = 0;
 };
 #endif
 #ifdef TA_HAVE_AVX512
@@ -121,11 +122,13 @@ struct gemm_shape<T, avx512_isa> {
   static constexpr int mr = 12, nv = 2, dot_acc = 24;
   // A strip's panel of A, kc·MR (12 KB float), stays in L1 while the kc·NR panels of B (32 KB each)
   // stream past it from L2; mc·kc (256 KB) and kc·nc (512 KB) stay in L2. With n = 768 (a linear
-  // layer's width) the columns are then one block, not 512 and 256: A is packed once and each strip
-  // of C written in one pass (float, one thread: 512×768·768×768 0.95× the time, plain or with B
-  // transposed; with k 8, 0.81–1.02×; the same product in double, whose B would take 1.5 MB, was
-  // 1.02–1.03× slower taken whole, so it stays in two).
-  static constexpr index kc = 256, mc = 252, nc = 512, rest_bytes = 768 * 1024;
+  // layer's width) the columns are one block, not 512 and 256: A is packed once and each strip of C
+  // written in one pass (float, one thread: 512×768·768×768 0.95× the time, plain or with B
+  // transposed; the same product in double, whose B would take 1.5 MB, was 1.02–1.03× slower taken
+  // whole, so it stays in two). With a short k the blocks widen to 512 KB of B, so that a product
+  // writing a large C (ΔW = B·A) writes each strip's rows in long runs: 4096×4096 with k 16
+  // 0.82–0.85× the time, 1024×4608 with k 64 0.94–0.95×, FLoRA's 512×4608 with k 32 0.93–1.0×.
+  static constexpr index kc = 256, mc = 252, nc = 512, b_bytes = 512 * 1024;
 };
 #endif
 
@@ -237,6 +240,7 @@ class scratch {
 template <class T, class Isa>
 struct gemm_buffers {
   scratch<T> a, b;
+  scratch<index> offsets;
   static gemm_buffers& local() {
     thread_local gemm_buffers buffers;
     return buffers;
@@ -405,27 +409,31 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
                  T beta, const grouped_matrix<T>& c, index r0, index c0, const gemm_hooks<T>& hooks) {
   using shape = gemm_shape<T, Isa>;
   constexpr int MR = shape::mr, NR = shape::nv * simd<T, Isa>::width;
-  constexpr index KC = shape::kc, MC = shape::mc, NC = (shape::nc / NR) * NR, NC_MAX = NC + NC / 2;
+  constexpr index KC = shape::kc, MC = shape::mc, NC = (shape::nc / NR) * NR;
   // With one or two panels of columns, each panel of A serves one or two micro-kernel calls: a row-major
   // A is then read in place (its MR rows side by side) rather than copied into panels first (with two,
   // the second call reads it from cache: a last mode with J 64 ran 12 % faster than packed).
   const bool a_in_place = a.cs == 1 && n <= 2 * NR;
   auto& buffers = gemm_buffers<T, Isa>::local();
   const index kc_max = std::min(k, KC);
-  // The columns' blocks: NC wide, and a rest of up to NC_MAX whole (see gemm_shape::rest_bytes).
+  // The columns' blocks: NC wide, or as many whole panels as b_bytes holds where that is more, and a
+  // rest of up to 1.5 blocks in one (see gemm_shape::b_bytes).
+  const index bytes_per_column = kc_max * index(sizeof(T));
+  const index width = std::max(NC, shape::b_bytes / bytes_per_column / NR * NR);
   const auto block_width = [&](index rest) {
-    const bool whole = rest <= NC_MAX && kc_max * rest * index(sizeof(T)) <= shape::rest_bytes;
-    return whole ? rest : std::min(NC, rest);
+    const bool whole = rest <= width + width / 2 && 2 * rest * bytes_per_column <= 3 * shape::b_bytes;
+    return whole ? rest : std::min(width, rest);
   };
   index widest = 0;
   for (index jc = 0, w = 0; jc < n; jc += w) widest = std::max(widest, w = block_width(n - jc));
   T* bpack = buffers.b.get(kc_max * ((widest + NR - 1) / NR) * NR);
+  index* block_off = buffers.offsets.get(widest);
   T* apack = buffers.a.get(kc_max * ((std::min(m, MC) + MR - 1) / MR) * MR);
   alignas(64) T tile[MR * NR];
   // Offsets of C's columns: for a C of one plain group, column c is at c; otherwise they are listed
   // for the current block of columns (grouped), without a division per column.
   const bool plain = c.cu == 1 && c0 + n <= c.group;
-  index block_off[NC_MAX], panel_off[NR];
+  index panel_off[NR];
   for (index jc = 0, nc = 0; jc < n; jc += nc) {
     nc = block_width(n - jc);
     if (!plain)
