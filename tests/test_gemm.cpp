@@ -141,7 +141,7 @@ TEMPLATE_TEST_CASE("products larger than one cache block match plain loops", "[g
   std::mt19937_64 gen(12);
   // k > KC, m > MC and n > NC of every instruction set, with ragged edges (n = 1100: on AVX-512 a
   // block of 512 columns and a rest of 588 taken whole in float); a rest of exactly 1.5·NC and one
-  // column more (768: one block in float; 769: 512 and 257), with k short and long; a short k with
+  // column more (768: one block in float; 769 with k 300: 512 and 257), k short and long; a short k with
   // many columns, where the blocks widen (k 64 on AVX-512: float 2048 columns, double 1024, then a rest
   // taken whole or not: 5000 and 5200 columns); then one or two column
   // panels (17 < n ≤ 2·NR), where a row-major A is read in place across several k and m blocks; then
@@ -152,7 +152,7 @@ TEMPLATE_TEST_CASE("products larger than one cache block match plain loops", "[g
                            problem{false, false, 263, 31, 530, 530, 31, 32}, problem{false, false, 203, 14, 530, 533, 15, 17},
                            problem{false, true, 77, 16, 600, 605, 603, 16}, problem{false, true, 150, 7, 300, 301, 301, 9},
                            problem{false, true, 61, 8, 513, 513, 513, 8}, problem{false, true, 37, 768, 300, 300, 300, 768},
-                           problem{false, false, 41, 769, 20, 20, 771, 770}, problem{true, false, 25, 768, 9, 25, 768, 768},
+                           problem{false, false, 41, 769, 300, 300, 771, 770}, problem{true, false, 25, 768, 9, 25, 768, 768},
                            problem{false, false, 30, 5200, 64, 64, 5203, 5201}, problem{false, true, 29, 5000, 64, 64, 67, 5000}}) {
     check_problem<TestType>(p, gen, false);
   }
