@@ -8,12 +8,13 @@
 // product of a (P, I, Q) tensor is one such product without any transposition:
 // Y (J, P·Q) = U (J, I) · X (I, P·Q), where column c = (p, q) of X sits at p·I·Q + q and row i at i·Q.
 //
-// Structure (BLIS): for each NC-wide block of columns and KC-deep slice of k, B is packed into
-// KC×NR micro-panels; for each MC-tall block of rows, A is packed into MR×KC micro-panels; then an
-// MR×NR register tile of C is computed per pair of micro-panels by the micro-kernel, the only place
-// that does arithmetic, one strip of MR rows at a time, left to right. A tile with fewer than MR rows
-// uses the micro-kernel for that many rows; a tile with fewer than NR columns, or whose columns are
-// not contiguous in C, goes through a small local tile and is added to C element by element.
+// Structure (BLIS): for each NC-wide block of columns (wider with a short k: gemm_shape::b_bytes) and
+// KC-deep slice of k, B is packed into KC×NR micro-panels; for each MC-tall block of rows, A is packed
+// into MR×KC micro-panels; then an MR×NR register tile of C is computed per pair of micro-panels by
+// the micro-kernel, the only place that does arithmetic, one strip of MR rows at a time, left to
+// right. A tile with fewer than MR rows uses the micro-kernel for that many rows; a tile with fewer
+// than NR columns, or whose columns are not contiguous in C, goes through a small local tile and is
+// added to C element by element.
 //
 // Instruction set: the micro-kernel is written once over simd<T, Isa> (simd.hpp) and instantiated
 // for scalar_isa (the reference, 4×4 tiles), avx2_isa (6×16 float / 6×8 double) and avx512_isa
