@@ -61,7 +61,7 @@ struct flora_weight_workspace {
   tucker_workspace<T> chain;              // intermediates of the Tucker chains
   std::array<tensor<T, N>, N> z;          // chain plan: z[n] = gW ×_{m≠n} U_mᵀ
   std::vector<T> kron, h, ys, ht, zt, c;  // channel plan: K, H, Ys, Ht, Zt, C
-  detail::scratch<T> m, y;                // channel plan: M or Mᵀ, Y or Yᵀ, rows on 64-byte boundaries
+  detail::scratch<T> m, y;                // channel plan: Mᵀ, Y or Yᵀ, rows on 64-byte boundaries
 };
 
 // The ranks (r0, …, r(N-1)): the extents of the core.
@@ -145,7 +145,7 @@ std::array<const_tensor_view<T, 2>, N> factor_views(const flora<T, N>& a) {
 //   channel  the kernel modes 2 … N-1 fold into one Kronecker factor K = U2 ⊗ … ⊗ U(N-1) (S, Rk),
 //            S = Π_{m≥2} I_m, Rk = Π_{m≥2} r_m (S = Rk = 1 for N = 2). With G seen as (r0, r1, Rk):
 //              H (r0, r1, S)  = G ×2 K                       one GEMM
-//              M (r0, I1, S)  = H ×1 U1                      one mode product
+//              M (r0, I1, S)  = H ×1 U1                      one GEMM, formed as Mᵀ (I1·S, r0)
 //              ΔW (I0, I1·S)  = scale · U0 · M               one GEMM: the weight is written once
 //            and the VJP, given gW seen as (I0, I1·S):
 //              grad.U0 = scale · gW · Mᵀ,   Y (r0, I1·S) = U0ᵀ · gW      (one pass over gW; thin_pair_product
@@ -248,12 +248,22 @@ void channel_prepare(const flora<T, N>& a, const channel_dims& d, flora_weight_w
   gemm<T>(false, true, d.r0 * d.r1, d.s, d.rk, T(1), a.G.data(), d.rk, k, d.rk, T(0), ws.h.data(), d.s);
 }
 
-// M (r0, I1, S) = H ×1 U1, in ws.m.
+// Mᵀ (I1·S, r0), Mᵀ[(i, s), a] = M[a, i, s] with M (r0, I1, S) = H ×1 U1, as one GEMM into ws.m:
+// seen as (I1, S·r0) it is U1 · Htᵀ, where Ht (S·r0, r1), Ht[(s, a), b] = H[a, b, s], is left in
+// ws.ht (the VJP reads it again). As a mode product of H (a middle mode with a trailing extent of 9)
+// M took 1.5× as long for the 512×512×3×3 weight, and the products read Mᵀ as fast as M.
 template <class T, int N>
-const T* channel_m(const flora<T, N>& a, const channel_dims& d, flora_weight_workspace<T, N>& ws) {
-  T* m = ws.m.get(d.r0 * d.i1 * d.s);
-  mode_product_kernel<T>(ws.h.data(), d.r0, d.r1, d.s, a.U[1].data(), false, d.i1, T(1), T(0), m);
-  return m;
+const T* channel_mt(const flora<T, N>& a, const channel_dims& d, flora_weight_workspace<T, N>& ws) {
+  const index rs = d.r0 * d.s;
+  grow_buffer(ws.ht, rs * d.r1);
+  T* ht = ws.ht.data();
+  const T* h = ws.h.data();
+  for (index e = 0; e < d.s; ++e)
+    for (index r = 0; r < d.r0; ++r)
+      for (index b = 0; b < d.r1; ++b) ht[(e * d.r0 + r) * d.r1 + b] = h[(r * d.r1 + b) * d.s + e];
+  T* mt = ws.m.get(d.i1 * rs);
+  gemm<T>(false, true, d.i1, rs, d.r1, T(1), a.U[1].data(), d.r1, ht, d.r1, T(0), mt, rs);
+  return mt;
 }
 
 // w ← alpha · G ×0 U0 … ×(N-1) U(N-1) + beta · w, by the cheaper plan.
@@ -266,9 +276,9 @@ void expand(const flora<T, N>& a, T alpha, T beta, tensor_view<T, N> w, flora_we
   }
   const channel_dims d = channel_plan_dims(a);
   channel_prepare(a, d, ws);
-  const T* m = channel_m(a, d, ws);
+  const T* mt = channel_mt(a, d, ws);
   const index cols = d.i1 * d.s;
-  gemm<T>(false, false, d.o, cols, d.r0, alpha, a.U[0].data(), d.r0, m, cols, beta, w.data(), cols);
+  gemm<T>(false, true, d.o, cols, d.r0, alpha, a.U[0].data(), d.r0, mt, d.r0, beta, w.data(), cols);
 }
 
 // The channel plan of delta_weight_vjp (grad already has the adapter's shapes). Y is kept as
@@ -281,28 +291,22 @@ template <class T, int N>
 void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_weight_workspace<T, N>& ws) {
   const channel_dims d = channel_plan_dims(a);
   channel_prepare(a, d, ws);
+  const T* mt = channel_mt(a, d, ws);
   const index cols = d.i1 * d.s, p = d.r0 * d.r1, rs = d.r0 * d.s;
-  grow_buffer(ws.ht, p * d.s);
   grow_buffer(ws.zt, p * d.s);
   grow_buffer(ws.c, std::max({d.s * d.rk, d.r0 * d.o, p * d.s}));
   const T* u0 = a.U[0].data();
   const T* u1 = a.U[1].data();
-  const T* h = ws.h.data();
   T* y = ws.y.get(d.r0 * cols);
-  T* ht = ws.ht.data();
+  const T* ht = ws.ht.data();
   T* zt = ws.zt.data();
   T* c = ws.c.data();
-  for (index e = 0; e < d.s; ++e)
-    for (index r = 0; r < d.r0; ++r)
-      for (index b = 0; b < d.r1; ++b) ht[(e * d.r0 + r) * d.r1 + b] = h[(r * d.r1 + b) * d.s + e];
   // grad.U0 (O, r0) = scale · gW · Mᵀ and Y = U0ᵀ · gW, the two products that read all of gW.
   const T* ys = y;
   if (thin_pair_fits<T>(d.r0)) {
-    // r0 of one or two registers: both in one pass over gW (thin_pair_product), from Mᵀ (I1·S, r0) =
-    // U1 · Htᵀ and into Yᵀ = Ys. The GEMMs below took 1.4–1.6× the time for the 256×256×3×3 weight
-    // (ranks 16,16,2,2) and 1.3× for 512×512×3×3 (32,32,3,3; float, one thread).
-    T* mt = ws.m.get(cols * d.r0);
-    gemm<T>(false, true, d.i1, rs, d.r1, T(1), u1, d.r1, ht, d.r1, T(0), mt, rs);
+    // r0 of one or two registers: both in one pass over gW (thin_pair_product), into Yᵀ = Ys. The
+    // GEMMs below took 1.4–1.6× the time for the 256×256×3×3 weight (ranks 16,16,2,2) and 1.3× for
+    // 512×512×3×3 (32,32,3,3; float, one thread).
     thin_pair_product<T>(d.o, cols, d.r0, a.scale, gw, cols, u0, mt, T(0), grad.U[0].data(), y);
   } else {
     // In one pass over gW as well: a block of 256 columns at a time, which the second product then
@@ -311,17 +315,16 @@ void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_wei
     // over them. grad.U0 is gW · Mᵀ while r0 fits one column panel of the kernel, which then reads gW
     // in place (1.5× faster than the transposed form at r0 = 32, float, AVX-512); beyond it, its
     // transpose (r0, O) = scale · M · gWᵀ, since the direct form would copy gW into panels.
-    const T* m = channel_m(a, d, ws);
     grow_buffer(ws.ys, d.r0 * cols);
     const index block = gemm_threads(d.o, cols, d.r0) > 1 ? cols : 256;
     for (index c0 = 0; c0 < cols; c0 += block) {
       const index n = std::min(block, cols - c0);
       const T beta = c0 == 0 ? T(0) : T(1);
       if (d.r0 <= gemm_panel_width<T>)
-        gemm<T>(false, true, d.o, d.r0, n, a.scale, gw + c0, cols, m + c0, cols, beta, grad.U[0].data(),
-                d.r0);
+        gemm<T>(false, false, d.o, d.r0, n, a.scale, gw + c0, cols, mt + c0 * d.r0, d.r0, beta,
+                grad.U[0].data(), d.r0);
       else
-        gemm<T>(false, true, d.r0, d.o, n, a.scale, m + c0, cols, gw + c0, cols, beta, c, d.o);
+        gemm<T>(true, true, d.r0, d.o, n, a.scale, mt + c0 * d.r0, d.r0, gw + c0, cols, beta, c, d.o);
       gemm<T>(true, false, d.r0, n, d.o, T(1), u0, d.r0, gw + c0, cols, T(0), y + c0, cols);
       transpose_into(y + c0, d.r0, n, ws.ys.data() + c0 * d.r0, cols, d.r0);  // Ys, while in cache
     }
