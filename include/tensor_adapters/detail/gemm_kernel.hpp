@@ -428,12 +428,12 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
   index widest = 0;
   for (index jc = 0, w = 0; jc < n; jc += w) widest = std::max(widest, w = block_width(n - jc));
   T* bpack = buffers.b.get(kc_max * ((widest + NR - 1) / NR) * NR);
-  index* block_off = buffers.offsets.get(widest);
   T* apack = buffers.a.get(kc_max * ((std::min(m, MC) + MR - 1) / MR) * MR);
   alignas(64) T tile[MR * NR];
   // Offsets of C's columns: for a C of one plain group, column c is at c; otherwise they are listed
   // for the current block of columns (grouped), without a division per column.
   const bool plain = c.cu == 1 && c0 + n <= c.group;
+  index* block_off = plain ? nullptr : buffers.offsets.get(widest);
   index panel_off[NR];
   for (index jc = 0, nc = 0; jc < n; jc += nc) {
     nc = block_width(n - jc);
