@@ -117,12 +117,12 @@ void check_thin(ta::index m, ta::index n, ta::index ldx, ta::index r, std::uint6
 }  // namespace
 
 TEMPLATE_TEST_CASE("the thin pair product matches plain loops and the scalar kernel", "[thin_pair]", float, double) {
-  // Rows of one and two registers; rows of X around the register tile (4 on AVX-512, 2 on AVX2), columns
-  // around its 8, 4, 2 or 1 and around the blocks of 256 or 128 columns, rows of X longer than n.
+  // Rows of one and two registers; rows of X around the register tile's (8 or 5 on AVX-512, 2 on AVX2),
+  // columns around its 6, 4, 2 or 1 and around the blocks of 256 or 128 columns, rows of X longer than n.
   std::uint64_t seed = 1;
   for (ta::index r : widths<TestType>)
-    for (ta::index m : {1, 2, 3, 4, 5, 9, 64, 257})
-      for (ta::index n : {1, 3, 7, 8, 9, 127, 128, 129, 255, 256, 257, 600})
+    for (ta::index m : {1, 2, 3, 4, 5, 7, 8, 9, 11, 17, 64, 257})
+      for (ta::index n : {1, 3, 5, 6, 7, 8, 9, 13, 127, 128, 129, 255, 256, 257, 600})
         check_thin<TestType>(m, n, n + (m % 3) * 5, r, seed++);
 }
 

@@ -120,13 +120,17 @@ void thin_pair_columns(index m, index c0, index c1, T alpha, const T* x, index l
                        T* l, T* rt) {
   constexpr int W = simd<T, Isa>::width;
   constexpr index r = NV * W;
-  // Registers: NV · ((Split + 1) · RT + 2 · CT) + 1 of the 32 (AVX-512) or 16 (AVX2). With one
-  // register per row, CT = 2·RT, and L's rows take two accumulators (even and odd columns): with one,
-  // their CT FMAs per tile formed a dependent chain as long as the tile's FMA time (1.06–1.19× the
-  // time). With two, CT is smaller, so that the rows of Rt loaded and stored per tile stay few against
-  // its FMAs (RT 2, CT 4 with split accumulators ran at 127 GFLOP/s in cache, 0.7× one register's).
+  // Registers: NV · ((Split + 1) · RT + 2 · CT) + 1 of the 32 (AVX-512) or 16 (AVX2). Each tile loads
+  // and stores its CT rows of Rt, so the more rows of X a tile takes, the fewer of those per FMA: on
+  // AVX-512, 8 rows × 6 columns with rows of one register, 5 × 2 with two (29 registers each), against
+  // 4 × 8 and 4 × 2 before: 0.91–0.93× the time for 256 × 2304 at r = 16, 0.93–0.95× for 512 × 4608
+  // at r = 32 (one thread, X from memory). L's rows keep one accumulator each (Split 1): their chain of
+  // CT FMAs per tile is at most half the tile's FMA time. With 4 rows × 8 columns that chain was as long
+  // as the tile's FMAs (1.06–1.19× the time), hence two accumulators (even and odd columns), as AVX2's
+  // 2 × 4 still has; AVX2's rows of two registers take 2 × 1.
   constexpr bool wide = W * sizeof(T) >= 64;
-  constexpr int RT = wide ? 4 : 2, CT = NV == 1 ? 2 * RT : (wide ? 2 : 1), Split = NV == 1 ? 2 : 1;
+  constexpr int RT = wide ? (NV == 1 ? 8 : 5) : 2, CT = wide ? (NV == 1 ? 6 : 2) : (NV == 1 ? 4 : 1);
+  constexpr int Split = !wide && NV == 1 ? 2 : 1;
   constexpr index block = 256 / NV;
   for (index b0 = c0; b0 < c1; b0 += block) {
     const index b1 = std::min(c1, b0 + block);
