@@ -278,12 +278,15 @@ TEMPLATE_TEST_CASE("FLoRA's chain and channel plans agree", "[flora]", float, do
   check_plans_agree<TestType, 3>({8, 6, 5}, {2, 6, 3}, 44);
   check_plans_agree<TestType, 4>({12, 8, 3, 3}, {4, 2, 2, 3}, 45);
   check_plans_agree<TestType, 4>({16, 4, 1, 1}, {3, 2, 1, 1}, 46);  // a 1x1 conv
-  check_plans_agree<TestType, 4>({40, 6, 3, 3}, {20, 3, 2, 2}, 146);  // r0 > 16: grad.U0 formed transposed
-  // gW of more than one block of 256 columns (I1·S = 360 and 270), read once by grad.U0 and Y together,
-  // with grad.U0 direct and (r0 = 40 > 32) transposed; then products large enough to be split over
-  // threads, which run whole (with OpenMP and more than one thread; block by block otherwise).
+  check_plans_agree<TestType, 4>({40, 6, 3, 3}, {20, 3, 2, 2}, 146);
+  // gW of more than one block of 256 columns (I1·S = 360 and 270), read once by grad.U0 and Y together;
+  // then products large enough to be split over threads, which run whole (with OpenMP and more than one
+  // thread; block by block otherwise).
   check_plans_agree<TestType, 4>({24, 40, 3, 3}, {5, 4, 2, 2}, 147);
   check_plans_agree<TestType, 4>({48, 30, 3, 3}, {40, 6, 2, 3}, 148);
+  // r0 beyond 16 column panels of the kernel: grad.U0 formed transposed.
+  constexpr ta::index panels16 = 16 * ta::detail::gemm_panel_width<TestType>;
+  check_plans_agree<TestType, 4>({panels16 + 4, 30, 3, 1}, {panels16 + 3, 2, 1, 1}, 156);
   check_plans_agree<TestType, 4>({128, 256, 3, 3}, {32, 2, 1, 1}, 149);
   // r0 = the register width (16 floats or 8 doubles on AVX-512): grad.U0 and Y in one pass over gW
   // (thin_pair_product), for a conv weight of several blocks of columns, a linear weight, and a product

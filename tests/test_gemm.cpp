@@ -143,8 +143,9 @@ TEMPLATE_TEST_CASE("products larger than one cache block match plain loops", "[g
   // block of 512 columns and a rest of 588 taken whole in float); a rest of exactly 1.5·NC and one
   // column more (768: one block in float; 769 with k 300: 512 and 257), k short and long; a short k with
   // many columns, where the blocks widen (k 64 on AVX-512: float 2048 columns, double 1024, then a rest
-  // taken whole or not: 5000 and 5200 columns); then one or two column
-  // panels (17 < n ≤ 2·NR), where a row-major A is read in place across several k and m blocks; then
+  // taken whole or not: 5000 and 5200 columns); then up to 16 column panels (17 < n ≤ 16·NR: 250
+  // columns on AVX-512 and in float on AVX2, 300 in float on AVX-512), where a row-major A is read in
+  // place across several k and m blocks, and 513 columns, where it is packed; then
   // narrow products of one register per row of C (n ≤ width, more than three quarters of it: 13–16
   // floats or 7–8 doubles on AVX-512) over several k blocks, B plain, transposed and misaligned.
   for (const problem& p : {problem{false, false, 261, 45, 517, 517, 45, 45}, problem{true, true, 29, 1100, 263, 29, 263, 1100},
@@ -153,7 +154,9 @@ TEMPLATE_TEST_CASE("products larger than one cache block match plain loops", "[g
                            problem{false, true, 77, 16, 600, 605, 603, 16}, problem{false, true, 150, 7, 300, 301, 301, 9},
                            problem{false, true, 61, 8, 513, 513, 513, 8}, problem{false, true, 37, 768, 300, 300, 300, 768},
                            problem{false, false, 41, 769, 300, 300, 771, 770}, problem{true, false, 25, 768, 9, 25, 768, 768},
-                           problem{false, false, 30, 5200, 64, 64, 5203, 5201}, problem{false, true, 29, 5000, 64, 64, 67, 5000}}) {
+                           problem{false, false, 30, 5200, 64, 64, 5203, 5201}, problem{false, true, 29, 5000, 64, 64, 67, 5000},
+                           problem{false, false, 270, 250, 530, 530, 250, 251}, problem{false, true, 130, 300, 270, 271, 270, 301},
+                           problem{false, false, 100, 513, 300, 300, 513, 513}}) {
     check_problem<TestType>(p, gen, false);
   }
 }

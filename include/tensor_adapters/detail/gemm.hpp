@@ -19,8 +19,8 @@
 
 namespace tensor_adapters::detail {
 
-// The width of the kernel's column panels: a product with at most twice this many columns (n) reads a
-// row-major A in place instead of copying it into panels; with at most this many, A is read once.
+// The width of the kernel's column panels: a product with at most 16 times this many columns (n) reads
+// a row-major A in place instead of copying it into panels; with at most this many, A is read once.
 template <class T>
 constexpr index gemm_panel_width = gemm_shape<T, native_isa>::nv * simd<T, native_isa>::width;
 

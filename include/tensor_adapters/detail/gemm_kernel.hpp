@@ -413,10 +413,13 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
   using shape = gemm_shape<T, Isa>;
   constexpr int MR = shape::mr, NR = shape::nv * simd<T, Isa>::width;
   constexpr index KC = shape::kc, MC = shape::mc, NC = (shape::nc / NR) * NR;
-  // With one or two panels of columns, each panel of A serves one or two micro-kernel calls: a row-major
-  // A is then read in place (its MR rows side by side) rather than copied into panels first (with two,
-  // the second call reads it from cache: a last mode with J 64 ran 12 % faster than packed).
-  const bool a_in_place = a.cs == 1 && n <= 2 * NR;
+  // With up to 16 panels of columns, a row-major A is read in place (its MR rows side by side, the
+  // strip's first call bringing them into L1 for the others) rather than copied into panels first: a
+  // last mode with J 64 ran 12 % faster than packed; with J 128 and 256 (4 and 8 panels) 0.83–0.87×
+  // and 0.89–0.92× the time, 4096×96·96×96 0.77–0.78×, float products of 384 and 512 columns
+  // 0.97–1.01× (one thread, AVX-512; on AVX2 0.81–0.99×). Beyond that the products were mixed (n 768:
+  // 0.91–1.045×), and packing A once per block of columns is paid back over more panels.
+  const bool a_in_place = a.cs == 1 && n <= 16 * NR;
   auto& buffers = gemm_buffers<T, Isa>::local();
   const index kc_max = std::min(k, KC);
   // The columns' blocks: NC wide, or as many whole panels as b_bytes holds where that is more, and a
