@@ -34,7 +34,7 @@
 //   hooks given (gemm_hooks)            packed, whatever the shape
 //   otherwise                           packed: B row runs copied into panels (transposed B in 8×8
 //                                       or 4×4 register blocks), A into MR panels, micro-kernel;
-//                                       with n ≤ 2·NR (one or two column panels) a row-major A is
+//                                       with n ≤ 16·NR (up to 16 column panels) a row-major A is
 //                                       read in place by the micro-kernel instead of packed
 //
 // Memory: the packing buffers are thread_local, allocated on first use and grown when a larger
