@@ -145,7 +145,9 @@ TEMPLATE_TEST_CASE("products larger than one cache block match plain loops", "[g
   // many columns, where the blocks widen (k 64 on AVX-512: float 2048 columns, double 1024, then a rest
   // taken whole or not: 5000 and 5200 columns); then up to 16 column panels (17 < n ≤ 16·NR: 250
   // columns on AVX-512 and in float on AVX2, 300 in float on AVX-512), where a row-major A is read in
-  // place across several k and m blocks, and 513 columns, where it is packed; then
+  // place across several k and m blocks, and 513 columns, where it is packed; A packed once for all
+  // the blocks of columns (AVX-512: panels of at most 512 KB) across two blocks of m and of k (float)
+  // or of m (double); then
   // narrow products of one register per row of C (n ≤ width, more than three quarters of it: 13–16
   // floats or 7–8 doubles on AVX-512) over several k blocks, B plain, transposed and misaligned.
   for (const problem& p : {problem{false, false, 261, 45, 517, 517, 45, 45}, problem{true, true, 29, 1100, 263, 29, 263, 1100},
@@ -156,7 +158,8 @@ TEMPLATE_TEST_CASE("products larger than one cache block match plain loops", "[g
                            problem{false, false, 41, 769, 300, 300, 771, 770}, problem{true, false, 25, 768, 9, 25, 768, 768},
                            problem{false, false, 30, 5200, 64, 64, 5203, 5201}, problem{false, true, 29, 5000, 64, 64, 67, 5000},
                            problem{false, false, 270, 250, 530, 530, 250, 251}, problem{false, true, 130, 300, 270, 271, 270, 301},
-                           problem{false, false, 100, 513, 300, 300, 513, 513}}) {
+                           problem{false, false, 100, 513, 300, 300, 513, 513}, problem{false, false, 261, 1100, 300, 300, 1100, 1100},
+                           problem{false, true, 253, 1100, 200, 203, 200, 1100}}) {
     check_problem<TestType>(p, gen, false);
   }
 }

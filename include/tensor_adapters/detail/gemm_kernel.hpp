@@ -105,16 +105,19 @@ inline void store_scaled_first(T* y, index n, typename S::reg v, typename S::reg
 // b_bytes: with a short k, blocks of B are made wider than nc columns, up to this many bytes packed
 // (kc × columns), and a last block of up to 1.5 times the width is taken whole where its packed B
 // fits in 1.5·b_bytes, rather than as a block and a short rest (0: always nc columns).
+// a_bytes: an A whose panels take at most this many bytes (all of k) is packed once for all the blocks
+// of columns rather than once per block (0: always per block).
 template <class T, class Isa>
 struct gemm_shape {
   static constexpr int mr = 4, nv = 4, dot_acc = 12;
-  static constexpr index kc = 256, mc = 64, nc = 1024, b_bytes = 0;
+  static constexpr index kc = 256, mc = 64, nc = 1024, b_bytes = 0, a_bytes = 0;
 };
 #ifdef TA_HAVE_AVX2
 template <class T>
 struct gemm_shape<T, avx2_isa> {
   static constexpr int mr = 6, nv = 2, dot_acc = 12;
-  static constexpr index kc = 256, mc = 120, nc = 1024, b_bytes = 0;
+  // (A packed once for all blocks of columns, as AVX-512 does, ran 0.99–1.05× the time: a_bytes = 0.)
+  static constexpr index kc = 256, mc = 120, nc = 1024, b_bytes = 0, a_bytes = 0;
 };
 #endif
 #ifdef TA_HAVE_AVX512
@@ -129,7 +132,7 @@ struct gemm_shape<T, avx512_isa> {
   // whole, so it stays in two). With a short k the blocks widen to 512 KB of B, so that a product
   // writing a large C (ΔW = B·A) writes each strip's rows in long runs: 4096×4096 with k 16
   // 0.82–0.85× the time, 1024×4608 with k 64 0.94–0.95×, FLoRA's 512×4608 with k 32 0.93–1.0×.
-  static constexpr index kc = 256, mc = 252, nc = 512, b_bytes = 512 * 1024;
+  static constexpr index kc = 256, mc = 252, nc = 512, b_bytes = 512 * 1024, a_bytes = 512 * 1024;
 };
 #endif
 
@@ -433,7 +436,18 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
   index widest = 0;
   for (index jc = 0, w = 0; jc < n; jc += w) widest = std::max(widest, w = block_width(n - jc));
   T* bpack = buffers.b.get(kc_max * ((widest + NR - 1) / NR) * NR);
-  T* apack = buffers.a.get(kc_max * ((std::min(m, MC) + MR - 1) / MR) * MR);
+  // A is packed once for all the blocks of columns where all of it, in panels, takes at most a_bytes (it
+  // then stays in L2 beside a block of B; 256³ mode 0 with J 64 and 256 took 0.95–0.97× the time,
+  // 512×512×3×3 mode 0 with J 32 and 64 0.93–0.945×, one thread); otherwise once per block of columns.
+  const index m_panels = (m + MR - 1) / MR * MR;
+  const bool a_once = !a_in_place && n > width && m_panels * k * index(sizeof(T)) <= shape::a_bytes;
+  T* apack = buffers.a.get(a_once ? m_panels * k : kc_max * ((std::min(m, MC) + MR - 1) / MR * MR));
+  if (a_once)
+    for (index pc = 0; pc < k; pc += KC)
+      for (index ic = 0; ic < m; ic += MC)
+        pack_a<T, Isa, MR>(std::min(MC, m - ic), std::min(KC, k - pc),
+                           strided_matrix<T>{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs},
+                           apack + pc * m_panels + ic * std::min(KC, k - pc));
   alignas(64) T tile[MR * NR];
   // Offsets of C's columns: for a C of one plain group, column c is at c; otherwise they are listed
   // for the current block of columns (grouped), without a division per column.
@@ -456,15 +470,16 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
       const bool finish = hooks.finish_c != nullptr && pc + kc == k;
       for (index ic = 0; ic < m; ic += MC) {
         const index mc = std::min(MC, m - ic);
-        if (!a_in_place)
+        if (!a_in_place && !a_once)
           pack_a<T, Isa, MR>(mc, kc, strided_matrix<T>{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs}, apack);
+        const T* apack_ic = a_once ? apack + pc * m_panels + ic * kc : apack;
         // A strip of MR rows of C at a time, left to right: its panel of A stays in L1 while the panels
         // of B stream from L2, and C is written along its rows, which the hardware prefetcher follows
         // (tile by tile down a column of panels, products with k 16 to 64 that write a large C, such
         // as FLoRA's ΔW, took 1.4–1.7× the time).
         for (index ir = 0; ir < mc; ir += MR) {
           const index mr = std::min<index>(MR, mc - ir);
-          const T* ap = a_in_place ? a.data + (ic + ir) * a.rs + pc : apack + ir * kc;
+          const T* ap = a_in_place ? a.data + (ic + ir) * a.rs + pc : apack_ic + ir * kc;
           const index lda = a_in_place ? a.rs : 0;
           // In place, the first panel's call requests the next strip's rows of A as it goes (next_a).
           const T* next_strip = a_in_place && ic + ir + 2 * MR <= m ? ap + MR * a.rs : nullptr;
