@@ -284,9 +284,9 @@ TEMPLATE_TEST_CASE("FLoRA's chain and channel plans agree", "[flora]", float, do
   // thread; block by block otherwise).
   check_plans_agree<TestType, 4>({24, 40, 3, 3}, {5, 4, 2, 2}, 147);
   check_plans_agree<TestType, 4>({48, 30, 3, 3}, {40, 6, 2, 3}, 148);
-  // r0 beyond 16 column panels of the kernel: grad.U0 formed transposed.
-  constexpr ta::index panels16 = 16 * ta::detail::gemm_panel_width<TestType>;
-  check_plans_agree<TestType, 4>({panels16 + 4, 30, 3, 1}, {panels16 + 3, 2, 1, 1}, 156);
+  // r0 beyond the columns for which the kernel reads A in place: grad.U0 formed transposed.
+  constexpr ta::index in_place = ta::detail::gemm_in_place_columns<TestType>;
+  check_plans_agree<TestType, 4>({in_place + 4, 30, 3, 1}, {in_place + 3, 2, 1, 1}, 156);
   check_plans_agree<TestType, 4>({128, 256, 3, 3}, {32, 2, 1, 1}, 149);
   // r0 = the register width (16 floats or 8 doubles on AVX-512): grad.U0 and Y in one pass over gW
   // (thin_pair_product), for a conv weight of several blocks of columns, a linear weight, and a product

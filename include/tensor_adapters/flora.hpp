@@ -312,7 +312,7 @@ void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_wei
     // In one pass over gW as well: a block of 256 columns at a time, which the second product then
     // reads from L2 (0.86× the time of the two whole products for the 256×256×3×3 weight, 0.92× for
     // 512×512×3×3; float, one thread). A product large enough for several threads runs whole, split
-    // over them. grad.U0 is gW · Mᵀ while r0 fits 16 column panels of the kernel, which then reads gW
+    // over them. grad.U0 is gW · Mᵀ while r0 ≤ gemm_in_place_columns, where the kernel reads gW
     // in place (1.5× faster than the transposed form at r0 = 32, float, AVX-512; the whole VJP
     // 0.87–0.94× the time at r0 = 64, 0.95–0.99× at 48); beyond, its transpose (r0, O) = scale · M · gWᵀ,
     // since the direct form would copy gW into panels.
@@ -321,7 +321,7 @@ void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_wei
     for (index c0 = 0; c0 < cols; c0 += block) {
       const index n = std::min(block, cols - c0);
       const T beta = c0 == 0 ? T(0) : T(1);
-      if (d.r0 <= 16 * gemm_panel_width<T>)
+      if (d.r0 <= gemm_in_place_columns<T>)
         gemm<T>(false, false, d.o, d.r0, n, a.scale, gw + c0, cols, mt + c0 * d.r0, d.r0, beta,
                 grad.U[0].data(), d.r0);
       else
@@ -329,7 +329,7 @@ void channel_vjp(const flora<T, N>& a, const T* gw, flora<T, N>& grad, flora_wei
       gemm<T>(true, false, d.r0, n, d.o, T(1), u0, d.r0, gw + c0, cols, T(0), y + c0, cols);
       transpose_into(y + c0, d.r0, n, ws.ys.data() + c0 * d.r0, cols, d.r0);  // Ys, while in cache
     }
-    if (d.r0 > 16 * gemm_panel_width<T>) transpose_into(c, d.r0, d.o, grad.U[0].data());
+    if (d.r0 > gemm_in_place_columns<T>) transpose_into(c, d.r0, d.o, grad.U[0].data());
     ys = ws.ys.data();
   }
   // grad.U1 = scale · Ys · Ht and Zt = Ysᵀ · U1: one pass over Ys where r1 is one or two registers.

@@ -19,10 +19,13 @@
 
 namespace tensor_adapters::detail {
 
-// The width of the kernel's column panels: a product with at most 16 times this many columns (n) reads
-// a row-major A in place instead of copying it into panels; with at most this many, A is read once.
+// The width of the kernel's column panels: a product with at most this many columns (n) reads A once.
 template <class T>
 constexpr index gemm_panel_width = gemm_shape<T, native_isa>::nv * simd<T, native_isa>::width;
+// A product with at most this many columns (n) reads a row-major A in place instead of copying it into
+// panels.
+template <class T>
+constexpr index gemm_in_place_columns = a_in_place_panels * gemm_panel_width<T>;
 
 template <class T>
 void gemm(bool trans_a, bool trans_b, index m, index n, index k, T alpha, const T* a, index lda,

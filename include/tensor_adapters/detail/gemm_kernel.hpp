@@ -101,6 +101,9 @@ inline void store_scaled_first(T* y, index n, typename S::reg v, typename S::reg
   S::store_first(y, n, beta == T(0) ? S::mul(va, v) : S::fma(va, v, S::mul(vb, S::load_first(y, n))));
 }
 
+// A product with at most this many column panels reads a row-major A in place (see gemm_serial).
+constexpr index a_in_place_panels = 16;
+
 // Register tile and cache blocking per instruction set and type.
 // b_bytes: with a short k, blocks of B are made wider than nc columns, up to this many bytes packed
 // (kc × columns), and a last block of up to 1.5 times the width is taken whole where its packed B
@@ -422,7 +425,7 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
   // and 0.89–0.92× the time, 4096×96·96×96 0.77–0.78×, float products of 384 and 512 columns
   // 0.97–1.01× (one thread, AVX-512; on AVX2 0.81–0.99×). Beyond that the products were mixed (n 768:
   // 0.91–1.045×), and packing A once per block of columns is paid back over more panels.
-  const bool a_in_place = a.cs == 1 && n <= 16 * NR;
+  const bool a_in_place = a.cs == 1 && n <= a_in_place_panels * NR;
   auto& buffers = gemm_buffers<T, Isa>::local();
   const index kc_max = std::min(k, KC);
   // The columns' blocks: NC wide, or as many whole panels as b_bytes holds where that is more, and a
@@ -443,11 +446,12 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
   const bool a_once = !a_in_place && n > width && m_panels * k * index(sizeof(T)) <= shape::a_bytes;
   T* apack = buffers.a.get(a_once ? m_panels * k : kc_max * ((std::min(m, MC) + MR - 1) / MR * MR));
   if (a_once)
-    for (index pc = 0; pc < k; pc += KC)
+    for (index pc = 0, kc = 0; pc < k; pc += kc) {
+      kc = std::min(KC, k - pc);
       for (index ic = 0; ic < m; ic += MC)
-        pack_a<T, Isa, MR>(std::min(MC, m - ic), std::min(KC, k - pc),
-                           strided_matrix<T>{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs},
-                           apack + pc * m_panels + ic * std::min(KC, k - pc));
+        pack_a<T, Isa, MR>(std::min(MC, m - ic), kc, strided_matrix<T>{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs},
+                           apack + pc * m_panels + ic * kc);
+    }
   alignas(64) T tile[MR * NR];
   // Offsets of C's columns: for a C of one plain group, column c is at c; otherwise they are listed
   // for the current block of columns (grouped), without a division per column.
