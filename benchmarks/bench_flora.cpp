@@ -4,8 +4,8 @@
 //                  (16, 16, 2, 2) and (512, 512, 3, 3) with ranks (32, 32, 3, 3), beside LoRA's at the
 //                  rank of closest parameter count, a plain copy loop of the weight's size (the
 //                  bandwidth the memory-bound cases are measured against), an FMA loop (the compute
-//                  peak) and the single GEMM that dominates the compute-bound chain; for the
-//                  256 weight also the copy and both operations call by call (weight_space_paired).
+//                  peak) and the single GEMM that dominates the compute-bound chain; the copy and
+//                  both operations also call by call (weight_space_paired).
 //   linear layer   forward and forward+backward at (batch 512, 768 → 768, ranks 8, 8) beside the frozen
 //                  base layer x · W0ᵀ (+ dx = dy · W0 for the backward) and LoRA at the closest rank;
 //                  the three forwards also call by call in one benchmark (linear_forward_paired).
@@ -17,7 +17,8 @@
 // timed in CPU time (the machine's cores are shared with other work), so the FMA peak and the copy
 // bandwidth are one core's too; the paired benchmarks time each call on the wall clock.
 // Goals: delta_weight + delta_weight_vjp ≥ 70% of the copy's GB/s where memory-bound, ≥ 60% of the
-// FMA peak where compute-bound; the linear forward ≤ 1.05× the base layer's time.
+// FMA peak where compute-bound (benchmarks/report.py classifies each operation by the roofline: the
+// copy's time against its flops' time at the peak); the linear forward ≤ 1.05× the base layer's time.
 #include <tensor_adapters/flora.hpp>
 #include <tensor_adapters/lora.hpp>
 
@@ -188,11 +189,11 @@ void flora_delta_weight_vjp(benchmark::State& state) {
   report_counts(state, p, false);
 }
 
-// The copy, delta_weight and delta_weight_vjp call by call (paired_calls.hpp), the order rotating,
-// for the weight whose goals are shares of the copy: counters are the medians (copy_us, dw_us, vjp_us)
-// and the shares dw_of_copy = copy / delta_weight, vjp_of_copy = copy / VJP and together_of_copy =
-// 2·copy / (delta_weight + VJP). Timed apart, the copy and the VJP drifted by more than the goal's
-// margin between reports (the VJP's share read 70 % and 73 % on the same code).
+// The copy, delta_weight and delta_weight_vjp call by call (paired_calls.hpp), the order rotating:
+// counters are the medians (copy_us, dw_us, vjp_us) and the shares dw_of_copy = copy / delta_weight,
+// vjp_of_copy = copy / VJP and together_of_copy = 2·copy / (delta_weight + VJP). Timed apart, the copy
+// and the VJP drifted by more than the goal's margin between reports (the VJP's share read 70 % and
+// 73 % on the same code).
 void weight_space_paired(benchmark::State& state) {
   conv_problem p(state);
   weight_copy copy(p.w_shape);
@@ -300,14 +301,6 @@ void conv_shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"O", "I", "k", "r", "rk"});
   b->Args({256, 256, 3, 16, 2});
   b->Args({512, 512, 3, 32, 3});
-  b->Unit(benchmark::kMicrosecond);
-}
-
-// The weight whose goals are shares of the copy (issue 4 pairs 256×256×3×3 with the copy bandwidth and
-// 512×512×3×3 with the FMA peak).
-void memory_bound_conv_shape(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"O", "I", "k", "r", "rk"});
-  b->Args({256, 256, 3, 16, 2});
   b->Unit(benchmark::kMicrosecond);
 }
 
@@ -461,7 +454,7 @@ BENCHMARK(flora_delta_weight_vjp)->Apply(conv_shapes);
 BENCHMARK(flora_delta_weight_vjp_chain)->Apply(conv_shapes);
 BENCHMARK(lora_delta_weight_vjp)->Apply(conv_shapes);
 BENCHMARK(gemm_of_last_step)->Apply(conv_shapes);
-BENCHMARK(weight_space_paired)->Apply(memory_bound_conv_shape)->UseManualTime()->Iterations(101);
+BENCHMARK(weight_space_paired)->Apply(conv_shapes)->UseManualTime()->Iterations(101);
 BENCHMARK(linear_base_forward)->Apply(linear_shapes);
 BENCHMARK(linear_flora_forward)->Apply(linear_shapes);
 BENCHMARK(linear_lora_forward)->Apply(linear_shapes);
