@@ -419,6 +419,8 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
   using shape = gemm_shape<T, Isa>;
   constexpr int MR = shape::mr, NR = shape::nv * simd<T, Isa>::width;
   constexpr index KC = shape::kc, MC = shape::mc, NC = (shape::nc / NR) * NR;
+  // Every block of rows but the last is whole panels: the once-packed A's offsets (ic · kc) count on it.
+  static_assert(MC % MR == 0, "gemm_shape: mc must be a multiple of mr");
   // With up to 16 panels of columns, a row-major A is read in place (its MR rows side by side, the
   // strip's first call bringing them into L1 for the others) rather than copied into panels first: a
   // last mode with J 64 ran 12 % faster than packed; with J 128 and 256 (4 and 8 panels) 0.83–0.87×
