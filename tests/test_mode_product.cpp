@@ -161,6 +161,11 @@ TEMPLATE_TEST_CASE("mode products with full register tiles and several cache blo
         std::vector<double> abs;
         reference<TestType, 3>(x, u, false, mode, TestType(1), TestType(0), want, abs);
         require_close<TestType, 3>(got, want, abs, dims[std::size_t(mode)]);
+        // The output form with beta 0 into NaN: y's old contents must not leak into it.
+        ta::tensor<TestType, 3> into = got;
+        into.setConstant(std::numeric_limits<TestType>::quiet_NaN());
+        ta::mode_product<TestType, 3>(ta::view(x), u, mode, ta::writable_view(into));
+        require_close<TestType, 3>(into, want, abs, dims[std::size_t(mode)]);
         // The factor given transposed, accumulating.
         ta::tensor<TestType, 2> ut = u.shuffle(std::array<int, 2>{1, 0});
         ta::tensor<TestType, 3> acc = got;
@@ -197,6 +202,86 @@ TEMPLATE_TEST_CASE("mode_inner_product is the contraction over every other mode"
     }
 }
 
+TEMPLATE_TEST_CASE("mode_inner_product of a last mode, of an empty sum, and with beta 0 into NaN", "[mode_product]",
+                   float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(25);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  // A last mode (Q = 1): out (3, 2) = x (6, 3)ᵀ · y (6, 2).
+  ta::tensor<T, 2> x(6, 3), y(6, 2), out(3, 2);
+  ta::fill_normal(x, 0, 1, gen);
+  ta::fill_normal(y, 0, 1, gen);
+  out.setConstant(nan);
+  ta::mode_inner_product<T, 2>(ta::view(x), y, 1, ta::writable_view(out), T(1), T(0));
+  for (ta::index a = 0; a < 3; ++a)
+    for (ta::index b = 0; b < 2; ++b) {
+      long double sum = 0, abs = 0;
+      for (ta::index i = 0; i < 6; ++i) {
+        sum += (long double)x(i, a) * y(i, b);
+        abs += std::fabs((long double)x(i, a) * y(i, b));
+      }
+      REQUIRE(std::fabs(double(out(a, b)) - double(sum)) <= 16 * std::numeric_limits<T>::epsilon() * double(abs));
+    }
+  // No slices before the mode (P = 0), with and without slices after it: out = beta · out.
+  for (const ta::index q : {ta::index(1), ta::index(4)}) {
+    INFO("Q " << q);
+    ta::tensor<T, 3> x0(0, 3, q), y0(0, 2, q);
+    ta::tensor<T, 2> o(3, 2);
+    o.setConstant(T(1.5));
+    ta::mode_inner_product<T, 3>(ta::view(x0), y0, 1, ta::writable_view(o), T(1), T(2));
+    for (ta::index e = 0; e < o.size(); ++e) REQUIRE(o.data()[e] == T(3));
+    o.setConstant(nan);
+    ta::mode_inner_product<T, 3>(ta::view(x0), y0, 1, ta::writable_view(o), T(1), T(0));
+    for (ta::index e = 0; e < o.size(); ++e) REQUIRE(o.data()[e] == T(0));
+  }
+}
+
+TEMPLATE_TEST_CASE("a mode product over an empty extent or with alpha 0 is beta · y on every path", "[mode_product]",
+                   float, double) {
+  using T = TestType;
+  struct product_case {
+    ta::shape<3> dims;
+    int mode;
+    ta::index j;
+  };
+  // Every kernel behind mode_product: a tiny trailing extent folded into a narrow product (64, I, 3),
+  // short rows (4, I, 5), J along the lanes (4, I ≥ 64, 5), streamed rows (4, I, 1100), the packed
+  // product of a middle mode, and a last mode; each with its contracted extent 0 and then with alpha 0.
+  const product_case cases[] = {{{64, 3, 3}, 1, 2},  {{4, 3, 5}, 1, 2},   {{4, 64, 5}, 1, 29},
+                                {{4, 3, 1100}, 1, 4}, {{3, 40, 64}, 1, 29}, {{5, 7, 6}, 2, 3}};
+  for (const product_case& pc : cases) {
+    for (const bool empty : {true, false}) {
+      ta::shape<3> dims = pc.dims;
+      if (empty) dims[std::size_t(pc.mode)] = 0;
+      INFO("x " << td::dims_string(dims, 3) << " mode " << pc.mode << " J " << pc.j);
+      ta::tensor<T, 3> x(dims);
+      x.setConstant(std::numeric_limits<T>::infinity());  // 0 · inf would be NaN: x must not be read
+      ta::tensor<T, 2> u(pc.j, dims[std::size_t(pc.mode)]);
+      u.setConstant(T(1));
+      ta::shape<3> ydims = dims;
+      ydims[std::size_t(pc.mode)] = pc.j;
+      ta::tensor<T, 3> y(ydims);
+      const T alpha = empty ? T(1) : T(0);
+      y.setConstant(T(1.5));
+      ta::mode_product<T, 3>(ta::view(x), u, pc.mode, ta::writable_view(y), alpha, T(2));
+      for (ta::index e = 0; e < y.size(); ++e) REQUIRE(y.data()[e] == T(3));
+      y.setConstant(std::numeric_limits<T>::quiet_NaN());
+      ta::mode_product<T, 3>(ta::view(x), u, pc.mode, ta::writable_view(y), alpha, T(0));
+      for (ta::index e = 0; e < y.size(); ++e) REQUIRE(y.data()[e] == T(0));
+    }
+  }
+  // Nothing to write: an empty y (P = 0 or J = 0).
+  ta::tensor<T, 3> x(0, 4, 3), y(0, 2, 3);
+  ta::tensor<T, 2> u(2, 4);
+  u.setConstant(T(1));
+  ta::mode_product<T, 3>(ta::view(x), u, 1, ta::writable_view(y));
+  ta::tensor<T, 3> x1(2, 4, 3), y1(2, 0, 3);
+  x1.setConstant(T(1));
+  ta::tensor<T, 2> u1(0, 4);
+  ta::mode_product<T, 3>(ta::view(x1), u1, 1, ta::writable_view(y1));
+  REQUIRE(y1.size() == 0);
+}
+
 TEMPLATE_TEST_CASE("mode products reject bad arguments before writing", "[mode_product]", float, double) {
   ta::tensor<TestType, 3> x(2, 3, 4), y(2, 5, 4);
   x.setConstant(1);
@@ -218,12 +303,26 @@ TEMPLATE_TEST_CASE("mode products reject bad arguments before writing", "[mode_p
 
 TEMPLATE_TEST_CASE("a repeated mode product allocates nothing", "[mode_product]", float, double) {
   std::mt19937_64 gen(24);
-  ta::tensor<TestType, 4> x(16, 32, 9, 9), y(16, 8, 9, 9);
-  ta::tensor<TestType, 2> u(8, 32);
-  ta::fill_normal(x, 0, 1, gen);
-  ta::fill_normal(u, 0, 1, gen);
-  ta::mode_product<TestType, 4>(ta::view(x), u, 1, ta::writable_view(y));  // sizes the packing buffers
-  allocation_counter::scope counting;
-  ta::mode_product<TestType, 4>(ta::view(x), u, 1, ta::writable_view(y));
-  REQUIRE(counting.allocations() == 0);
+  // The packed product of a middle mode (J 32, trailing extent 81), of a first mode over several
+  // column blocks, and a tiny trailing extent folded into a narrow product (its op(u) ⊗ 1_Q in scratch).
+  struct product_case {
+    ta::shape<4> dims;
+    int mode;
+    ta::index j;
+  };
+  const product_case cases[] = {{{16, 32, 9, 9}, 1, 32}, {{64, 40, 8, 8}, 0, 20}, {{96, 5, 1, 3}, 1, 4}};
+  for (const product_case& pc : cases) {
+    INFO("x " << td::dims_string(pc.dims, 4) << " mode " << pc.mode << " J " << pc.j);
+    ta::tensor<TestType, 4> x(pc.dims);
+    ta::shape<4> ydims = pc.dims;
+    ydims[std::size_t(pc.mode)] = pc.j;
+    ta::tensor<TestType, 4> y(ydims);
+    ta::tensor<TestType, 2> u(pc.j, pc.dims[std::size_t(pc.mode)]);
+    ta::fill_normal(x, 0, 1, gen);
+    ta::fill_normal(u, 0, 1, gen);
+    ta::mode_product<TestType, 4>(ta::view(x), u, pc.mode, ta::writable_view(y));  // sizes the scratch buffers
+    allocation_counter::scope counting;
+    ta::mode_product<TestType, 4>(ta::view(x), u, pc.mode, ta::writable_view(y));
+    REQUIRE(counting.allocations() == 0);
+  }
 }

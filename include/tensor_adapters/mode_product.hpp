@@ -9,13 +9,14 @@
 // kernel addresses in place (p·I·Q + q), so a middle mode is as fast as the first and the packing of
 // u is shared by all P slices. A small output extent of the last mode (J ≤ 16) takes the kernel's
 // dot-product path, which streams x once without packing it; a tiny trailing extent (Q < 8, such as
-// a conv kernel's 3×3, with I·Q ≤ 64 and J·Q ≤ 16) is folded into such a product with op(u) ⊗ 1_Q;
-// any other trailing extent narrower than two registers with J ≤ 16 runs slice by slice with each
-// row x_p[i, :] in registers (short_rows_product), also streaming x once; with a wider J, a trailing
-// extent of 2 to 12 runs slice by slice with J along the vector lanes (short_columns_product). A J ≤ 8
-// with a trailing extent of 2 KB or more (the first mode, mostly) streams x once too, building y in
-// tiles in L1 (stream_rows_product); with a shorter one, wider than two registers, it runs as the
-// short rows do, each slice in strips of two registers' columns.
+// a conv kernel's 3×3, with I·Q ≤ 64, J·Q ≤ 16 and at least 64 slices P) is folded into such a
+// product with op(u) ⊗ 1_Q; any other trailing extent narrower than two registers with J ≤ 16 runs
+// slice by slice with each row x_p[i, :] in registers (short_rows_product), also streaming x once;
+// with a wider J, a trailing extent of 2 to 12 and a contraction I of at least four registers runs
+// slice by slice with J along the vector lanes (short_columns_product). A J ≤ 8 with a trailing
+// extent of 2 KB or more (the first mode, mostly) streams x once too, building y in tiles in L1
+// (stream_rows_product); with a shorter one, wider than two registers, it runs as the short rows do,
+// each slice in strips of two registers' columns.
 //
 // Threads: built with OpenMP (-fopenmp), a large product is split over omp_get_max_threads()
 // threads; OMP_NUM_THREADS=1, omp_set_num_threads(1) or a build without OpenMP keeps it on one. A
@@ -62,6 +63,12 @@ void check_mode_product(const X& x, index u_rows, index u_cols, bool transposed,
 template <class T, class Isa = native_isa>
 void mode_product_kernel(const T* x, index p, index i, index q, const T* u, bool transposed, index j, T alpha,
                          T beta, T* y) {
+  if (p <= 0 || j <= 0 || q <= 0) return;
+  if (i <= 0 || alpha == T(0)) {
+    // An empty sum, or none wanted: y = beta · y, x and u not read (as every matrix product here does).
+    scale_matrix<T>(p, j * q, beta, grouped_matrix<T>{y, j * q, j * q, 0, 1});
+    return;
+  }
   const index ldu = transposed ? j : i;
   if (q == 1) {
     // y (P, J) = x (P, I) · op(u)ᵀ
@@ -122,8 +129,9 @@ void mode_product(const_tensor_view<T, N> x, const T* u, index u_rows, index u_c
 
 // y = alpha · (x ×mode u) + beta · y.
 //   x: (I0, …, I(N-1)), u: (J, I_mode), y: x's shape with J in place of I_mode.
-// With beta == 0, y's old contents are ignored. Throws argument_error, before writing, if the mode is
-// out of range or a shape does not fit.
+// With beta == 0, y's old contents are ignored; with alpha == 0 or I_mode == 0, x and u are not read
+// (y = beta · y). Throws argument_error, before writing, if the mode is out of range or a shape does
+// not fit.
 template <class T, int N>
 void mode_product(const_tensor_view<T, N> x, nondeduced<const_tensor_view<T, 2>> u, int mode,
                   nondeduced<tensor_view<T, N>> y, T alpha = T(1), T beta = T(0)) {
@@ -163,8 +171,8 @@ void mode_inner_product(const_tensor_view<T, N> x, nondeduced<const_tensor_view<
   index p = 1, q = 1;
   for (int d = 0; d < mode; ++d) p *= x.dimension(d);
   for (int d = mode + 1; d < N; ++d) q *= x.dimension(d);
-  if (q == 1) {
-    // out (Jx, Jy) = x (P, Jx)ᵀ · y (P, Jy)
+  if (q == 1 || p == 0) {
+    // out (Jx, Jy) = x (P, Jx)ᵀ · y (P, Jy) (with P = 0 an empty sum: out = beta · out)
     detail::gemm<T>(true, false, jx, jy, p, alpha, x.data(), jx, y.data(), jy, beta, out.data(), jy);
     return;
   }
