@@ -91,7 +91,9 @@ void require_close(const ta::tensor<T, N>& got, const ta::tensor<T, N>& want, co
 template <class T, int N>
 void check_chains(std::mt19937_64& gen) {
   for (int trial = 0; trial < 12; ++trial) {
-    const ta::shape<N> full = random_shape<N>(gen, 1, 4), core = random_shape<N>(gen, 1, 3);
+    const ta::shape<N> full = random_shape<N>(gen, 1, 4);
+    ta::shape<N> core = random_shape<N>(gen, 1, 3);
+    for (std::size_t n = 0; n < std::size_t(N); ++n) core[n] = std::min(core[n], full[n]);  // ranks 1 to I_n
     INFO("N " << N << " full " << ta::detail::dims_string(full, N) << " core " << ta::detail::dims_string(core, N));
     const auto u = random_factors<T, N>(full, core, gen);
     std::array<bool, N> all{};
@@ -267,4 +269,28 @@ TEMPLATE_TEST_CASE("Tucker chains reject factors that do not fit, before writing
   REQUIRE_THROWS_AS((ta::tucker_compress_all_but_one<TestType, 3>(ta::view(x), views<TestType, 3>(u), z)),
                     ta::argument_error);
   REQUIRE_THROWS_WITH(ta::tucker_compress(x, u), Catch::Contains("tucker_compress") && Catch::Contains("factors[1]"));
+}
+
+TEMPLATE_TEST_CASE("Tucker chains reject a rank of 0 or above the extent it factors, before writing", "[tucker]",
+                   float, double) {
+  std::mt19937_64 gen(7);
+  const ta::shape<2> full{3, 4};
+  for (const ta::shape<2> core : {ta::shape<2>{0, 2}, ta::shape<2>{2, 5}}) {
+    INFO("core " << ta::detail::dims_string(core, 2));
+    const auto u = random_factors<TestType, 2>(full, core, gen);
+    ta::tensor<TestType, 2> g(core), y(full), x(full);
+    g.setConstant(1);
+    x.setConstant(1);
+    y.setConstant(TestType(42));
+    REQUIRE_THROWS_WITH((ta::tucker_expand<TestType, 2>(ta::view(g), views<TestType, 2>(u), ta::writable_view(y))),
+                        Catch::Contains("tucker_expand") && Catch::Contains("rank"));
+    for (ta::index e = 0; e < y.size(); ++e) REQUIRE(y.data()[e] == TestType(42));
+    g.setConstant(TestType(42));
+    REQUIRE_THROWS_AS((ta::tucker_compress<TestType, 2>(ta::view(x), views<TestType, 2>(u), ta::writable_view(g))),
+                      ta::argument_error);
+    for (ta::index e = 0; e < g.size(); ++e) REQUIRE(g.data()[e] == TestType(42));
+    std::array<ta::tensor<TestType, 2>, 2> z;
+    REQUIRE_THROWS_AS((ta::tucker_compress_all_but_one<TestType, 2>(ta::view(x), views<TestType, 2>(u), z)),
+                      ta::argument_error);
+  }
 }

@@ -120,6 +120,9 @@ void check_factors(const std::array<const_tensor_view<T, 2>, N>& factors, const 
           "factors[" + std::to_string(n) + "] has shape " + shape_string(f) + " but must be (" +
               std::to_string(full[un]) + ", " + std::to_string(core[un]) + ") for " + full_name + " " +
               dims_string(full, N) + " and " + core_name + " " + dims_string(core, N));
+    TA_CHECK(core[un] >= 1 && core[un] <= full[un], function,
+          "factors[" + std::to_string(n) + "] has rank " + std::to_string(core[un]) + ", which must be 1 to " +
+              std::to_string(full[un]) + " (the extent it factors) for " + full_name + " " + dims_string(full, N));
   }
 }
 
@@ -164,7 +167,7 @@ std::array<int, N> compression_order(const shape<N>& full_extents, const shape<N
 // y = alpha · core ×0 U0 ×1 U1 … ×(N-1) U(N-1) + beta · y, in expansion_order.
 //   core: (r0, …, r(N-1)), factors[n]: (I_n, r_n), y: (I0, …, I(N-1)).
 // With beta == 0, y's old contents are ignored. Throws argument_error, before writing, if a factor
-// does not fit the core and y.
+// does not fit the core and y, or a rank r_n is 0 or above I_n.
 template <class T, int N>
 void tucker_expand(const_tensor_view<T, N> core, const nondeduced<std::array<const_tensor_view<T, 2>, N>>& factors,
                    nondeduced<tensor_view<T, N>> y, tucker_workspace<T>& ws, T alpha = T(1), T beta = T(0)) {
@@ -184,7 +187,7 @@ void tucker_expand(const_tensor_view<T, N> core, const nondeduced<std::array<con
 // g = alpha · x ×0 U0ᵀ ×1 U1ᵀ … ×(N-1) U(N-1)ᵀ + beta · g, in compression_order.
 //   x: (I0, …, I(N-1)), factors[n]: (I_n, r_n), g: (r0, …, r(N-1)).
 // With beta == 0, g's old contents are ignored. Throws argument_error, before writing, if a factor
-// does not fit x and g.
+// does not fit x and g, or a rank r_n is 0 or above I_n.
 template <class T, int N>
 void tucker_compress(const_tensor_view<T, N> x, const nondeduced<std::array<const_tensor_view<T, 2>, N>>& factors,
                      nondeduced<tensor_view<T, N>> g, tucker_workspace<T>& ws, T alpha = T(1), T beta = T(0)) {
@@ -239,7 +242,8 @@ void compress_all_but_one(const T* t, const shape<N>& dims, const std::array<con
 // Tucker gradient needs for factor n. Partial products are shared: the modes are split in halves
 // recursively, and each half's common compression is computed once, each in the cheapest order.
 //   x: (I0, …, I(N-1)), factors[n]: (I_n, r_n). z is resized to fit (kept if it fits already).
-// Throws argument_error, before writing, if a factor does not contract its mode of x.
+// Throws argument_error, before writing, if a factor does not contract its mode of x, or a rank r_n is 0
+// or above I_n.
 template <class T, int N>
 void tucker_compress_all_but_one(const_tensor_view<T, N> x,
                                  const nondeduced<std::array<const_tensor_view<T, 2>, N>>& factors,
