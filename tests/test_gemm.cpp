@@ -137,6 +137,18 @@ TEMPLATE_TEST_CASE("the vectorized product matches the scalar kernel and plain l
   }
 }
 
+TEMPLATE_TEST_CASE("narrow products with a contraction shorter than a register match plain loops", "[gemm]", float,
+                   double) {
+  // n ≤ 16 columns, m ≥ 2n rows, k below the register width with rows of A and C at most 16 apart: the
+  // dot-product kernel then reduces across several rows at once (dot_across_rows; double on AVX-512,
+  // float on AVX2), with a remainder of rows taken one by one.
+  std::mt19937_64 gen(12);
+  for (const problem& p : {problem{false, false, 64, 12, 5, 5, 12, 12}, problem{false, true, 67, 12, 3, 3, 3, 12},
+                           problem{false, false, 50, 9, 7, 7, 9, 9}, problem{false, true, 41, 16, 2, 2, 2, 16},
+                           problem{false, false, 33, 10, 1, 1, 10, 13}})
+    check_problem<TestType>(p, gen);
+}
+
 TEMPLATE_TEST_CASE("products larger than one cache block match plain loops", "[gemm]", float, double) {
   std::mt19937_64 gen(12);
   // k > KC, m > MC and n > NC of every instruction set, with ragged edges (n = 1100: on AVX-512 a
@@ -226,7 +238,10 @@ TEMPLATE_TEST_CASE("an empty product scales C by beta", "[gemm]", float, double)
 TEMPLATE_TEST_CASE("the thread count does not change a single bit", "[gemm]", float, double) {
 #ifdef _OPENMP
   std::mt19937_64 gen(13);
-  for (const problem& p : {problem{false, true, 300, 520, 400, 400, 400, 520}, problem{false, false, 900, 40, 300, 300, 40, 40},
+  // Packed (columns or rows split) and a narrow product with a plain A. (A narrow product with a
+  // transposed A runs its own kernel on one thread and the packed one on several: the last bits may differ.)
+  for (const problem& p : {problem{false, true, 300, 520, 400, 400, 400, 520},
+                           problem{false, false, 900, 40, 300, 300, 40, 40},
                            problem{false, true, 700, 15, 300, 301, 301, 15}}) {
     const operands<TestType> x(p, gen);
     std::vector<TestType> one = x.c, two = x.c;

@@ -14,7 +14,8 @@
 // the micro-kernel, the only place that does arithmetic, one strip of MR rows at a time, left to
 // right. A tile with fewer than MR rows uses the micro-kernel for that many rows; a tile with fewer
 // than NR columns, or whose columns are not contiguous in C, goes through a small local tile and is
-// added to C element by element.
+// added to C run by run of consecutive columns (masked registers; element by element where C's
+// columns are not unit-stride, see add_tile).
 //
 // Instruction set: the micro-kernel is written once over simd<T, Isa> (simd.hpp) and instantiated
 // for scalar_isa (the reference, 4×4 tiles), avx2_isa (6×16 float / 6×8 double) and avx512_isa
@@ -31,6 +32,7 @@
 //   plain A, n ≤ 16, m ≥ 2n             gemm_narrow: dot products along k, or one register per row
 //                                       of C (3/4 width < n ≤ width, or k < width); A streamed once
 //   transposed A, n ≤ 16, m ≥ 2n, small gemm_narrow_transposed: rows of C as vectors, A read once
+//                                       (one thread; larger ones take the packed path on several)
 //   hooks given (gemm_hooks)            packed, whatever the shape
 //   otherwise                           packed: B row runs copied into panels (transposed B in 8×8
 //                                       or 4×4 register blocks), A into MR panels, micro-kernel;
@@ -41,9 +43,9 @@
 // problem needs more; a repeated call of the same size allocates nothing.
 //
 // Threads: when the translation unit is compiled with OpenMP (-fopenmp; the _OPENMP macro), a product
-// of more than about 8 million multiply-adds is split over omp_get_max_threads() threads (two halves
-// of the columns or of the rows), unless it is already inside a parallel region. To run on one
-// thread: compile without OpenMP, set OMP_NUM_THREADS=1, or call omp_set_num_threads(1).
+// of more than about 8 million multiply-adds is split over omp_get_max_threads() threads (one share
+// of the columns or of the rows per thread), unless it is already inside a parallel region. To run on
+// one thread: compile without OpenMP, set OMP_NUM_THREADS=1, or call omp_set_num_threads(1).
 #pragma once
 
 #include <algorithm>
@@ -996,10 +998,11 @@ void short_rows_product(index p, index i, index q, const T* x, const T* u, index
 //
 // tile (J, cb; rows LT apart) += op(u)[:, r : r + R] · x_s[r : r + R, 0 : cb]: R rows of x per pass
 // over the tile, so that each load and store of the tile carries R multiply-adds (op(u)'s J·R values
-// in registers). next (or null): the R row runs the next pass reads, requested a line per row as this
-// pass goes (each pass starts R new row runs, which the hardware prefetcher picks up only after their
-// first lines: 256³ mode 0 took 0.69–0.74× the time with J 8 and 0.80–0.82× with J 4, 256×256×3×3
-// mode 0 with J 8 0.87×; 512×512×3×3 0.98–1.02×; interleaved, one thread).
+// broadcast in registers: up to 24 of AVX-512's 32; on AVX2, with 16, part of them stay in L1). next
+// (or null): the R row runs the next pass reads, requested a line per row as this pass goes (each
+// pass starts R new row runs, which the hardware prefetcher picks up only after their first lines:
+// 256³ mode 0 took 0.69–0.74× the time with J 8 and 0.80–0.82× with J 4, 256×256×3×3 mode 0 with J 8
+// 0.87×; 512×512×3×3 0.98–1.02×; interleaved, one thread).
 template <class T, class Isa, int J, int R>
 inline void rows_into_tile(index r, index cb, const T* xs, index q, const T* u, index us_j, index us_r, T* tile,
                            const T* next) {
@@ -1077,7 +1080,7 @@ void stream_rows_product(index p, index i, index q, const T* x, const T* u, inde
   });
 }
 
-// A middle mode whose trailing extent q ≤ 12 is short of a register and whose J is wide (> 16): a conv
+// A middle mode whose trailing extent q is short (2 to 12) and whose J is wide (> 16): a conv
 // kernel's 3×3 = 9 with a rank of 32 or 64. For each slice s, y_s (J, q) = alpha · op(u) · x_s (I, q) +
 // beta · y_s is computed transposed, y_sᵀ (Q, J) = x_sᵀ · op(u)ᵀ, with J along the vector lanes: x_s
 // (I, Q) row-major is already a packed Q-row panel of the micro-kernel's A (Q values per step), and
