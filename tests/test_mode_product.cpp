@@ -303,8 +303,8 @@ TEMPLATE_TEST_CASE("mode products reject bad arguments before writing", "[mode_p
 
 TEMPLATE_TEST_CASE("a repeated mode product allocates nothing", "[mode_product]", float, double) {
   std::mt19937_64 gen(24);
-  // The packed product of a middle mode (J 32, trailing extent 81), of a first mode over several
-  // column blocks, and a tiny trailing extent folded into a narrow product (its op(u) ⊗ 1_Q in scratch).
+  // The packed product of a middle mode (J 32, trailing extent 81) and of a first mode (J 20), and a
+  // tiny trailing extent folded into a narrow product (its op(u) ⊗ 1_Q in scratch).
   struct product_case {
     ta::shape<4> dims;
     int mode;

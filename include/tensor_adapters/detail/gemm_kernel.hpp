@@ -129,9 +129,9 @@ struct gemm_shape<T, avx2_isa> {
 template <class T>
 struct gemm_shape<T, avx512_isa> {
   // 14 rows: 28 accumulators, 2 registers of B and a broadcast of A, 31 of the 32 registers. Against 12
-  // rows (interleaved, one thread, medians of 15): with g++ 12 0.91–0.98× the time on the 256³ mode
-  // products, the conv first mode, 512×768·768×768, 64×4096·4096×4096 and 512×4608 with k 32; with
-  // clang 14 0.95–1.01×.
+  // rows (interleaved, one thread, medians of 15, two runs): with g++ 12 0.95–0.98× the time on the 256³
+  // mode products, 0.95–1.0× on the conv first mode and the 2-D products, 0.91–1.04× on 512×4608 with
+  // k 32, 0.93–0.99× in double; with clang 14 0.95–1.04×.
   static constexpr int mr = 14, nv = 2, dot_acc = 24;
   // A strip's panel of A, kc·MR (14 KB float), stays in L1 while the kc·NR panels of B (32 KB each)
   // stream past it from L2; mc·kc (256 KB) and kc·nc (512 KB) stay in L2. With n = 768 (a linear
@@ -208,9 +208,9 @@ inline void micro_kernel(index kc, const T* __restrict a, const T* __restrict b,
   };
   index p = 0;
 #ifndef __clang__
-  // g++ 12: two steps per iteration. On 16 panels of B in L2 (k 256, one thread, medians of 31) the
-  // 14-row kernel then ran at 93–97 % of the FMA loop beside it, one step at a time at 88–93 %. clang 14
-  // spills accumulators when the loop takes two steps (the 14-row kernel at 23–65 % of the FMA loop,
+  // g++ 12: two steps per iteration. On 16 panels of B in L2 (k 256, one thread, medians of 21–31) the
+  // 14-row kernel then ran at 93–100 % of the FMA loop beside it, one step at a time at 88–93 %. clang
+  // 14 spills accumulators when the loop takes two steps (the 14-row kernel at 23–70 % of the FMA loop,
   // 512×4608 with k 32 2.5× the time), so with clang it takes one.
   for (; p + 2 <= kc; p += 2) step(), step();
 #endif
