@@ -69,16 +69,17 @@ case "${1:-}" in
     ;;
   report)
     configure build/release -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=ON
-    # PyTorch as Debian ships it calls whichever libblas.so.3 is installed, often the slow reference one;
-    # the report also times it with OpenBLAS, unpacked into build/ (nothing is installed or switched).
+    # OpenBLAS, unpacked into build/ (nothing is installed or switched): the mode products are timed
+    # against loops over its GEMM, and PyTorch, which as Debian ships it calls whichever libblas.so.3 is
+    # installed (often the slow reference one), is timed with it as well.
     blas=build/openblas/usr/lib/x86_64-linux-gnu/openblas-pthread
-    if [ ! -d "$blas" ] && /usr/bin/python3 -c "import torch" 2>/dev/null; then
+    if [ ! -d "$blas" ]; then
       mkdir -p build/openblas
       (cd build/openblas && apt-get download libopenblas0-pthread >/dev/null && dpkg-deb -x libopenblas0-pthread_*.deb .) ||
-        echo "run.sh: could not fetch libopenblas0-pthread; PyTorch is timed with the system BLAS only"
+        echo "run.sh: could not fetch libopenblas0-pthread; the report goes without OpenBLAS"
     fi
     extra=()
-    [ -d "$blas" ] && extra+=(--torch-blas "openblas=$blas")
+    [ -d "$blas" ] && extra+=(--blas "$blas/libopenblas.so.0" --torch-blas "openblas=$blas")
     /usr/bin/python3 benchmarks/report.py build/release/benchmarks "${extra[@]}" "${@:2}"
     ;;
   fuzz)

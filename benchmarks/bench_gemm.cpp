@@ -3,13 +3,15 @@
 // Shapes: the two linear layers of bench_lora, 512×768·768×768 and 64×4096·4096×4096, both as
 // C = A·B and as C = A·Bᵀ (a linear layer's x·Wᵀ), float and double, one thread and two. Counter:
 // GFLOP/s (2·m·n·k per product). On one thread also both products call by call (gemm_paired), whose
-// ratio the report's 2-D goal reads.
+// ratio the report's 2-D goal reads. Where TENSOR_ADAPTERS_BENCH_BLAS names a BLAS (blas_baseline.hpp),
+// its GEMM on one thread as well (blas_product).
 //
 //   build/<dir>/benchmarks/bench_gemm --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <tensor_adapters/detail/gemm.hpp>
 
 #include <benchmark/benchmark.h>
 
+#include "blas_baseline.hpp"
 #include "paired_calls.hpp"
 
 #include <Eigen/Core>
@@ -45,6 +47,12 @@ struct operands {
     td::gemm<T>(false, trans_b, m, n, k, T(1), a.data(), k, b.data(), trans_b ? k : n, T(0), c.data(), n);
     benchmark::DoNotOptimize(c.data());
   }
+  void blas() {
+    const index_t m = a.rows(), k = a.cols(), n = c.cols();
+    blas_baseline::get().gemm(trans_b, int(m), int(n), int(k), a.data(), int(k), b.data(), int(trans_b ? k : n),
+                              c.data(), int(n));
+    benchmark::DoNotOptimize(c.data());
+  }
   void eigen() {
     if (trans_b)
       c.noalias() = a * b.transpose();
@@ -54,16 +62,21 @@ struct operands {
   }
 };
 
-// One of the two products (ours: detail::gemm; otherwise Eigen's), timed alone.
+enum class implementation { ours, eigen, blas };
+
+// One product (ours: detail::gemm; Eigen's; the BLAS's), timed alone.
 template <class T>
-void product(benchmark::State& state, index_t m, index_t n, index_t k, bool trans_b, int threads, bool is_ours) {
+void product(benchmark::State& state, index_t m, index_t n, index_t k, bool trans_b, int threads,
+             implementation which) {
   set_threads(threads);
   operands<T> x(m, n, k, trans_b);
   for (auto _ : state) {
-    if (is_ours)
+    if (which == implementation::ours)
       x.ours();
-    else
+    else if (which == implementation::eigen)
       x.eigen();
+    else
+      x.blas();
     benchmark::ClobberMemory();
   }
   state.counters["GFLOP/s"] =
@@ -101,13 +114,19 @@ void register_type(const char* type) {
         const std::string name = std::string("<") + type + ">/" + std::to_string(s.m) + "x" + std::to_string(s.k) +
                                  "x" + std::to_string(s.n) + (trans_b ? "/NT" : "/NN") + "/threads:" +
                                  std::to_string(threads);
-        benchmark::RegisterBenchmark(("gemm" + name).c_str(), product<T>, s.m, s.n, s.k, trans_b, threads, true)
+        benchmark::RegisterBenchmark(("gemm" + name).c_str(), product<T>, s.m, s.n, s.k, trans_b, threads,
+                                     implementation::ours)
             ->UseRealTime()
             ->Unit(benchmark::kMicrosecond);
         benchmark::RegisterBenchmark(("eigen_product" + name).c_str(), product<T>, s.m, s.n, s.k, trans_b, threads,
-                                     false)
+                                     implementation::eigen)
             ->UseRealTime()
             ->Unit(benchmark::kMicrosecond);
+        if (threads == 1 && blas_baseline::get().loaded())  // the BLAS is set to one thread
+          benchmark::RegisterBenchmark(("blas_product" + name).c_str(), product<T>, s.m, s.n, s.k, trans_b, threads,
+                                       implementation::blas)
+              ->UseRealTime()
+              ->Unit(benchmark::kMicrosecond);
         if (threads == 1)
           benchmark::RegisterBenchmark(("gemm_paired" + name).c_str(), paired<T>, s.m, s.n, s.k, trans_b)
               ->UseManualTime()

@@ -10,6 +10,10 @@
 //   scalar_kernel<float>/…            the same product on the scalar reference kernel
 //   eigen_contract<T>/…               Eigen's TensorContraction + shuffle back to the row-major layout
 //   eigen_gemm<T>/…                   one Eigen matrix product with the same m, n, k (same flops)
+//   blas_gemm<T>/…                    the same product as loops over a BLAS's GEMM (one call for the
+//                                     first or last mode, one per slice for a middle one), one thread;
+//                                     only where TENSOR_ADAPTERS_BENCH_BLAS names a shared library with
+//                                     cblas_sgemm and cblas_dgemm (`./run.sh report` gives OpenBLAS's)
 // and the machine's limits:
 //   fma_peak<T>/threads:{1,2}         independent FMAs on registers only (no memory)
 //   copy_bandwidth/threads:{1,2}      a 64 MB → 64 MB copy (bytes read + written)
@@ -30,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "blas_baseline.hpp"
 #include "paired_calls.hpp"
 
 #ifdef _OPENMP
@@ -148,6 +153,24 @@ void eigen_gemm(benchmark::State& state, ta::shape<N> dims, int mode, ta::index 
   counters(state, pr);
 }
 
+template <class T, int N>
+void blas_gemm(benchmark::State& state, ta::shape<N> dims, int mode, ta::index j) {
+  set_threads(1);
+  problem<T, N> pr(dims, mode, j);
+  const blas_baseline& blas = blas_baseline::get();
+  const int p = int(pr.p), i = int(pr.i), q = int(pr.q), jj = int(pr.j);
+  for (auto _ : state) {
+    if (pr.q == 1)  // last mode: y (P, J) = x (P, I) · uᵀ
+      blas.gemm(true, p, jj, i, pr.x.data(), i, pr.u.data(), i, pr.y.data(), jj);
+    else  // y_s (J, Q) = u (J, I) · x_s (I, Q) for each of the P slices (one for the first mode)
+      for (ta::index s = 0; s < pr.p; ++s)
+        blas.gemm(false, jj, q, i, pr.u.data(), i, pr.x.data() + s * i * q, q, pr.y.data() + s * jj * q, q);
+    benchmark::DoNotOptimize(pr.y.data());
+    benchmark::ClobberMemory();
+  }
+  counters(state, pr);
+}
+
 // Independent FMA chains on registers: the machine's arithmetic peak on the native instruction set.
 template <class T>
 void fma_peak(benchmark::State& state, int threads) {
@@ -229,6 +252,8 @@ void register_case(const ta::shape<N>& dims, int mode, ta::index j) {
                                        mode_product<T, N>, dims, mode, j, threads));
   style(benchmark::RegisterBenchmark(("eigen_contract" + t + c).c_str(), eigen_contract<T, N>, dims, mode, j));
   style(benchmark::RegisterBenchmark(("eigen_gemm" + t + c).c_str(), eigen_gemm<T, N>, dims, mode, j));
+  if (blas_baseline::get().loaded())
+    style(benchmark::RegisterBenchmark(("blas_gemm" + t + c).c_str(), blas_gemm<T, N>, dims, mode, j));
   if (sizeof(T) == 4)
     style(benchmark::RegisterBenchmark(("scalar_kernel" + t + c).c_str(), scalar_kernel<T, N>, dims, mode, j));
   if (sizeof(T) == 4 && j >= 64 && dims[std::size_t(mode)] >= 64)

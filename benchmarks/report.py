@@ -11,7 +11,8 @@ report reads the medians. bench_lora and bench_glora run once per --threads valu
 bench_mode_product and bench_gemm time 1 and 2 threads inside the program, and bench_flora always runs on
 one thread, so those three run once. benchmarks/compare_pytorch.py then times PyTorch's equivalents with
 the same thread counts, once per PyTorch set-up (the system's, and any --torch-blas NAME=DIR, which runs
-PyTorch with that directory first on LD_LIBRARY_PATH so that it loads another libblas.so.3).
+PyTorch with that directory first on LD_LIBRARY_PATH so that it loads another libblas.so.3). With --blas
+LIB, bench_gemm and bench_mode_product also time LIB's CBLAS GEMM (one thread) on the same products.
 
 Output: OUT/BENCHMARKS.md from the template benchmarks/BENCHMARKS.md.in (narrative by hand; every
 @@name@@ marker is replaced by a generated table), OUT/*.png, and the medians in OUT/data/*.json (small,
@@ -60,6 +61,9 @@ def parse_args():
     p.add_argument("--torch-blas", action="append", default=[], metavar="NAME=DIR",
                    help="also time PyTorch with DIR first on LD_LIBRARY_PATH (a directory holding another "
                         "libblas.so.3), labelled NAME")
+    p.add_argument("--blas", default=None, metavar="LIB",
+                   help="a shared library with CBLAS (e.g. OpenBLAS's libopenblas.so.0) whose GEMM bench_gemm "
+                        "and bench_mode_product also time (TENSOR_ADAPTERS_BENCH_BLAS)")
     p.add_argument("--no-pytorch", action="store_true", help="skip compare_pytorch.py")
     p.add_argument("--from-json", default=None, metavar="DIR", help="render from the medians saved in DIR, run nothing")
     p.add_argument("--out-dir", default=None, help="where BENCHMARKS.md, the PNGs and data/ go")
@@ -117,6 +121,18 @@ def openblas_coretype():
     if {"avx2", "fma"} <= flags:
         return "Haswell"
     return None
+
+
+def blas_env(lib, threads):
+    """The environment of a program that loads OpenBLAS: its threads, and its kernels named (see
+    openblas_coretype); with lib, also the library bench_mode_product loads."""
+    env = {"OPENBLAS_NUM_THREADS": str(threads)}
+    core = openblas_coretype()
+    if core and "OPENBLAS_CORETYPE" not in os.environ:
+        env["OPENBLAS_CORETYPE"] = core
+    if lib:
+        env["TENSOR_ADAPTERS_BENCH_BLAS"] = os.path.abspath(lib)
+    return env
 
 
 def git_commit():
@@ -187,6 +203,8 @@ def run_all(args, out_data, raw_dir):
             if args.filter:
                 cmd.append("--benchmark_filter=%s" % args.filter)
             env = {"OMP_NUM_THREADS": str(t if t else 1)}
+            if binary in ("bench_mode_product", "bench_gemm") and args.blas:
+                env.update(blas_env(args.blas, 1))
             shown = sh(cmd, env)
             print("report.py: " + shown, flush=True)
             before = machine_state()
@@ -198,7 +216,8 @@ def run_all(args, out_data, raw_dir):
             save(os.path.join(out_data, "%s.t%d.json" % (binary, t)), {
                 "binary": binary, "threads": t, "command": shown, "date": started.isoformat(timespec="minutes"),
                 "repetitions": reps, "min_time": min_time, "load_before": before, "load_after": machine_state(),
-                "context": {k: data["context"].get(k) for k in ("num_cpus", "mhz_per_cpu", "library_build_type")},
+                "context": {k: data["context"].get(k) for k in ("num_cpus", "mhz_per_cpu", "library_build_type",
+                                                                  "blas") if k in data["context"]},
                 "medians": medians(data)})
     if args.no_pytorch or (args.only and "pytorch" not in only and not (only & {"bench_lora", "bench_glora",
                                                                                  "bench_flora"})):
@@ -217,10 +236,8 @@ def run_all(args, out_data, raw_dir):
                 cmd += ["--filter", filt]
             env = {"OMP_NUM_THREADS": str(t), "OPENBLAS_NUM_THREADS": str(t)}
             if libdir:
+                env.update(blas_env(None, t))
                 env["LD_LIBRARY_PATH"] = os.path.abspath(libdir)
-                core = openblas_coretype()
-                if core and "OPENBLAS_CORETYPE" not in os.environ:
-                    env["OPENBLAS_CORETYPE"] = core
             print("report.py: " + sh(cmd, env), flush=True)
             if os.path.exists(out):
                 os.remove(out)
@@ -414,6 +431,17 @@ def mode_product_cases(run, typ):
     return cases
 
 
+def blas_name(run):
+    """The BLAS a program timed (its path under build/, and OpenBLAS's configuration), from its context."""
+    return re.sub(r"^.*/build/", "build/", run.get("context", {}).get("blas") or "a BLAS")
+
+
+def blas_words(run):
+    return (" BLAS: the same product as loops over the CBLAS GEMM of `%s` (one call for the first or last mode, one "
+            "per slice for a middle one, as a user with only a GEMM computes it; one thread, OPENBLAS_CORETYPE as in "
+            "the command)." % blas_name(run))
+
+
 def mode_product_section(runs, goals):
     run = runs.get(("bench_mode_product", 0))
     if run is None:
@@ -421,6 +449,7 @@ def mode_product_section(runs, goals):
     peak = get(run, "fma_peak<float>/threads:1", "GFLOP/s")
     peak2 = get(run, "fma_peak<float>/threads:2", "GFLOP/s")
     copy = get(run, "copy_bandwidth/threads:1", "GB/s")
+    blas = any(name.startswith("blas_gemm<") for name in run["medians"])
     out = [caption(run), "",
            "Same run: register-only FMA peak **%s GFLOP/s** (one thread; %s on two), copy bandwidth **%s GB/s** "
            "(one thread, bytes read + written). Float, one thread unless the column says otherwise. Columns: this "
@@ -428,12 +457,14 @@ def mode_product_section(runs, goals):
            "`shuffle`, an Eigen matrix product of the same m, n, k, the scalar reference kernel (all GFLOP/s), and "
            "two threads against one, timed apart and (paired, for the compute-bound cases) call by call, "
            "alternating (`mode_product_threads_paired`, wall clock, medians of 15 calls each per repetition), "
-           "from which the goal is read when it ran." % (num(peak, "%.0f"), num(peak2, "%.0f"), num(copy, "%.1f")),
+           "from which the goal is read when it ran.%s" % (num(peak, "%.0f"), num(peak2, "%.0f"), num(copy, "%.1f"),
+                                                            blas_words(run) if blas else ""),
            "",
-           "| x | mode | J | GFLOP/s | GB/s | % peak | % copy | Eigen contract | ours / contract | Eigen GEMM | "
-           "ours / GEMM | scalar | 2 threads | 2 thr / 1 thr | paired |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| x | mode | J | GFLOP/s | GB/s | %% peak | %% copy | Eigen contract | ours / contract | Eigen GEMM | "
+           "ours / GEMM | %sscalar | 2 threads | 2 thr / 1 thr | paired |" % ("BLAS | ours / BLAS | " if blas else ""),
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|%s" % ("---:|---:|" if blas else "")]
     compute, middle, slower, memory, scaling = [], [], [], [], []
+    vs_blas, blas_compute = [], []
     scaling_paired = False
     for typ, shape, dims, mode, j, _ in mode_product_cases(run, "float"):
         key = "%s/mode:%d/J:%d" % (shape, mode, j)
@@ -449,8 +480,14 @@ def mode_product_section(runs, goals):
         speed2_paired = get(run, "mode_product_threads_paired<float>/%s/iterations:15" % key, "two_over_one")
         i = dims[mode]
         label = "%s/mode %d/J %d" % (shape.replace("x", "×"), mode, j)
+        blas_t = get(run, "blas_gemm<float>/" + key)
+        blas_cols = "%s | %s | " % (num(get(run, "blas_gemm<float>/" + key, "GFLOP/s"), "%.1f"),
+                                    num(ratio(blas_t, t1))) if blas else ""
+        if blas_t is not None:
+            vs_blas.append(ratio(blas_t, t1))
         if j >= 64 and i >= 64:
             compute.append((label, ratio(gf, peak)))
+            blas_compute.append(ratio(get(run, "blas_gemm<float>/" + key, "GFLOP/s"), peak))
             if 0 < mode < len(dims) - 1:
                 middle.append((label, vs_con))
         slower.append((label, vs_con))
@@ -459,24 +496,35 @@ def mode_product_section(runs, goals):
         if shape == "256x256x256" and j >= 64:
             scaling.append((label, speed2 if speed2_paired is None else speed2_paired))
             scaling_paired = scaling_paired or speed2_paired is not None
-        out.append("| %s | %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |"
+        out.append("| %s | %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s%s | %s | %s | %s |"
                    % (shape.replace("x", "×"), mode, j, num(gf, "%.1f"), num(gb, "%.2f"), pct(ratio(gf, peak)),
                       pct(ratio(gb, copy)), num(get(run, "eigen_contract<float>/" + key, "GFLOP/s"), "%.1f"),
                       num(vs_con, "**%.2f**"), num(get(run, "eigen_gemm<float>/" + key, "GFLOP/s"), "%.1f"),
-                      num(vs_gem), num(sca, "%.1f"), num(gf2, "%.1f"), num(speed2),
+                      num(vs_gem), blas_cols, num(sca, "%.1f"), num(gf2, "%.1f"), num(speed2),
                       "" if speed2_paired is None else num(speed2_paired, "**%.2f**")))
     dbl = []
     for typ, shape, dims, mode, j, _ in mode_product_cases(run, "double"):
         key = "%s/mode:%d/J:%d" % (shape, mode, j)
         t1 = get(run, "mode_product<double>/%s/threads:1" % key)
-        dbl.append((ratio(get(run, "eigen_contract<double>/" + key), t1), ratio(get(run, "eigen_gemm<double>/" + key), t1)))
-    dbl_c = [a for a, _ in dbl if a is not None]
-    dbl_g = [b for _, b in dbl if b is not None]
+        dbl.append((ratio(get(run, "eigen_contract<double>/" + key), t1), ratio(get(run, "eigen_gemm<double>/" + key), t1),
+                    ratio(get(run, "blas_gemm<double>/" + key), t1)))
+    dbl_c = [a for a, _, _ in dbl if a is not None]
+    dbl_g = [b for _, b, _ in dbl if b is not None]
+    dbl_b = [c for _, _, c in dbl if c is not None]
+    vs_blas = [v for v in vs_blas if v is not None]
+    blas_compute = [v for v in blas_compute if v is not None]
+
+    def spread(values):
+        return "%.2f–%.2f (median %.2f)" % (min(values), max(values), statistics.median(values))
+    if vs_blas:
+        out += ["", "Loops over the BLAS's GEMM, float, one thread, over the same %d cases: ours / BLAS %s, ours faster "
+                "on %d of them; on the compute-bound cases the BLAS reaches %s–%s of the FMA peak."
+                % (len(vs_blas), spread(vs_blas), sum(1 for v in vs_blas if v > 1), pct(min(blas_compute)),
+                   pct(max(blas_compute)))]
     if dbl_c:
-        out += ["", "double, same run, one thread, over the same %d cases: ours / Eigen `contract` %.2f–%.2f (median "
-                "%.2f); ours / Eigen GEMM %.2f–%.2f (median %.2f)." % (len(dbl_c), min(dbl_c), max(dbl_c),
-                                                                         statistics.median(dbl_c), min(dbl_g),
-                                                                         max(dbl_g), statistics.median(dbl_g))]
+        out += ["", "double, same run, one thread, over the same %d cases: ours / Eigen `contract` %s; ours / Eigen "
+                "GEMM %s%s." % (len(dbl_c), spread(dbl_c), spread(dbl_g),
+                                "; ours / BLAS %s" % spread(dbl_b) if dbl_b else "")]
 
     def summary(issue, goal, items, test, fmt):
         items = [(l, v) for l, v in items if v is not None]
@@ -505,11 +553,14 @@ def gemm_section(runs, goals):
     run = runs.get(("bench_gemm", 0))
     if run is None:
         return "_No bench_gemm results in this run._"
+    blas = any(name.startswith("blas_product<") for name in run["medians"])
     out = [caption(run), "", "GFLOP/s; ratio = Eigen's time / ours (above 1: ours faster); paired: the same ratio "
            "with the two products timed call by call, alternating (`gemm_paired`, wall clock, medians of 25 calls "
-           "each per repetition), which the goal reads when it ran.", "",
-           "| type | product | ours, 1 thread | Eigen | ratio | paired | ours, 2 threads | Eigen | ratio |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "each per repetition), which the goal reads when it ran.%s" % (
+               " BLAS: the CBLAS GEMM of `%s`, one thread, and its time / ours." % blas_name(run) if blas else ""), "",
+           "| type | product | ours, 1 thread | Eigen | ratio | paired | %sours, 2 threads | Eigen | ratio |"
+           % ("BLAS | BLAS / ours | " if blas else ""),
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|%s" % ("---:|---:|" if blas else "")]
     items, paired = [], False
     for typ in ["float", "double"]:
         for shape in ["512x768x768", "64x4096x4096"]:
@@ -525,6 +576,9 @@ def gemm_section(runs, goals):
                     if t == 1:
                         pr = get(run, "gemm_paired%s/iterations:25" % key, "ratio")
                         cells.append(num(pr, "**%.3f**"))
+                        if blas:
+                            cells += [num(get(run, "blas_product" + key, "GFLOP/s"), "%.1f"),
+                                      num(ratio(get(run, "blas_product" + key), ours))]
                         if pr is not None:
                             r, paired = pr, True
                     if typ == "float" and t == 1 and r is not None:
@@ -780,16 +834,18 @@ def plot_mode_product(run, path):
               ("Eigen contract + shuffle", "eigen_contract<float>/%s", "#e0892b"),
               ("Eigen matrix product, same m·n·k", "eigen_gemm<float>/%s", "#8c8c8c"),
               ("scalar reference kernel", "scalar_kernel<float>/%s", "#c9c9c9")]
+    if any(name.startswith("blas_gemm<float>/") for name in run["medians"]):
+        series.insert(3, ("loops over a BLAS GEMM (OpenBLAS)", "blas_gemm<float>/%s", "#5aa05a"))
     for ax, fam in zip(axes, families):
         fc = [c for c in cases if c[1] == fam]
         if not fc:
             ax.set_visible(False)
             continue
         keys = ["%s/mode:%d/J:%d" % (c[1], c[3], c[4]) for c in fc]
-        width = 0.2
+        width = 0.8 / len(series)
         for s, (label, pattern, color) in enumerate(series):
             vals = [get(run, pattern % k, "GFLOP/s") or 0 for k in keys]
-            xs = [i + (s - 1.5) * width for i in range(len(keys))]
+            xs = [i + (s - (len(series) - 1) / 2) * width for i in range(len(keys))]
             ax.bar(xs, vals, width, label=label, color=color)
         top = max([peak or 0] + [get(run, p % k, "GFLOP/s") or 0 for _, p, _ in series for k in keys])
         if peak:
@@ -803,7 +859,7 @@ def plot_mode_product(run, path):
         ax.set_title("x = %s (float, one thread)" % fam.replace("x", "×"), fontsize=11, loc="left")
         ax.grid(axis="y", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for _, _, c in series]
-    fig.legend(handles, [l for l, _, _ in series], loc="upper center", ncol=4, fontsize=9, frameon=False,
+    fig.legend(handles, [l for l, _, _ in series], loc="upper center", ncol=len(series), fontsize=9, frameon=False,
                bbox_to_anchor=(0.5, 0.975))
     fig.get_layout_engine().set(rect=(0, 0, 1, 0.955))
     fig.suptitle("Mode-n product y = x ×mode u, u of shape (J, I_mode): GFLOP/s by mode and shape (medians)",
