@@ -118,6 +118,13 @@ void check_rank(std::mt19937_64& gen, int trials) {
                                                  scalar.data());
       require_close<T, N>(got, want, abs, i);
       require_close<T, N>(scalar, want, abs, i);
+#if defined(TA_HAVE_AVX512)
+      // The AVX2 kernels, compiled in beside AVX-512 but never native here.
+      ta::tensor<T, N> avx2 = y0;
+      if (beta == T(0)) avx2.setConstant(std::numeric_limits<T>::quiet_NaN());
+      td::mode_product_kernel<T, td::avx2_isa>(x.data(), p, i, q, u.data(), transposed, j, alpha, beta, avx2.data());
+      require_close<T, N>(avx2, want, abs, i);
+#endif
     }
   }
 }
@@ -244,9 +251,11 @@ TEMPLATE_TEST_CASE("a mode product over an empty extent or with alpha 0 is beta 
     int mode;
     ta::index j;
   };
-  // Every kernel behind mode_product: a tiny trailing extent folded into a narrow product (64, I, 3),
-  // short rows (4, I, 5), J along the lanes (4, I ≥ 64, 5), streamed rows (4, I, 1100), the packed
-  // product of a middle mode, and a last mode; each with its contracted extent 0 and then with alpha 0.
+  // The shapes of every kernel behind mode_product: a tiny trailing extent folded into a narrow product
+  // (64, I, 3), short rows (4, I, 5), J along the lanes (4, I ≥ 64, 5), streamed rows (4, I, 1100), the
+  // packed product of a middle mode, and a last mode; each with its contracted extent 0 and then with
+  // alpha 0. (mode_product_kernel answers both before it picks a kernel; these shapes keep the answer
+  // checked on every path should that ever move into the kernels.)
   const product_case cases[] = {{{64, 3, 3}, 1, 2},  {{4, 3, 5}, 1, 2},   {{4, 64, 5}, 1, 29},
                                 {{4, 3, 1100}, 1, 4}, {{3, 40, 64}, 1, 29}, {{5, 7, 6}, 2, 3}};
   for (const product_case& pc : cases) {

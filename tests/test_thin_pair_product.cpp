@@ -19,9 +19,9 @@ namespace td = tensor_adapters::detail;
 
 namespace {
 
-// The kernel's row lengths: one and two native registers.
-template <class T>
-constexpr ta::index widths[2] = {td::simd<T, td::native_isa>::width, 2 * td::simd<T, td::native_isa>::width};
+// The kernel's row lengths: one and two registers of Isa.
+template <class T, class Isa = td::native_isa>
+constexpr ta::index widths[2] = {td::simd<T, Isa>::width, 2 * td::simd<T, Isa>::width};
 
 // X (m, ldx ≥ n), P (m, r), Qt (n, r), L (m, r), as the kernel takes them.
 template <class T>
@@ -85,7 +85,7 @@ std::pair<ta::index, ta::index> first_bad(const thin_problem<T>& t, T alpha, T b
   return {bad_l, bad_rt};
 }
 
-template <class T>
+template <class T, class Isa = td::native_isa>
 void check_thin(ta::index m, ta::index n, ta::index ldx, ta::index r, std::uint64_t seed) {
   INFO("m " << m << " n " << n << " ldx " << ldx << " r " << r);
   const thin_problem<T> t(m, n, ldx, r, seed);
@@ -95,7 +95,8 @@ void check_thin(ta::index m, ta::index n, ta::index ldx, ta::index r, std::uint6
     if (beta == T(0))  // old contents of L, even NaN, must not leak into the result
       for (auto& e : l_old) e = std::numeric_limits<T>::quiet_NaN();
     std::vector<T> l = l_old, rt(std::size_t(n * r), std::numeric_limits<T>::quiet_NaN());
-    td::thin_pair_product<T>(m, n, r, alpha, t.x.data(), ldx, t.p.data(), t.qt.data(), beta, l.data(), rt.data());
+    td::thin_pair_product<T, Isa>(m, n, r, alpha, t.x.data(), ldx, t.p.data(), t.qt.data(), beta, l.data(),
+                                  rt.data());
     const auto [bad_l, bad_rt] = first_bad(t, alpha, beta, l_old, l, rt);
     INFO("first bad entry of L " << bad_l << ", of Rt " << bad_rt);
     CHECK(bad_l == -1);
@@ -125,6 +126,18 @@ TEMPLATE_TEST_CASE("the thin pair product matches plain loops and the scalar ker
       for (ta::index n : {1, 3, 5, 6, 7, 8, 9, 13, 127, 128, 129, 255, 256, 257, 600})
         check_thin<TestType>(m, n, n + (m % 3) * 5, r, seed++);
 }
+
+#if defined(TA_HAVE_AVX512)
+TEMPLATE_TEST_CASE("the AVX2 thin pair product, compiled in beside AVX-512, matches plain loops", "[thin_pair]", float,
+                   double) {
+  // Its 2×4 tile with split accumulators runs only where AVX2 is the widest instruction set.
+  std::uint64_t seed = 1000;
+  for (ta::index r : widths<TestType, td::avx2_isa>)
+    for (ta::index m : {1, 2, 3, 5, 8, 17, 64})
+      for (ta::index n : {1, 3, 4, 5, 7, 9, 127, 128, 129, 257})
+        check_thin<TestType, td::avx2_isa>(m, n, n + (m % 3) * 5, r, seed++);
+}
+#endif
 
 TEMPLATE_TEST_CASE("the thin pair product is exact on small integers", "[thin_pair]", float, double) {
   // Integer entries small enough that every sum is exact: L and Rt must equal the loops bit for bit.

@@ -89,6 +89,9 @@ struct grouped_matrix {
 //             (also when k = 0 or alpha = 0: then once, for all of C), it may read or rewrite the tile,
 //             c pointing at C(r0, c0) with rows ldc apart. Rows and columns are the whole product's. For
 //             a plain row-major C only (one group of contiguous columns).
+// A hook must not itself call gemm or mode_product for the same T on the same thread: the product in
+// progress keeps its packed operands in the thread's buffers (gemm_buffers), which the inner call
+// would overwrite or move.
 template <class T>
 struct gemm_hooks {
   void (*edit_b)(const void* context, index pc, index kc, index c0, index nc, T* panels) = nullptr;
@@ -96,7 +99,7 @@ struct gemm_hooks {
   const void* context = nullptr;
 };
 
-// y[0 : n] = alpha · v + beta · y[0 : n] for the first n ≤ width values at y, with va, vb alpha and beta
+// y[0 : n] = alpha · v + beta · y[0 : n] for the first min(n, width) values at y, with va, vb alpha and beta
 // broadcast; with beta == 0, y is not read (its old contents may be NaN).
 template <class S, class T>
 inline void store_scaled_first(T* y, index n, typename S::reg v, typename S::reg va, typename S::reg vb, T beta) {
@@ -443,7 +446,8 @@ void gemm_serial(index m, index n, index k, T alpha, const strided_matrix<T>& a,
   // and 0.89–0.92× the time, 4096×96·96×96 0.77–0.78×, float products of 384 and 512 columns
   // 0.97–1.01× (one thread, AVX-512; on AVX2 0.81–0.99×). Beyond that the products were mixed (n 768:
   // 0.91–1.045×), and packing A once per block of columns is paid back over more panels.
-  const bool a_in_place = a.cs == 1 && n <= a_in_place_panels * NR;
+  // (A row stride of 0, one row repeated, is packed: the kernel tells A in place by lda > 0.)
+  const bool a_in_place = a.cs == 1 && a.rs > 0 && n <= a_in_place_panels * NR;
   auto& buffers = gemm_buffers<T, Isa>::local();
   const index kc_max = std::min(k, KC);
   // The columns' blocks: NC wide, or as many whole panels as b_bytes holds where that is more, and a
@@ -612,23 +616,30 @@ void gemm_packed(index m, index n, index k, T alpha, const strided_matrix<T>& a,
 // would fill few lanes of its NR-wide tiles, so these are dot products along k instead, R rows of A
 // against J ≤ 8 rows of B (both contiguous along k) at a time, reduced across lanes at the end.
 // A is read once, straight from memory: nothing of it is packed.
+// dot_kernel's plain sums, for k shorter than one register. Out of line on purpose: inlined into
+// dot_rows, g++ 12.2 at -O3 dropped the sum of the last row in one translation unit (C = beta·C there;
+// the double product of x (637, 2, 3) in its last mode with J 3, through the folded kernel, in the test
+// program that also instantiates the AVX2 kernels), while -fno-tree-vrp, -O2, clang 14 and this
+// function out of line all gave the right result.
+template <class T, int R, int J>
+__attribute__((noinline)) void dot_plain(index k, const T* a, index lda, const T* b, index ldb, T* c, index ldc,
+                                         T alpha, T beta) {
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) {
+      T sum = T(0);
+      for (index q = 0; q < k; ++q) sum += a[r * lda + q] * b[j * ldb + q];
+      T& x = c[r * ldc + j];
+      x = alpha * sum + (beta == T(0) ? T(0) : beta * x);
+    }
+}
+
 template <class T, class Isa, int R, int J>
 inline void dot_kernel(index k, const T* __restrict a, index lda, const T* __restrict b, index ldb, T* __restrict c,
                        index ldc, T alpha, T beta, const T* next = nullptr) {
   using S = simd<T, Isa>;
   using reg = typename S::reg;
   constexpr int W = S::width;
-  if (k < W) {  // shorter than one register: plain sums
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int j = 0; j < J; ++j) {
-        T sum = T(0);
-        for (index q = 0; q < k; ++q) sum += a[r * lda + q] * b[j * ldb + q];
-        T& x = c[r * ldc + j];
-        x = alpha * sum + (beta == T(0) ? T(0) : beta * x);
-      }
-    return;
-  }
+  if (k < W) return dot_plain<T, R, J>(k, a, lda, b, ldb, c, ldc, alpha, beta);  // shorter than one register
   reg acc[R][J];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -1141,7 +1152,7 @@ template <class T, class Isa>
 void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha, const T* a, index lda, const T* b,
                  index ldb, T beta, T* c, index ldc, const gemm_hooks<T>& hooks = {}) {
   const bool hooked = hooks.edit_b != nullptr || hooks.finish_c != nullptr;
-  const bool narrow = !hooked && n <= 16 && m >= 2 * n && m > 0 && k > 0 && alpha != T(0);
+  const bool narrow = !hooked && n >= 1 && n <= 16 && m >= 2 * n && k > 0 && alpha != T(0);
   if (narrow && !trans_a) {
     gemm_narrow<T, Isa>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
     return;

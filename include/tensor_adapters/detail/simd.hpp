@@ -4,8 +4,8 @@
 //   zero(), broadcast(x)         all lanes 0 / all lanes x
 //   load(p), store(p, v)         `width` elements at p (any alignment)
 //   load_first(p, n), store_first(p, n, v)
-//                                the first n ≤ width lanes only (the others read as 0, left unwritten;
-//                                memory past p[n − 1] is not touched)
+//                                the first min(n, width) lanes only (the others read as 0, left
+//                                unwritten; memory past p[n − 1] is not touched); n ≥ width: all
 //   fma(a, b, c)                 a·b + c, fused where the instruction set has it
 //   mul(a, b), add(a, b)         a·b, a + b
 //   sum(v)                       the sum of v's lanes
@@ -75,7 +75,7 @@ struct simd<float, avx2_isa> {
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static __m256i first(Eigen::Index n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n < 8 ? n : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
   static reg load_first(const float* p, Eigen::Index n) { return _mm256_maskload_ps(p, first(n)); }
   static void store_first(float* p, Eigen::Index n, reg v) { _mm256_maskstore_ps(p, first(n), v); }
