@@ -337,6 +337,35 @@ TEMPLATE_TEST_CASE("the merge uses the original W0 and b0 and leaves them untouc
   CHECK(max_abs_diff(from_updated, m.bias) > T(1e-3));
 }
 
+TEMPLATE_TEST_CASE("merge in place (w_eff, b_eff = w0, b0) equals the merge into new tensors, bit for bit", "[glora]",
+                   float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(16);
+  // 40 × 33: several row blocks and a remainder in the lora rows' vector loop.
+  const auto a = trained_glora<T>(40, 33, 2, gen);
+  ta::tensor<T, 2> w0(40, 33);
+  ta::tensor<T, 1> b0(40);
+  ta::fill_normal(w0, 0, 1, gen);
+  ta::fill_normal(b0, 0, 1, gen);
+  ta::glora_workspace<T> ws;
+  for (const auto& c : ta::enumerate_glora_configs(ta::make_glora_space(2))) {
+    INFO(ta::to_string(c));
+    const auto m = ta::merge(a, c, w0, b0);
+    ta::tensor<T, 2> w = w0;
+    ta::tensor<T, 1> b = b0;
+    ta::merge<T, 2>(a, c, ta::view(w), ta::view(b), ta::writable_view(w), ta::writable_view(b), ws);
+    CHECK(max_abs_diff(w, m.weight) == T(0));
+    CHECK(max_abs_diff(b, m.bias) == T(0));
+    // Without a bias: W_eff in place, b_eff = E + W0 · C into a new vector.
+    const auto m0 = ta::merge(a, c, w0);
+    ta::tensor<T, 2> w_nobias = w0;
+    ta::tensor<T, 1> b_nobias(40);
+    ta::merge<T, 2>(a, c, ta::view(w_nobias), ta::writable_view(w_nobias), ta::writable_view(b_nobias), ws);
+    CHECK(max_abs_diff(w_nobias, m0.weight) == T(0));
+    CHECK(max_abs_diff(b_nobias, m0.bias) == T(0));
+  }
+}
+
 namespace {
 
 // Weight space on a weight of shape `dims` (rank N): delta_weight equals the linear layer's on the (O, F)
@@ -944,6 +973,20 @@ TEMPLATE_TEST_CASE("bad input throws argument_error naming the function and shap
                     Catch::Contains("glora forward") && Catch::Contains("rank 3") && Catch::Contains("R = 2"));
   CHECK_THROWS_WITH(ta::forward(a, illegal[2], x, w0, b0, y, ws), Catch::Contains("C cannot be scalar"));
   CHECK_THROWS_WITH(ta::forward(a, illegal[5], x, w0, b0, y, ws), Catch::Contains("unknown kind"));
+
+  // A store whose maximum rank is above min(O, I) (which make_glora refuses), with a configuration of
+  // rank 1 that it could otherwise serve.
+  ta::glora<T> wide;
+  wide.Ad.resize(4, 5), wide.Au.resize(5, 6), wide.Bd.resize(4, 5), wide.Bu.resize(5, 6);
+  wide.Cd.resize(6, 5), wide.Cu.resize(5, 1), wide.D.resize(4), wide.E.resize(4);
+  ta::for_each_parameter(wide, [&](const char*, auto& p) { ta::fill_normal(p, 0.0, 0.5, gen); });
+  const ta::glora_config rank1 = ta::parse_glora_config("A=lora_1,B=vector,C=lora_1,D=scalar,E=vector");
+  CHECK_THROWS_WITH(ta::forward(wide, rank1, x, w0, b0, y, ws),
+                    Catch::Contains("glora forward") && Catch::Contains("rank 5") && Catch::Contains("min(O, I) = 4"));
+  CHECK_THROWS_AS(ta::backward(wide, rank1, x, w0, b0, dy, dx, grad, ws), ta::argument_error);
+  CHECK_THROWS_AS(ta::merge(wide, rank1, w0, b0), ta::argument_error);
+  CHECK_THROWS_AS(ta::delta_weight(wide, rank1, w0), ta::argument_error);
+  CHECK_THROWS_AS(ta::delta_weight_vjp(wide, rank1, w0, w0), ta::argument_error);
 
   // Shapes that do not fit.
   ta::tensor<T, 2> x_bad(3, 5), w_bad(5, 6), y_bad(3, 5), dx_bad(2, 6);

@@ -533,6 +533,9 @@ glora_dims check_glora_store(const glora<T>& a, const char* function) {
                shape_string(a.Bd) + ", Bu " + shape_string(a.Bu) + ", Cd " + shape_string(a.Cd) + ", Cu " +
                shape_string(a.Cu) + ", D " + shape_string(a.D) + ", E " + shape_string(a.E) +
                "; expected (O, R), (R, I), (O, R), (R, I), (I, R), (R, 1), (O), (O)");
+  TA_CHECK(r <= std::min(out, in), function,
+           "the store has rank " + std::to_string(r) + " (Ad " + shape_string(a.Ad) + ", Au " + shape_string(a.Au) +
+               "), which must be at most min(O, I) = " + std::to_string(std::min(out, in)));
   return {out, in, r};
 }
 
@@ -917,7 +920,9 @@ bool glora_prompt_column(const glora<T>& a, const glora_config& c, const glora_d
 // The layer's effective weight and bias:
 //   out_w (O, I) = [W0 +] W0 ⊙ A + B              (skipped when out_w is null; in row blocks)
 //   out_b (O)    = [b0 +] b0 ⊙ D + E + W0 · C      (skipped when out_b is null; b0 == nullptr: no bias)
-// the bracketed terms only with add_base. col: scratch of I elements.
+// the bracketed terms only with add_base. col: scratch of I elements. The bias, prompt term included, is
+// formed before the weight, so out_w and out_b may be w0 and b0 themselves (every value of out_w is then
+// computed from the w0 value it replaces, and the prompt term reads W0 before it is overwritten).
 template <class T>
 void glora_layer(const glora<T>& a, const glora_config& c, const glora_dims& d, const T* w0, const T* b0,
                  bool add_base, T* col, T* out_w, T* out_b) {
@@ -938,6 +943,11 @@ void glora_layer(const glora<T>& a, const glora_config& c, const glora_dims& d, 
     }
     prompt = glora_prompt_column(a, c, d, col);
   }
+  // The prompt term W0 · C (a one-column product, split by output rows over the threads).
+  if (prompt)
+    glora_parallel_for(O, O * I, [&](index o0, index o1) {
+      gemm<T>(false, false, o1 - o0, 1, I, T(1), w0 + o0 * I, I, col, 1, T(1), out_b + o0, 1);
+    });
   if (out_w != nullptr) {
     const glora_plan plan = glora_blocks<T>(d);
     const index step = plan.step;
@@ -948,11 +958,6 @@ void glora_layer(const glora<T>& a, const glora_config& c, const glora_dims& d, 
       }
     });
   }
-  // The prompt term W0 · C (a one-column product, split by output rows over the threads).
-  if (prompt)
-    glora_parallel_for(O, O * I, [&](index o0, index o1) {
-      gemm<T>(false, false, o1 - o0, 1, I, T(1), w0 + o0 * I, I, col, 1, T(1), out_b + o0, 1);
-    });
 }
 
 // The gradient of one factored support tensor X (rows, cols) read by choice `k` from (Xd, Xu), given
@@ -1156,8 +1161,8 @@ tensor<T, 1> delta_bias(const glora<T>& a, const glora_config& c, const tensor<T
 // Given gW = ∂L/∂W_eff (O, I1, …, Ik), viewed as (O, F): the A and B parts of the store gradient.
 // A sees W0 ⊙ gW and B sees gW, each reduced to its kind (lora: gXd[:, :r] = G·Xu[:r]ᵀ,
 // gXu[:r] = Xd[:, :r]ᵀ·G; vector: gXd[:, 0] = row sums of G; scalar: gXd[0, 0] = ΣG). Every other entry of
-// grad (C, D, E included) is set to zero. grad is resized to the store's shapes if needed.
-// Throws argument_error, before writing anything, if a shape or the configuration does not fit.
+// grad (C, D, E included) is set to zero. grad is resized to the store's shapes if needed; it must not
+// be the store itself. Throws argument_error, before writing anything, if a shape or the configuration does not fit.
 template <class T, int N>
 void delta_weight_vjp(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
                       nondeduced<const_tensor_view<T, N>> gw, glora<T>& grad, glora_workspace<T>& ws) {
@@ -1225,7 +1230,8 @@ struct glora_merged {
 };
 
 // w_eff = W0 + W0 ⊙ A + B,  b_eff = b0 + b0 ⊙ D + E + W0 · C (without a bias: E + W0 · C), both from the
-// original W0 and b0 (which are only read).  w0, w_eff: (O, I1, …, Ik); b0, b_eff: (O).
+// original W0 and b0, also in place: w_eff and b_eff may be w0 and b0 themselves (the prompt term is
+// formed before the weight is overwritten).  w0, w_eff: (O, I1, …, Ik); b0, b_eff: (O).
 // Values beyond T's range come out as ±Inf (NaN where infinities of both signs meet); safe_merge rejects
 // them instead. Throws argument_error, before writing anything, if a shape or the configuration does not fit.
 template <class T, int N>
@@ -1602,7 +1608,7 @@ tensor<T, 2> forward(const glora<T>& a, const glora_config& c, const tensor<T, 2
 // in activation space. With A lora, dx = dy · W_eff goes through one GEMM that forms W_eff from W0 as it
 // packs it.
 //   x: (n, I), w0: (O, I), b0: (O), dy: (n, O), dx: (n, I); grad is resized to the store's shapes if
-// needed and overwritten. Throws argument_error, before writing anything, if a shape or the
+// needed and overwritten (it must not be the store itself). Throws argument_error, before writing anything, if a shape or the
 // configuration does not fit. Makes no allocation once the workspace has served a call of this layer,
 // batch size and configuration and grad has the store's shapes.
 template <class T>
