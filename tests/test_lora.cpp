@@ -367,10 +367,34 @@ TEMPLATE_TEST_CASE("bad input throws argument_error naming the function and shap
   CHECK_THROWS_AS(ta::delta_weight_vjp(a, conv_bad), ta::argument_error);
   const ta::shape<4> bad_dims{4, 2, 2, 2};
   CHECK_THROWS_AS((ta::delta_weight<T, 4>(a, bad_dims)), ta::argument_error);
+  // Extents whose product is the fan-in but which are not a weight's: negative, zero, overflowing.
+  CHECK_THROWS_WITH((ta::delta_weight<T, 3>(a, ta::shape<3>{4, -2, -3})),
+                    Catch::Contains("lora delta_weight") && Catch::Contains("(4, -2, -3)"));
+  CHECK_THROWS_AS((ta::delta_weight<T, 3>(a, ta::shape<3>{4, 0, 6})), ta::argument_error);
+  CHECK_THROWS_AS((ta::delta_weight<T, 3>(a, ta::shape<3>{4, ta::index(1) << 62, 4})), ta::argument_error);
+  CHECK_THROWS_AS((ta::delta_weight<T, 2>(a, ta::shape<2>{5, 6})), ta::argument_error);
+  CHECK((ta::delta_weight<T, 3>(a, ta::shape<3>{4, 2, 3})).dimensions() == ta::shape<3>{4, 2, 3});
   ta::lora<T> mismatched = a;
   mismatched.B.resize(4, 3);
   CHECK_THROWS_WITH(ta::merge(mismatched, w0), Catch::Contains("disagree on the rank"));
   CHECK(max_abs_diff(w0, w_before) == T(0));
+  // A rank above min(out, fan_in) (which make_lora refuses) is refused by every operation as well.
+  ta::lora<T> too_wide;
+  too_wide.A.resize(5, 6);
+  too_wide.B.resize(4, 5);
+  too_wide.A.setConstant(T(0.5));
+  too_wide.B.setConstant(T(0.25));
+  CHECK_THROWS_WITH(ta::merge(too_wide, w0), Catch::Contains("lora merge") && Catch::Contains("rank 5") &&
+                                                 Catch::Contains("min(out, fan_in) = 4"));
+  CHECK_THROWS_AS(ta::unmerge(too_wide, w0), ta::argument_error);
+  CHECK_THROWS_AS(ta::safe_merge(too_wide, w0), ta::argument_error);
+  CHECK_THROWS_AS(ta::delta_weight(too_wide), ta::argument_error);
+  CHECK_THROWS_AS(ta::delta_weight_vjp(too_wide, w0), ta::argument_error);
+  CHECK_THROWS_AS(ta::forward(too_wide, x, w0, b0, y, ws), ta::argument_error);
+  CHECK_THROWS_AS(ta::backward(too_wide, x, w0, dy, dx, grad, ws), ta::argument_error);
+  CHECK(max_abs_diff(w0, w_before) == T(0));
+  CHECK(max_abs_diff(y, y_before) == T(0));
+  CHECK(max_abs_diff(dx, dx_before) == T(0));
   ta::lora<T> empty;
   CHECK_THROWS_AS(ta::delta_weight(empty), ta::argument_error);
 }

@@ -293,6 +293,18 @@ TEST_CASE("malformed PEFT adapters raise clear errors", "[peft]") {
                     });
     require_load_error(dir2, {"model.conv1", cb, "(6, 4, 1, 2)"});
   }
+  SECTION("a rank above min(out, fan_in)") {
+    const std::string dir = scratch_copy("lora_f32", "wide");
+    rewrite_tensors(dir, [&](const io::tensor_info& t) { return t.name != qa && t.name != qb; },
+                    [&](io::safetensors_writer& w) {
+                      ta::tensor<float, 2> a(9, 8), b(8, 9);
+                      a.setZero();
+                      b.setZero();
+                      w.add(qa, a);
+                      w.add(qb, b);
+                    });
+    require_load_error(dir, {q, "rank 9", "min(out, fan_in) = 8"});
+  }
   SECTION("keys PEFT LoRA does not write") {
     const std::string dir = scratch_copy("lora_f32", "unexpected");
     rewrite_tensors(dir, [](const io::tensor_info&) { return true; },
@@ -749,6 +761,21 @@ TEST_CASE("malformed GLoRA and FLoRA adapters raise clear errors", "[glora_file]
                       w.add(qk + "glora_Bu", bu);
                     });
     require_glora_error(dir, {q_proj, qk + "glora_Bu", "(4, 7)", "expected (4, 8)"});
+  }
+  SECTION("GLoRA: a store whose rank is above min(O, I)") {
+    const std::string dir = scratch_copy("glora_f32", "glora_wide");
+    rewrite_tensors(dir, [&](const io::tensor_info& t) { return t.name.rfind(qk + "glora_", 0) != 0; },
+                    [&](io::safetensors_writer& w) {
+                      ta::tensor<float, 2> d(8, 9), u(9, 8), cu(9, 1);
+                      ta::tensor<float, 1> v(8);
+                      for (auto* t : {&d, &u, &cu}) t->setZero();
+                      v.setZero();
+                      for (const char* k : {"glora_Ad", "glora_Bd", "glora_Cd"}) w.add(qk + k, d);
+                      for (const char* k : {"glora_Au", "glora_Bu"}) w.add(qk + k, u);
+                      w.add(qk + "glora_Cu", cu);
+                      for (const char* k : {"glora_D", "glora_E"}) w.add(qk + k, v);
+                    });
+    require_glora_error(dir, {q_proj, "rank 9", "min(O, I) = 8"});
   }
   SECTION("GLoRA: keys the format does not have") {
     const std::string dir = scratch_copy("glora_f32", "glora_key");

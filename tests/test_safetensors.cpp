@@ -263,6 +263,12 @@ TEST_CASE("safetensors rejects malformed files with a clear message", "[safetens
     require_rejected(make_file("{" + entry("w", "F16", "[2,2]", 0, 16) + "}", zeros(16)), {"\"w\"", "8 bytes"});
     require_rejected(make_file("{" + entry("w", "F64", "[4294967296,4294967296]", 0, 16) + "}", zeros(16)),
                      {"\"w\"", "overflows"});
+    // An empty tensor whose other extents multiply beyond the index type (a fan-in taken without the
+    // zero would overflow), and the same with the zero first.
+    require_rejected(make_file("{" + entry("w", "F32", "[4611686018427387904,3,0]", 0, 0) + "}", zeros(0)),
+                     {"\"w\"", "overflows"});
+    require_rejected(make_file("{" + entry("w", "F32", "[0,4611686018427387904,3]", 0, 0) + "}", zeros(0)),
+                     {"\"w\"", "overflows"});
     require_rejected(make_file("{" + entry("w", "F32", "[-2,2]", 0, 16) + "}", zeros(16)), {"\"w\"", "shape entry"});
     require_rejected(make_file("{" + entry("w", "F32", "[2.0,2]", 0, 16) + "}", zeros(16)), {"\"w\"", "shape entry"});
   }

@@ -117,6 +117,9 @@ void check_lora(const lora<T>& a, const char* function) {
         "adapter A " + shape_string(a.A) + " and B " + shape_string(a.B) + " must not be empty");
   TA_CHECK(a.B.dimension(1) == r, function,
         "adapter A " + shape_string(a.A) + " and B " + shape_string(a.B) + " disagree on the rank");
+  TA_CHECK(r <= std::min(a.B.dimension(0), a.A.dimension(1)), function,
+        "adapter A " + shape_string(a.A) + " and B " + shape_string(a.B) + " have rank " + std::to_string(r) +
+            ", which must be at most min(out, fan_in) = " + std::to_string(std::min(a.B.dimension(0), a.A.dimension(1))));
 }
 
 // The weight (O, I1, …, Ik) seen as (O, F) must match the adapter.
@@ -165,13 +168,26 @@ tensor<T, 2> delta_weight(const lora<T>& a) {
 // std::size_t so that it is deduced from a shape<N>, which is a std::array.)
 template <class T, std::size_t N>
 tensor<T, static_cast<int>(N)> delta_weight(const lora<T>& a, const std::array<index, N>& weight_shape) {
+  // The shape is checked before ΔW is allocated (a negative extent would otherwise fail in the allocation).
+  const char* fn = "lora delta_weight";
+  detail::check_lora(a, fn);
+  bool fits = weight_shape[0] == a.B.dimension(0);
+  index fan_in = 1;
+  for (std::size_t d = 1; d < N && fits; ++d) {
+    fits = weight_shape[d] >= 1 && weight_shape[d] <= a.A.dimension(1) / fan_in;
+    fan_in *= fits ? weight_shape[d] : 1;
+  }
+  TA_CHECK(fits && fan_in == a.A.dimension(1), fn,
+           "the weight shape " + detail::dims_string(weight_shape, int(N)) + " does not fit the adapter (A " +
+               detail::shape_string(a.A) + ", B " + detail::shape_string(a.B) + "), which needs (" +
+               std::to_string(a.B.dimension(0)) + ", …) with fan-in " + std::to_string(a.A.dimension(1)));
   tensor<T, static_cast<int>(N)> dw(weight_shape);
   delta_weight<T, static_cast<int>(N)>(a, writable_view(dw));
   return dw;
 }
 
 // Given gW = ∂L/∂W (O, I1, …, Ik), viewed as (O, F):  grad.A = scale · Bᵀ · gW,  grad.B = scale · gW · Aᵀ.
-// grad is resized to the adapter's shapes if needed and overwritten.
+// grad is resized to the adapter's shapes if needed and overwritten; it must not be the adapter itself.
 template <class T, int N>
 void delta_weight_vjp(const lora<T>& a, const_tensor_view<T, N> gw, lora<T>& grad) {
   detail::check_weight(a, gw, "lora delta_weight_vjp", "gW");
@@ -341,7 +357,8 @@ tensor<T, 2> forward(const lora<T>& a, const tensor<T, 2>& x, const tensor<T, 2>
 
 // Backward of the linear forward with W0 and b0 frozen, given dy = ∂L/∂y (n, O):
 //   h = x · Aᵀ;  grad.B = scale · dyᵀ · h;  dh = scale · dy · B;  grad.A = dhᵀ · x;  dx = dy · W0 + dh · A.
-//   x: (n, I), w0: (O, I), dy: (n, O), dx: (n, I).  grad is resized if needed and overwritten.
+//   x: (n, I), w0: (O, I), dy: (n, O), dx: (n, I).  grad is resized if needed and overwritten
+//   (it must not be the adapter itself).
 // (The bias does not enter: ∂L/∂b0 would be Σ_rows dy, and b0 is frozen.)
 // Throws argument_error, before writing anything, if a shape does not fit. Makes no allocation when
 // the workspace has already served a batch of at least n rows and grad has the adapter's shapes.

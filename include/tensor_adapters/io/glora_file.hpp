@@ -246,6 +246,9 @@ glora_adapter<T> load_glora_adapter(const std::string& config_text, const std::s
       if (o < 1 || in < 1 || r < 1)
         fail(where + ": the store is empty (" + key(0) + " " + detail::shape_text(ad) + ", " + key(1) + " " +
              detail::shape_text(au) + ")");
+      if (r > std::min(o, in))
+        fail(where + ": the store has rank " + std::to_string(r) + " in " + key(0) + ", above min(O, I) = " +
+             std::to_string(std::min(o, in)));
       if (r != out.config.r)
         fail(where + " has maximum rank " + std::to_string(r) + " in " + key(0) + " but adapter_config.json's r is " +
              std::to_string(out.config.r));

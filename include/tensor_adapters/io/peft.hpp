@@ -273,6 +273,10 @@ peft_lora_adapter<T> load_peft_lora(const peft_lora_config& config, const safete
       if (r < 1 || fan_in < 1 || b.shape[0] < 1)
         fail(where + ": " + a_key + " " + detail::shape_text(a.shape) + " and " + b_key + " " +
              detail::shape_text(b.shape) + " must not be empty");
+      if (r > std::min(b.shape[0], fan_in))
+        fail(where + ": " + a_key + " " + detail::shape_text(a.shape) + " and " + b_key + " " +
+             detail::shape_text(b.shape) + " have rank " + std::to_string(r) + ", above min(out, fan_in) = " +
+             std::to_string(std::min(b.shape[0], fan_in)) + " (PEFT accepts it; ΔW cannot use the extra rank)");
       const index expected_rank = peft_rank(config, module);
       if (r != expected_rank)
         fail(where + " has rank " + std::to_string(r) + " in " + a_key + " but adapter_config.json gives it rank " +

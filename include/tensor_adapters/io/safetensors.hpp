@@ -494,20 +494,25 @@ class safetensors_file {
 
     auto sh = value.find("shape");
     if (sh == value.end() || !sh->is_array()) detail::fail(name_, what + " has no \"shape\" array");
-    std::uint64_t elements = 1;
+    // The product of the nonzero extents must fit in index, so that the product of any of the extents
+    // (a fan-in, a size) does, whether or not another extent is zero.
+    const auto index_max = static_cast<std::uint64_t>(std::numeric_limits<index>::max());
+    std::uint64_t nonzero = 1;
+    bool empty = false;
     for (const auto& d : *sh) {
       if (!d.is_number_unsigned())
         detail::fail(name_,
                      what + " has a shape entry that is not a non-negative integer: " + detail::json_excerpt(d));
       const std::uint64_t extent = d.get<std::uint64_t>();
-      if (extent > static_cast<std::uint64_t>(std::numeric_limits<index>::max()) ||
-          detail::mul_overflows(elements, extent, elements))
+      empty = empty || extent == 0;
+      if (extent > index_max ||
+          (extent != 0 && (detail::mul_overflows(nonzero, extent, nonzero) || nonzero > index_max)))
         detail::fail(name_, what + " has a shape " + detail::json_excerpt(*sh) + " whose size overflows");
       t.shape.push_back(static_cast<index>(extent));
     }
+    const std::uint64_t elements = empty ? 0 : nonzero;
     std::uint64_t bytes = 0;
-    if (elements > static_cast<std::uint64_t>(std::numeric_limits<index>::max()) ||
-        detail::mul_overflows(elements, dtype_size(t.type), bytes))
+    if (detail::mul_overflows(elements, dtype_size(t.type), bytes))
       detail::fail(name_, what + " has a shape " + detail::json_excerpt(*sh) + " whose size overflows");
 
     auto off = value.find("data_offsets");
