@@ -9,8 +9,9 @@ BENCH_DIR holds the Google Benchmark programs (default build/release/benchmarks)
 --benchmark_format=json output, --benchmark_repetitions and --benchmark_report_aggregates_only, and the
 report reads the medians. bench_lora and bench_glora run once per --threads value (OMP_NUM_THREADS);
 bench_mode_product and bench_gemm time 1 and 2 threads inside the program, and bench_flora always runs on
-one thread, so those three run once. benchmarks/compare_pytorch.py then times PyTorch's equivalents with
-the same thread counts, once per PyTorch set-up (the system's, and any --torch-blas NAME=DIR, which runs
+one thread, so those three run once. benchmarks/compare_pytorch.py times PyTorch's equivalents with the
+same thread counts right after the adapters' programs (bench_lora, bench_glora, bench_flora; the kernels'
+programs come last), once per PyTorch set-up (the system's, and any --torch-blas NAME=DIR, which runs
 PyTorch with that directory first on LD_LIBRARY_PATH so that it loads another libblas.so.3). With --blas
 LIB, bench_gemm and bench_mode_product also time LIB's CBLAS GEMM (one thread) on the same products.
 
@@ -41,6 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BINARIES = ["bench_lora", "bench_glora", "bench_flora", "bench_gemm", "bench_mode_product"]
 PER_THREAD = {"bench_lora", "bench_glora"}  # the others fix their thread counts themselves
+ADAPTER_BINARIES = {"bench_lora", "bench_glora", "bench_flora"}  # what compare_pytorch.py times the equivalents of
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,7 +189,13 @@ def run_all(args, out_data, raw_dir):
     if missing and len(missing) == len([b for b in BINARIES if b in only]):
         raise SystemExit("report.py: no benchmark program in %s (configure with -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=ON "
                          "and build them first); nothing was run or written" % args.bench_dir)
-    for binary in BINARIES:
+    # The adapters' programs, then PyTorch's equivalents, then the kernels' programs: the PyTorch ratios
+    # divide times taken minutes apart rather than half an hour apart, while the machine's speed drifts.
+    for binary in [b for b in BINARIES if b in ADAPTER_BINARIES] + ["pytorch"] + \
+            [b for b in BINARIES if b not in ADAPTER_BINARIES]:
+        if binary == "pytorch":
+            run_pytorch(args, out_data, reps, min_time, threads, only)
+            continue
         if binary not in only:
             continue
         path = os.path.join(args.bench_dir, binary)
@@ -219,8 +227,10 @@ def run_all(args, out_data, raw_dir):
                 "context": {k: data["context"].get(k) for k in ("num_cpus", "mhz_per_cpu", "library_build_type",
                                                                   "blas") if k in data["context"]},
                 "medians": medians(data)})
-    if args.no_pytorch or (args.only and "pytorch" not in only and not (only & {"bench_lora", "bench_glora",
-                                                                                 "bench_flora"})):
+
+
+def run_pytorch(args, out_data, reps, min_time, threads, only):
+    if args.no_pytorch or (args.only and "pytorch" not in only and not (only & ADAPTER_BINARIES)):
         return
     setups = [("system", None)] + [tuple(s.split("=", 1)) for s in args.torch_blas]
     for label, libdir in setups:
@@ -1036,7 +1046,7 @@ def render(data_dir, out_dir, template, meta):
                   "for the other processes, so two-thread ratios from this run say more about the load than about "
                   "the code." if loads and max(loads) >= 1.5 else "The machine was quiet during this run."),
         "- Every figure is a median over repetitions; every ratio divides two medians measured in the same run "
-        "(ours against a baseline in the same program; PyTorch in the same session, right after).",
+        "(ours against a baseline in the same program; PyTorch right after the adapters' programs).",
     ])
     figs = []
     if mp_run:
