@@ -69,8 +69,8 @@ case "${1:-}" in
     ;;
   report)
     configure build/release -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=ON
-    # OpenBLAS, unpacked into build/ (nothing is installed or switched): the mode products are timed
-    # against loops over its GEMM, and PyTorch, which as Debian ships it calls whichever libblas.so.3 is
+    # OpenBLAS, unpacked into build/ (nothing is installed or switched): the matrix and mode products are
+    # timed against its GEMM, and PyTorch, which as Debian ships it calls whichever libblas.so.3 is
     # installed (often the slow reference one), is timed with it as well.
     blas=build/openblas/usr/lib/x86_64-linux-gnu/openblas-pthread
     if [ ! -d "$blas" ]; then

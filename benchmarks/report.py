@@ -127,7 +127,7 @@ def openblas_coretype():
 
 def blas_env(lib, threads):
     """The environment of a program that loads OpenBLAS: its threads, and its kernels named (see
-    openblas_coretype); with lib, also the library bench_mode_product loads."""
+    openblas_coretype); with lib, also the library bench_gemm and bench_mode_product load."""
     env = {"OPENBLAS_NUM_THREADS": str(threads)}
     core = openblas_coretype()
     if core and "OPENBLAS_CORETYPE" not in os.environ:
@@ -490,14 +490,12 @@ def mode_product_section(runs, goals):
         speed2_paired = get(run, "mode_product_threads_paired<float>/%s/iterations:15" % key, "two_over_one")
         i = dims[mode]
         label = "%s/mode %d/J %d" % (shape.replace("x", "×"), mode, j)
-        blas_t = get(run, "blas_gemm<float>/" + key)
-        blas_cols = "%s | %s | " % (num(get(run, "blas_gemm<float>/" + key, "GFLOP/s"), "%.1f"),
-                                    num(ratio(blas_t, t1))) if blas else ""
-        if blas_t is not None:
-            vs_blas.append(ratio(blas_t, t1))
+        blas_vs, blas_gf = ratio(get(run, "blas_gemm<float>/" + key), t1), get(run, "blas_gemm<float>/" + key, "GFLOP/s")
+        blas_cols = "%s | %s | " % (num(blas_gf, "%.1f"), num(blas_vs)) if blas else ""
+        vs_blas.append(blas_vs)
         if j >= 64 and i >= 64:
             compute.append((label, ratio(gf, peak)))
-            blas_compute.append(ratio(get(run, "blas_gemm<float>/" + key, "GFLOP/s"), peak))
+            blas_compute.append(ratio(blas_gf, peak))
             if 0 < mode < len(dims) - 1:
                 middle.append((label, vs_con))
         slower.append((label, vs_con))

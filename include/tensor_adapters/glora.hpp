@@ -1162,7 +1162,8 @@ tensor<T, 1> delta_bias(const glora<T>& a, const glora_config& c, const tensor<T
 // A sees W0 ⊙ gW and B sees gW, each reduced to its kind (lora: gXd[:, :r] = G·Xu[:r]ᵀ,
 // gXu[:r] = Xd[:, :r]ᵀ·G; vector: gXd[:, 0] = row sums of G; scalar: gXd[0, 0] = ΣG). Every other entry of
 // grad (C, D, E included) is set to zero. grad is resized to the store's shapes if needed; it must not
-// be the store itself. Throws argument_error, before writing anything, if a shape or the configuration does not fit.
+// be the store itself. Throws argument_error, before writing anything, if a shape or the configuration
+// does not fit.
 template <class T, int N>
 void delta_weight_vjp(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, N>> w0,
                       nondeduced<const_tensor_view<T, N>> gw, glora<T>& grad, glora_workspace<T>& ws) {
@@ -1608,9 +1609,9 @@ tensor<T, 2> forward(const glora<T>& a, const glora_config& c, const tensor<T, 2
 // in activation space. With A lora, dx = dy · W_eff goes through one GEMM that forms W_eff from W0 as it
 // packs it.
 //   x: (n, I), w0: (O, I), b0: (O), dy: (n, O), dx: (n, I); grad is resized to the store's shapes if
-// needed and overwritten (it must not be the store itself). Throws argument_error, before writing anything, if a shape or the
-// configuration does not fit. Makes no allocation once the workspace has served a call of this layer,
-// batch size and configuration and grad has the store's shapes.
+// needed and overwritten (it must not be the store itself). Throws argument_error, before writing
+// anything, if a shape or the configuration does not fit. Makes no allocation once the workspace has
+// served a call of this layer, batch size and configuration and grad has the store's shapes.
 template <class T>
 void backward(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, 2>> x,
               nondeduced<const_tensor_view<T, 2>> w0, nondeduced<const_tensor_view<T, 1>> b0,

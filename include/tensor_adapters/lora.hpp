@@ -117,9 +117,10 @@ void check_lora(const lora<T>& a, const char* function) {
         "adapter A " + shape_string(a.A) + " and B " + shape_string(a.B) + " must not be empty");
   TA_CHECK(a.B.dimension(1) == r, function,
         "adapter A " + shape_string(a.A) + " and B " + shape_string(a.B) + " disagree on the rank");
-  TA_CHECK(r <= std::min(a.B.dimension(0), a.A.dimension(1)), function,
+  const index most = std::min(a.B.dimension(0), a.A.dimension(1));
+  TA_CHECK(r <= most, function,
         "adapter A " + shape_string(a.A) + " and B " + shape_string(a.B) + " have rank " + std::to_string(r) +
-            ", which must be at most min(out, fan_in) = " + std::to_string(std::min(a.B.dimension(0), a.A.dimension(1))));
+            ", which must be at most min(out, fan_in) = " + std::to_string(most));
 }
 
 // The weight (O, I1, …, Ik) seen as (O, F) must match the adapter.
