@@ -143,16 +143,19 @@ TEMPLATE_TEST_CASE("the vectorized product matches the scalar kernel and plain l
   }
 }
 
-TEMPLATE_TEST_CASE("narrow products with a contraction shorter than a register match plain loops", "[gemm]", float,
-                   double) {
-  // n ≤ 16 columns, m ≥ 2n rows, k below the register width with rows of A and C at most 16 apart: the
-  // dot-product kernel then reduces across several rows at once (dot_across_rows; double on AVX-512,
-  // float on AVX2), with a remainder of rows taken one by one.
+TEMPLATE_TEST_CASE("narrow products of every width with short and ragged contractions match plain loops",
+                   "[gemm]", float, double) {
+  // n ≤ 16 columns, m ≥ 2n rows: one to four registers per row of C (a short k, or a row of C filling
+  // most of a register: register_rows_product) or dot products along k whose last k % width steps are
+  // one masked step; k on both sides of one, two and four registers of every instruction set, with B
+  // plain and transposed and rows of A, B and C apart by more than their lengths.
   std::mt19937_64 gen(12);
-  for (const problem& p : {problem{false, false, 64, 12, 5, 5, 12, 12}, problem{false, true, 67, 12, 3, 3, 3, 12},
-                           problem{false, false, 50, 9, 7, 7, 9, 9}, problem{false, true, 41, 16, 2, 2, 2, 16},
-                           problem{false, false, 33, 10, 1, 1, 10, 13}})
-    check_problem<TestType>(p, gen);
+  for (const ta::index n : {1, 3, 4, 5, 8, 9, 12, 13, 16})
+    for (const ta::index k : {1, 2, 3, 5, 7, 8, 9, 12, 15, 16, 17, 20, 31, 33, 40, 63, 65})
+      for (const bool tb : {false, true}) {
+        const ta::index m = 2 * n + 29;
+        check_problem<TestType>(problem{false, tb, m, n, k, k + 1, (tb ? k : n) + 2, n + 3}, gen, false);
+      }
 }
 
 namespace {

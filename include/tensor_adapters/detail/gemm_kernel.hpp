@@ -23,14 +23,14 @@
 // scalar_isa.
 //
 // Narrow products (n ≤ 16, m ≥ 2n, A not transposed) take a dot-product kernel instead, which reads
-// A in place (see gemm_narrow), or, when each row of C fills more than three quarters of a register
-// or k is shorter than one, one register per row of C (register_rows_product).
+// A in place (see gemm_narrow), or, when k is short or each row of C fills most of a register, one or
+// two registers per row of C (register_rows_product).
 //
 // Cases of the plain-layout entry (the grouped entry, for middle modes, has all but the narrow one):
 //   m = 0 or n = 0                      nothing to do
 //   k = 0 or alpha = 0                  C = beta·C
-//   plain A, n ≤ 16, m ≥ 2n             gemm_narrow: dot products along k, or one register per row
-//                                       of C (3/4 width < n ≤ width, or k < width); A streamed once
+//   plain A, n ≤ 16, m ≥ 2n             gemm_narrow: dot products along k, or registers per row of
+//                                       C (a short k, or 3/4 width < n ≤ width); A streamed once
 //   transposed A, n ≤ 16, m ≥ 2n, small gemm_narrow_transposed: rows of C as vectors, A read once
 //                                       (one thread; larger ones take the packed path on several)
 //   hooks given (gemm_hooks)            packed, whatever the shape
@@ -49,6 +49,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -615,31 +616,14 @@ void gemm_packed(index m, index n, index k, T alpha, const strided_matrix<T>& a,
 // Narrow products, n ≤ 16 (a mode product's last mode with a small output extent): the packed kernel
 // would fill few lanes of its NR-wide tiles, so these are dot products along k instead, R rows of A
 // against J ≤ 8 rows of B (both contiguous along k) at a time, reduced across lanes at the end.
-// A is read once, straight from memory: nothing of it is packed.
-// dot_kernel's plain sums, for k shorter than one register. Out of line on purpose: inlined into
-// dot_rows, g++ 12.2 at -O3 dropped the sum of the last row in one translation unit (C = beta·C there;
-// the double product of x (637, 2, 3) in its last mode with J 3, through the folded kernel, in the test
-// program that also instantiates the AVX2 kernels), while -fno-tree-vrp, -O2, clang 14 and this
-// function out of line all gave the right result.
-template <class T, int R, int J>
-__attribute__((noinline)) void dot_plain(index k, const T* a, index lda, const T* b, index ldb, T* c, index ldc,
-                                         T alpha, T beta) {
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) {
-      T sum = T(0);
-      for (index q = 0; q < k; ++q) sum += a[r * lda + q] * b[j * ldb + q];
-      T& x = c[r * ldc + j];
-      x = alpha * sum + (beta == T(0) ? T(0) : beta * x);
-    }
-}
-
+// A is read once, straight from memory: nothing of it is packed. k ≥ width (shorter ones take
+// register_rows_product); the last k % width steps are one step with the lanes past k zero.
 template <class T, class Isa, int R, int J>
 inline void dot_kernel(index k, const T* __restrict a, index lda, const T* __restrict b, index ldb, T* __restrict c,
                        index ldc, T alpha, T beta, const T* next = nullptr) {
   using S = simd<T, Isa>;
   using reg = typename S::reg;
   constexpr int W = S::width;
-  if (k < W) return dot_plain<T, R, J>(k, a, lda, b, ldb, c, ldc, alpha, beta);  // shorter than one register
   reg acc[R][J];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -664,42 +648,27 @@ inline void dot_kernel(index k, const T* __restrict a, index lda, const T* __res
       for (int r = 0; r < R; ++r) acc[r][j] = S::fma(av[r], bv, acc[r][j]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) {
-      T sum = S::sum(acc[r][j]);
-      for (index q = p; q < k; ++q) sum += a[r * lda + q] * b[j * ldb + q];
-      T& x = c[r * ldc + j];
-      x = alpha * sum + (beta == T(0) ? T(0) : beta * x);
-    }
-}
-
-// For k shorter than a register (a conv kernel's 3 or 9): `width` rows at a time, one lane per row,
-// with A's columns and C's columns gathered and scattered (row strides lda, ldc ≤ 16).
-template <class T, class Isa, int J>
-index dot_across_rows(index m, index k, const T* a, index lda, const T* b, index ldb, T* c, index ldc, T alpha,
-                      T beta) {
-  using S = simd<T, Isa>;
-  using reg = typename S::reg;
-  constexpr int W = S::width;
-  const auto in = S::strided(lda), out = S::strided(ldc);
-  const reg va = S::broadcast(alpha), vb = S::broadcast(beta);
-  index r = 0;
-  for (; r + W <= m; r += W) {
-    reg acc[J];
+  if (p < k) {
+    // (Summed element by element instead, the tail cost R·J scalar sums per call: with k 20–31 floats
+    // the products ran at a third of k 32's rate.)
+    reg av[R];
 #pragma GCC unroll 8
-    for (int j = 0; j < J; ++j) acc[j] = S::zero();
-    for (index q = 0; q < k; ++q) {
-      const reg xq = S::gather(a + r * lda + q, in);
-#pragma GCC unroll 8
-      for (int j = 0; j < J; ++j) acc[j] = S::fma(xq, S::broadcast(b[j * ldb + q]), acc[j]);
-    }
+    for (int r = 0; r < R; ++r) av[r] = S::load_first(a + r * lda + p, k - p);
 #pragma GCC unroll 8
     for (int j = 0; j < J; ++j) {
-      T* cj = c + r * ldc + j;
-      S::scatter(cj, out, beta == T(0) ? S::mul(va, acc[j]) : S::fma(va, acc[j], S::mul(vb, S::gather(cj, out))));
+      const reg bv = S::load_first(b + j * ldb + p, k - p);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][j] = S::fma(av[r], bv, acc[r][j]);
     }
   }
-  return r;
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) {
+      // (One fused rounding, spelled out: left to the compiler's contraction, the rows of the R-row
+      // and 1-row kernels were fused differently, and C's last bits depended on the thread count.)
+      T& x = c[r * ldc + j];
+      const T sum = S::sum(acc[r][j]);
+      x = beta == T(0) ? alpha * sum : std::fma(alpha, sum, beta * x);
+    }
 }
 
 template <class T, class Isa, int J>
@@ -707,13 +676,6 @@ void dot_rows(index m, index k, const T* a, index lda, const T* b, index ldb, T*
   constexpr int acc = gemm_shape<T, Isa>::dot_acc;
   constexpr int R = acc / J < 1 ? 1 : (acc / J > 4 ? 4 : acc / J);
   index r = 0;
-  if (simd<T, Isa>::width > 1 && k < simd<T, Isa>::width && lda <= 16 && ldc <= 16) {
-    r = dot_across_rows<T, Isa, J>(m, k, a, lda, b, ldb, c, ldc, alpha, beta);
-    a += r * lda;
-    c += r * ldc;
-    m -= r;
-    r = 0;
-  }
   for (; r + R <= m; r += R)
     dot_kernel<T, Isa, R, J>(k, a + r * lda, lda, b, ldb, c + r * ldc, ldc, alpha, beta,
                              r + 2 * R <= m ? a + (r + R) * lda : nullptr);
@@ -748,53 +710,63 @@ void dot_columns(index m, index n, index k, T alpha, const T* a, index lda, cons
   }
 }
 
-// R rows of C from R rows of A: each row of C one register, accumulating A[r, p] · op(B)[p, :] over the
-// k steps; bp holds op(B) as k rows of one register each, zero past n.
-template <class T, class Isa, int R>
+// R rows of C from R rows of A: each row of C NV registers, accumulating A[r, p] · op(B)[p, :] over the
+// k steps; bp holds op(B) as k rows of NV registers each, zero past n (n > (NV − 1)·width).
+template <class T, class Isa, int R, int NV>
 inline void register_rows_block(index n, index k, T alpha, const T* a, index lda, const T* bp, T beta, T* c,
                                 index ldc) {
   using S = simd<T, Isa>;
   using reg = typename S::reg;
   constexpr int W = S::width;
-  reg acc[R];
+  reg acc[R][NV];
 #pragma GCC unroll 32
-  for (int r = 0; r < R; ++r) acc[r] = S::zero();
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
   for (index p = 0; p < k; ++p) {
-    const reg b = S::load(bp + p * W);
+    reg b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = S::load(bp + (p * NV + v) * W);
 #pragma GCC unroll 32
-    for (int r = 0; r < R; ++r) acc[r] = S::fma(S::broadcast(a[r * lda + p]), b, acc[r]);
+    for (int r = 0; r < R; ++r) {
+      const reg ar = S::broadcast(a[r * lda + p]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = S::fma(ar, b[v], acc[r][v]);
+    }
   }
   const reg va = S::broadcast(alpha), vb = S::broadcast(beta);
 #pragma GCC unroll 32
-  for (int r = 0; r < R; ++r) {
-    store_scaled_first<S>(c + r * ldc, n, acc[r], va, vb, beta);
-  }
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store_scaled_first<S>(c + r * ldc + v * W, n - v * W, acc[r][v], va, vb, beta);
 }
 
-// Narrow products with n ≤ width whose rows of C each fill more than 3/4 of a register, or whose k is
-// shorter than a register (a conv kernel mode's 3, or 3×3 = 9 through mode_product's Kronecker fold):
-// the dot kernel would sum across lanes at the end and, with 8 < n ≤ 16, read A twice and 16 rows of
-// B from L2 at every step; here each row of C is one register instead, R = dot_acc rows at a time
-// (their R rows of A read in place, side by side), op(B) packed once as k rows of one register (zero
-// past n) and taken in blocks of KC steps that stay in L1, C written once per block.
-template <class T, class Isa>
+// Narrow products with a short k (a conv kernel mode's 3, or 3×3 = 9 through mode_product's Kronecker
+// fold), or whose rows of C each fill more than 3/4 of a register: the dot kernel would pay a sum
+// across lanes per element of C for a few steps of arithmetic (and, with 8 < n ≤ 16, read A twice and
+// 16 rows of B from L2 at every step); here each row of C is NV = ⌈n / width⌉ registers instead,
+// dot_acc / NV rows at a time (their rows of A read in place, side by side), op(B) packed once as k
+// rows of NV registers (zero past n) and taken in blocks of KC steps that stay in L1, C written once
+// per block.
+template <class T, class Isa, int NV>
 void register_rows_product(index m, index n, index k, T alpha, const T* a, index lda, bool trans_b, const T* b,
                            index ldb, T beta, T* c, index ldc) {
-  constexpr int W = simd<T, Isa>::width, R = gemm_shape<T, Isa>::dot_acc;
+  constexpr int W = simd<T, Isa>::width, R = gemm_shape<T, Isa>::dot_acc / NV;
   constexpr index KC = gemm_shape<T, Isa>::kc;
-  T* bp = gemm_buffers<T, Isa>::local().b.get(k * W);
+  T* bp = gemm_buffers<T, Isa>::local().b.get(k * NV * W);
   for (index p = 0; p < k; ++p)
-    for (index j = 0; j < W; ++j) bp[p * W + j] = j < n ? (trans_b ? b[j * ldb + p] : b[p * ldb + j]) : T(0);
+    for (index j = 0; j < NV * W; ++j) bp[p * NV * W + j] = j < n ? (trans_b ? b[j * ldb + p] : b[p * ldb + j]) : T(0);
   split_rows(m, gemm_threads(m, n, k * 8), [&](index begin, index end) {
     for (index pc = 0; pc < k; pc += KC) {
       const index kc = std::min(KC, k - pc);
       const T beta_k = pc == 0 ? beta : T(1);
       const T* ap = a + pc;
+      const T* bk = bp + pc * NV * W;
       index r = begin;
       for (; r + R <= end; r += R)
-        register_rows_block<T, Isa, R>(n, kc, alpha, ap + r * lda, lda, bp + pc * W, beta_k, c + r * ldc, ldc);
+        register_rows_block<T, Isa, R, NV>(n, kc, alpha, ap + r * lda, lda, bk, beta_k, c + r * ldc, ldc);
       for (; r < end; ++r)
-        register_rows_block<T, Isa, 1>(n, kc, alpha, ap + r * lda, lda, bp + pc * W, beta_k, c + r * ldc, ldc);
+        register_rows_block<T, Isa, 1, NV>(n, kc, alpha, ap + r * lda, lda, bk, beta_k, c + r * ldc, ldc);
     }
   });
 }
@@ -803,14 +775,27 @@ void register_rows_product(index m, index n, index k, T alpha, const T* a, index
 // place when its rows start on cache lines; otherwise (a plain B, or rows at other addresses) it is
 // first copied, transposed, into the calling thread's grow-only scratch with rows padded to whole
 // lines: the dot kernel's loads of B would otherwise split across lines (a transposed B at 16-byte
-// alignment, as std::vector gives, ran 1.3–1.4× slower). With n ≤ width and either k < width or
-// n > 3/4 width, register_rows_product instead: 1.3–2× faster at n = 16 floats on AVX-512.
+// alignment, as std::vector gives, ran 1.3–1.4× slower). register_rows_product instead, with one
+// register per row of C where k < 2·width or n > 3/4 width (1.3–2× faster at n = 16 floats on
+// AVX-512; k 20–31 floats with n 4–12 2–6×), with two where n ≤ 2·width and k < 4·width (doubles with
+// n 9–16: k 9–24 2–3.3×, among them a conv weight's mode 2 with J 3 folded to n = k = 9), and with
+// three or four where k < width (AVX2 doubles with n 9–16), so the dot kernel always has k ≥ width.
+// (Interleaved, one thread, against the dot kernel with its tail summed element by element.)
 template <class T, class Isa>
 void gemm_narrow(index m, index n, index k, T alpha, const T* a, index lda, bool trans_b, const T* b, index ldb,
                  T beta, T* c, index ldc) {
   constexpr int W = simd<T, Isa>::width;
-  if (n <= W && (k < W || 4 * n > 3 * W)) {
-    register_rows_product<T, Isa>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
+  const index registers = (n + W - 1) / W;  // per row of C
+  if (registers == 1 && (k < 2 * W || 4 * n > 3 * W)) {
+    register_rows_product<T, Isa, 1>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
+    return;
+  }
+  if (W > 1 && (k < W || (registers == 2 && k < 4 * W))) {
+    switch (registers) {
+      case 2: register_rows_product<T, Isa, 2>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc); break;
+      case 3: register_rows_product<T, Isa, 3>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc); break;
+      default: register_rows_product<T, Isa, 4>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc); break;
+    }
     return;
   }
   constexpr index line = 64 / sizeof(T);
