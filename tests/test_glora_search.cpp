@@ -225,6 +225,14 @@ TEST_CASE("bad search input throws argument_error before any fitness call", "[gl
   std::vector<ta::glora_layer_shape> small = layers;
   small[1].max_rank = 2;
   CHECK_THROWS_WITH(ta::evolutionary_search(small, space, f, ok), Catch::Contains("layer 1") && Catch::Contains("R = 2"));
+  // A maximum rank above min(out, in), which no store of that layer can hold.
+  std::vector<ta::glora_layer_shape> narrow = layers;
+  narrow[0] = {16, 3, 4};
+  CHECK_THROWS_WITH(ta::evolutionary_search(narrow, space, f, ok), Catch::Contains("layer 0") && Catch::Contains("above min(out, in)"));
+  CHECK_THROWS_AS(ta::parameter_count(std::vector<ta::glora_config>(3), narrow), ta::argument_error);
+  // parameter_count checks each layer's R: one of 0 does not switch the rank check off.
+  const auto config = ta::parse_glora_config("A=lora_100,B=lora_7,C=lora_50,D=none,E=none");
+  CHECK_THROWS_AS(ta::parameter_count({config}, {ta::glora_layer_shape{4, 4, 0}}), ta::argument_error);
   // An empty layer.
   std::vector<ta::glora_layer_shape> empty = layers;
   empty[2].in = 0;

@@ -61,3 +61,17 @@ TEMPLATE_TEST_CASE("distributions have the moments they promise", "[init]", floa
   CHECK(double(biggest) <= std::sqrt(6.0 / 40.0));
   CHECK(double(biggest) > 0.99 * std::sqrt(6.0 / 40.0));
 }
+
+TEST_CASE("the bounds of kaiming and xavier initialisation need a fan", "[init]") {
+  CHECK(ta::kaiming_uniform_bound(4, std::sqrt(5.0)) == Approx(0.5));
+  CHECK(ta::xavier_uniform_bound(0, 6) == Approx(1.0));
+  CHECK_THROWS_AS(ta::kaiming_uniform_bound(0, std::sqrt(5.0)), ta::argument_error);
+  CHECK_THROWS_AS(ta::kaiming_uniform_bound(-3, 0.0), ta::argument_error);
+  CHECK_THROWS_AS(ta::xavier_uniform_bound(0, 0), ta::argument_error);
+  CHECK_THROWS_AS(ta::xavier_uniform_bound(-2, 5), ta::argument_error);
+  std::mt19937_64 gen(3);
+  ta::tensor<float, 2> t(2, 2);
+  t.setConstant(7.0f);
+  CHECK_THROWS_AS(ta::fill_kaiming_uniform(t, 0, std::sqrt(5.0), gen), ta::argument_error);
+  CHECK(t(0, 0) == 7.0f);  // nothing written
+}

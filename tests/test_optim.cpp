@@ -66,3 +66,28 @@ TEST_CASE("adamw rejects gradients or parameters whose shapes changed, before up
   bigger.B.setZero();
   CHECK_THROWS_AS(opt.step(bigger, bigger), ta::argument_error);
 }
+
+TEST_CASE("adamw rejects the options torch.optim.AdamW rejects", "[optim]") {
+  ta::lora<double> params{ta::tensor<double, 2>(2, 3), ta::tensor<double, 2>(4, 2), 1.0};
+  params.A.setConstant(1.0);
+  params.B.setConstant(1.0);
+  for (int k = 0; k < 6; ++k) {
+    ta::adamw_options o;
+    if (k == 0) o.lr = -1e-3;
+    if (k == 1) o.eps = -1e-8;
+    if (k == 2) o.beta1 = 1.0;  // the bias correction 1 − β1^t would be 0
+    if (k == 3) o.beta2 = -0.1;
+    if (k == 4) o.weight_decay = -0.01;
+    if (k == 5) o.beta1 = 1.5;
+    INFO("case " << k);
+    CHECK_THROWS_AS(ta::adamw<ta::lora<double>>(params, o), ta::argument_error);
+  }
+  ta::adamw_options edge;  // the ends of the ranges PyTorch allows
+  edge.lr = 0;
+  edge.eps = 0;
+  edge.beta1 = 0;
+  edge.weight_decay = 0;
+  ta::adamw<ta::lora<double>> opt(params, edge);
+  CHECK_THROWS_WITH(opt.set_lr(-1), Catch::Contains("lr"));
+  CHECK(opt.options().lr == 0);
+}

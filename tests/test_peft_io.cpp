@@ -254,6 +254,33 @@ TEST_CASE("PEFT adapters built in C++ save with rank and alpha patterns PEFT res
   REQUIRE_THROWS_WITH(io::save_peft_lora(bad, "peft_saved/refused"), Contains("model.q_proj") && Contains("scale"));
   CHECK_FALSE(fs::exists("peft_saved/refused"));
   REQUIRE_THROWS_WITH(io::add_peft_lora_layer(bad, "model.k_proj", q, {6, 4}, 8.0), Contains("model.k_proj"));
+
+  // A rank above min(out, fan_in), which load_peft_lora refuses, is refused when added or saved too.
+  ta::lora<float> tall{ta::tensor<float, 2>(5, 4), ta::tensor<float, 2>(4, 5), 2.0f};
+  tall.A.setConstant(0.5f);
+  tall.B.setConstant(0.25f);
+  REQUIRE_THROWS_WITH(io::add_peft_lora_layer(a, "model.tall", tall, {4, 4}, 8.0),
+                      Contains("model.tall") && Contains("above min(out, fan_in) = 4"));
+  CHECK(a.layers.count("model.tall") == 0);
+  io::peft_lora_adapter<float> with_tall = a;
+  with_tall.config.rank_pattern.insert(with_tall.config.rank_pattern.begin(), {"model.tall", 5});
+  with_tall.config.target_modules.push_back("model.tall");
+  with_tall.layers["model.tall"] = io::peft_lora_layer<float>{tall, {4, 4}};
+  fs::remove_all("peft_saved/refused");
+  REQUIRE_THROWS_WITH(io::save_peft_lora(with_tall, "peft_saved/refused"), Contains("above min(out, fan_in)"));
+  CHECK_FALSE(fs::exists("peft_saved/refused"));
+
+  // A config without target_modules (every module) that already has layers: adding one keeps them
+  // selected, so the adapter still saves.
+  io::peft_lora_adapter<float> every;
+  every.config.r = 4;
+  every.config.lora_alpha = 8;
+  every.layers["model.q_proj"] = io::peft_lora_layer<float>{q, {6, 5}};
+  io::add_peft_lora_layer(every, "model.k_proj", q, {6, 5}, 8.0);
+  CHECK(every.config.target_modules == std::vector<std::string>{"model.q_proj", "model.k_proj"});
+  fs::remove_all("peft_saved/every");
+  io::save_peft_lora(every, "peft_saved/every");
+  CHECK(io::load_peft_lora<float>("peft_saved/every").layers.size() == 2);
 }
 
 TEST_CASE("malformed PEFT adapters raise clear errors", "[peft]") {

@@ -147,6 +147,17 @@ TEST_CASE("safetensors narrowing from double rounds once (no double rounding thr
   CHECK(h(3) == 1.0);
   CHECK(b(2) == 1.0 + std::ldexp(1.0, -7));
   CHECK(b(0) == 1.0);
+  // So does loading an F64 tensor into Eigen::half or Eigen::bfloat16.
+  io::safetensors_writer w64;
+  w64.add("x", x, io::dtype::F64);
+  const io::safetensors_file f64 = parse(w64.serialize());
+  const auto hx = f64.load<Eigen::half, 1>("x");
+  const auto bx = f64.load<Eigen::bfloat16, 1>("x");
+  CHECK(static_cast<float>(hx(0)) == 1.0f + std::ldexp(1.0f, -10));
+  CHECK(static_cast<float>(hx(1)) == -(1.0f + std::ldexp(1.0f, -10)));
+  CHECK(static_cast<float>(hx(3)) == 1.0f);
+  CHECK(static_cast<float>(bx(2)) == 1.0f + std::ldexp(1.0f, -7));
+  CHECK(static_cast<float>(bx(0)) == 1.0f);
   // Overflow and non-finite values.
   ta::tensor<double, 1> big(3);
   big(0) = 1e6;

@@ -122,6 +122,9 @@ class glora_searcher {
       TA_CHECK(s.out >= 1 && s.in >= 1 && s.max_rank >= 1, fn,
                "layer " + std::to_string(l) + " (out " + std::to_string(s.out) + ", in " + std::to_string(s.in) +
                    ", maximum rank " + std::to_string(s.max_rank) + ") must have sizes of at least 1");
+      TA_CHECK(s.max_rank <= std::min(s.out, s.in), fn,
+               "layer " + std::to_string(l) + " (" + std::to_string(s.out) + ", " + std::to_string(s.in) +
+                   ") has maximum rank R = " + std::to_string(s.max_rank) + ", above min(out, in)");
       TA_CHECK(max_rank_needed <= s.max_rank, fn,
                "the search space has lora rank " + std::to_string(max_rank_needed) + " but layer " +
                    std::to_string(l) + " (" + std::to_string(s.out) + ", " + std::to_string(s.in) +
@@ -292,6 +295,10 @@ inline index parameter_count(const std::vector<glora_config>& configs, const std
            std::to_string(configs.size()) + " configurations for " + std::to_string(layers.size()) + " layers");
   index p = 0;
   for (std::size_t l = 0; l < layers.size(); ++l) {
+    const glora_layer_shape& s = layers[l];
+    TA_CHECK(s.out >= 1 && s.in >= 1 && s.max_rank >= 1 && s.max_rank <= std::min(s.out, s.in), fn,
+             "layer " + std::to_string(l) + " (out " + std::to_string(s.out) + ", in " + std::to_string(s.in) +
+                 ", maximum rank " + std::to_string(s.max_rank) + ") needs sizes of at least 1 and R ≤ min(out, in)");
     detail::check_glora_config(configs[l], layers[l].max_rank, fn);
     p += parameter_count(configs[l], layers[l].out, layers[l].in);
   }

@@ -8,8 +8,10 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <type_traits>
 
+#include "detail/check.hpp"
 #include "tensor.hpp"
 
 namespace tensor_adapters {
@@ -86,6 +88,7 @@ void fill_normal(tensor<T, N>& t, double mean, double stddev, Generator& gen) {
 // PyTorch's kaiming_uniform_(w, a) for a weight whose fan-in is `fan_in`:
 // bound = sqrt(6 / ((1 + a^2) * fan_in)); with a = sqrt(5) that is 1 / sqrt(fan_in).
 inline double kaiming_uniform_bound(index fan_in, double a) {
+  TA_CHECK(fan_in >= 1, "kaiming_uniform_bound", "fan_in " + std::to_string(fan_in) + " must be at least 1");
   return std::sqrt(6.0 / ((1.0 + a * a) * static_cast<double>(fan_in)));
 }
 template <class T, int N, class Generator>
@@ -95,6 +98,9 @@ void fill_kaiming_uniform(tensor<T, N>& t, index fan_in, double a, Generator& ge
 
 // PyTorch's xavier_uniform_(w): bound = sqrt(6 / (fan_in + fan_out)).
 inline double xavier_uniform_bound(index fan_in, index fan_out) {
+  TA_CHECK(fan_in >= 0 && fan_out >= 0 && fan_in + fan_out >= 1, "xavier_uniform_bound",
+           "fan_in " + std::to_string(fan_in) + " and fan_out " + std::to_string(fan_out) +
+               " must be at least 0, with a sum of at least 1");
   return std::sqrt(6.0 / static_cast<double>(fan_in + fan_out));
 }
 template <class T, int N, class Generator>

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <string>
 #include <vector>
 
 #include "detail/check.hpp"
@@ -29,7 +30,15 @@ template <class Adapter>
 class adamw {
  public:
   // The moments take the shapes of `params`, and start at zero.
+  // Throws argument_error, as torch.optim.AdamW raises, for lr, eps or weight_decay below 0 or a beta
+  // outside [0, 1).
   adamw(const Adapter& params, const adamw_options& options) : options_(options) {
+    check_lr(options.lr);
+    TA_CHECK(options.eps >= 0, "adamw", "eps " + std::to_string(options.eps) + " must be at least 0");
+    TA_CHECK(options.beta1 >= 0 && options.beta1 < 1 && options.beta2 >= 0 && options.beta2 < 1, "adamw",
+             "betas (" + std::to_string(options.beta1) + ", " + std::to_string(options.beta2) + ") must be in [0, 1)");
+    TA_CHECK(options.weight_decay >= 0, "adamw",
+             "weight_decay " + std::to_string(options.weight_decay) + " must be at least 0");
     for_each_parameter(params, [this](const char*, const auto& p) {
       m_.emplace_back(static_cast<std::size_t>(p.size()), 0.0);
       v_.emplace_back(static_cast<std::size_t>(p.size()), 0.0);
@@ -71,9 +80,14 @@ class adamw {
   // The options in use; set_lr changes the learning rate from the next step on (a schedule), keeping
   // the moments, as assigning param_group["lr"] does in PyTorch.
   const adamw_options& options() const { return options_; }
-  void set_lr(double lr) { options_.lr = lr; }
+  void set_lr(double lr) {
+    check_lr(lr);
+    options_.lr = lr;
+  }
 
  private:
+  static void check_lr(double lr) { TA_CHECK(lr >= 0, "adamw", "lr " + std::to_string(lr) + " must be at least 0"); }
+
   adamw_options options_;
   std::vector<std::vector<double>> m_, v_;
   long t_ = 0;

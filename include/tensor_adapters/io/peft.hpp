@@ -310,6 +310,17 @@ peft_lora_adapter<T> load_peft_lora(const std::string& directory) {
   return load_peft_lora<T>(config, file);
 }
 
+namespace detail {
+
+// A layer of rank r above min(out, fan_in) is refused when written, as load_peft_lora refuses it.
+inline void check_peft_rank(const std::string& where, index r, index out, index fan_in) {
+  if (r > std::min(out, fan_in))
+    throw format_error(where + " has rank " + std::to_string(r) + ", above min(out, fan_in) = " +
+                       std::to_string(std::min(out, fan_in)) + " (PEFT accepts it; ΔW cannot use the extra rank)");
+}
+
+}  // namespace detail
+
 // Adds a layer for `module` with the given alpha: sets its scale from the config's use_rslora, and adds
 // rank_pattern / alpha_pattern entries (keyed by the full module name) and a target_modules entry when
 // the config's defaults do not already give this module its rank, alpha and selection.
@@ -326,14 +337,19 @@ void add_peft_lora_layer(peft_lora_adapter<T>& adapter, const std::string& modul
     throw format_error(where + ": weight shape " + detail::shape_text(weight_shape) + " does not fit A " +
                        tensor_adapters::detail::shape_string(layer.A) + " and B " +
                        tensor_adapters::detail::shape_string(layer.B));
-  peft_lora_config& c = adapter.config;
   const index r = layer.A.dimension(0);
+  detail::check_peft_rank(where, r, weight_shape[0], fan_in);
+  peft_lora_config& c = adapter.config;
   if (peft_rank(c, module) != r) c.rank_pattern.insert(c.rank_pattern.begin(), {module, r});
   if (peft_alpha(c, module) != alpha) c.alpha_pattern.insert(c.alpha_pattern.begin(), {module, alpha});
   if (!peft_targets(c, module) || (c.target_modules.empty() && c.target_modules_regex.empty())) {
     if (!c.target_modules_regex.empty())
       throw format_error(where + " is not selected by target_modules \"" + c.target_modules_regex + "\"");
-    c.target_modules.push_back(module);
+    // A config without target_modules selects every module: its list becomes the layers it selected.
+    if (c.target_modules.empty())
+      for (const auto& kv : adapter.layers) c.target_modules.push_back(kv.first);
+    if (std::find(c.target_modules.begin(), c.target_modules.end(), module) == c.target_modules.end())
+      c.target_modules.push_back(module);
   }
   layer.scale = static_cast<T>(lora_scale(alpha, r, c.use_rslora));
   adapter.layers[module] = peft_lora_layer<T>{std::move(layer), weight_shape};
@@ -363,6 +379,7 @@ void save_peft_lora(const peft_lora_adapter<T>& adapter, const std::string& dire
       throw format_error(where + ": weight shape " + detail::shape_text(ws) + " does not fit A " +
                          tensor_adapters::detail::shape_string(a.A) + " and B " +
                          tensor_adapters::detail::shape_string(a.B));
+    detail::check_peft_rank(where, r, ws[0], fan_in);
     if (peft_rank(c, module) != r)
       throw format_error(where + " has rank " + std::to_string(r) + " but the config gives it rank " +
                          std::to_string(peft_rank(c, module)));

@@ -225,7 +225,7 @@ inline std::string json_excerpt(const nlohmann::ordered_json& v) {
   return excerpt(v.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace), 80);
 }
 
-// a · b, false on overflow of uint64.
+// out = a · b; true (out not written) on overflow of uint64.
 inline bool mul_overflows(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {
   if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return true;
   out = a * b;
@@ -270,7 +270,11 @@ void decode(dtype type, const unsigned char* p, std::size_t n, T* out) {
         const std::uint64_t bits = read_u64_le(p + 8 * i);
         double v;
         std::memcpy(&v, &bits, sizeof v);
-        out[i] = static_cast<T>(v);
+        // Into half or bfloat16 through round_to_odd, as the writer narrows: once rounded, not twice.
+        if constexpr (std::is_same<T, Eigen::half>::value || std::is_same<T, Eigen::bfloat16>::value)
+          out[i] = T(round_to_odd(v));
+        else
+          out[i] = static_cast<T>(v);
         break;
       }
       case dtype::F32: {
