@@ -608,6 +608,9 @@ TEMPLATE_TEST_CASE("FLoRA rejects zero-rank and empty adapters and weights every
   CHECK_THROWS_AS((ta::make_flora<T, 2>({0, 6}, {1, 1}, 1.0, gen)), ta::argument_error);
   CHECK_THROWS_AS((ta::make_flora<T, 5>({2, 3, 3, 3, 0}, {1, 1, 1, 1, 1}, 1.0, gen)), ta::argument_error);
   CHECK_THROWS_AS((ta::make_flora<T, 5>({2, 3, 3, 3, 2}, {1, 1, 1, 1, 0}, 1.0, gen)), ta::argument_error);
+  // A weight of 2^64 elements, whose count would wrap to 0.
+  CHECK_THROWS_WITH((ta::make_flora<T, 4>({1 << 16, 1 << 16, 1 << 16, 1 << 16}, {1, 1, 1, 1}, 1.0, gen)),
+                    Catch::Contains("more elements than an index can count"));
 
   // A linear adapter whose rank in one mode is 0, and one fitting a weight with an empty mode.
   const auto good = random_flora<T, 2>({5, 4}, {2, 3}, 1.0, 132);

@@ -755,6 +755,11 @@ TEST_CASE("GLoRA and FLoRA adapters built in C++ round trip exactly", "[glora_fi
   io::flora_adapter<double> unlisted = f;
   unlisted.config.target_modules = {"lin", "conv1d"};
   REQUIRE_THROWS_WITH(io::save_flora_adapter(unlisted, "peft_saved/refused"), Contains("conv3d") && Contains("target_modules"));
+  io::flora_adapter<double> overlisted = f;  // a listed module without a layer: the loader would refuse the file
+  for (const auto& kv : f.layers) overlisted.config.target_modules.push_back(kv.first);
+  overlisted.config.target_modules.push_back("missing");
+  REQUIRE_THROWS_WITH(io::save_flora_adapter(overlisted, "peft_saved/refused"),
+                      Contains("\"missing\"") && Contains("no such layer"));
   io::glora_adapter<float> bad_rank = g;
   bad_rank.config.r = 4;
   REQUIRE_THROWS_WITH(io::save_glora_adapter(bad_rank, "peft_saved/refused"), Contains("enc.fc1") && Contains("rank 3"));
@@ -905,6 +910,20 @@ TEST_CASE("malformed GLoRA and FLoRA adapters raise clear errors", "[glora_file]
     require_flora_error(dir, {"adapter_config.json", "\"scale\""});
     with("\"FLORA\"", "\"LORA\"");
     require_flora_error(dir, {"peft_type", "\"FLORA\""});
+  }
+  SECTION("FLoRA: a weight of more elements than an index can count") {
+    // A 1 MB file: core (1, 1, 1, 1) and four factors (65536, 1), so a weight of 2^64 elements.
+    io::safetensors_writer w;
+    ta::tensor<float, 4> g(1, 1, 1, 1);
+    g.setConstant(1.0f);
+    ta::tensor<float, 2> u(65536, 1);
+    u.setConstant(0.5f);
+    w.add("m.flora_layer.param_G", g);
+    for (int n = 0; n < 4; ++n) w.add("m.flora_layer.param_" + std::to_string(n), u);
+    const auto bytes = w.serialize();
+    const io::safetensors_file file = io::safetensors_file::parse(bytes.data(), bytes.size(), "huge.safetensors");
+    REQUIRE_THROWS_WITH(io::load_flora_adapter<float>(R"({"peft_type": "FLORA", "scale": 1})", "cfg", file),
+                        Contains("module \"m\"") && Contains("beyond the largest index"));
   }
 }
 

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -98,6 +99,12 @@ void check_flora_shapes(const shape<N>& weight_extents, const shape<N>& rank_ext
           "rank " + std::to_string(rank_extents[n]) + " of mode " + std::to_string(n) + " must be in [1, " +
               std::to_string(weight_extents[n]) + "] for a weight " + dims_string(weight_extents, N) +
               " (ranks " + dims_string(rank_extents, N) + ")");
+  }
+  index elements = 1;  // (the ranks' product is at most this)
+  for (std::size_t n = 0; n < static_cast<std::size_t>(N); ++n) {
+    TA_CHECK(weight_extents[n] <= std::numeric_limits<index>::max() / elements, function,
+             "weight shape " + dims_string(weight_extents, N) + " has more elements than an index can count");
+    elements *= weight_extents[n];
   }
 }
 
@@ -720,7 +727,8 @@ tensor<T, 2> forward(const flora<T, 2>& a, const tensor<T, 2>& x, const tensor<T
 // Backward of the linear forward with W0 and b0 frozen, given dy = ∂L/∂y (n, O):
 //   h1 = x · U1;  h0 = h1 · Gᵀ;  dh0 = scale · dy · U0;  dh1 = dh0 · G   (kept transposed, (r, n));
 //   grad.U0 = scale · dyᵀ · h0;  grad.G = dh0ᵀ · h1;  grad.U1 = xᵀ · dh1;  dx = dy · W0 + dh1 · U1ᵀ.
-//   x: (n, I), w0: (O, I), dy: (n, O), dx: (n, I).  grad is resized if needed and overwritten.
+//   x: (n, I), w0: (O, I), dy: (n, O), dx: (n, I).  grad is resized if needed and overwritten; it
+// must not be the adapter itself, and dx must not overlap dy or w0 (it may be x).
 // (The bias does not enter: ∂L/∂b0 would be Σ_rows dy, and b0 is frozen.)
 // Throws argument_error, before writing anything, if a shape does not fit. Makes no allocation when
 // the workspace has already served a batch of at least n rows and grad has the adapter's shapes.

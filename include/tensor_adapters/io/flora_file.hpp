@@ -203,6 +203,13 @@ flora_adapter<T> load_flora_adapter(const std::string& config_text, const std::s
                " " + detail::shape_text(g) + " needs (extent, " + std::to_string(r) + ") with extent ≥ " +
                std::to_string(r) + " ≥ 1");
       }
+      index elements = 1;  // the weight's, Π extent_n
+      for (const auto& [n, p] : keys.params) {
+        if (p->shape[0] > std::numeric_limits<index>::max() / elements)
+          fail(where + ": the weight's extents (the rows of param_0 … param_" + std::to_string(N - 1) +
+               ") have a product beyond the largest index");
+        elements *= p->shape[0];
+      }
       const auto& targets = out.config.target_modules;
       if (!targets.empty() && std::find(targets.begin(), targets.end(), module) == targets.end())
         fail(where + " has FLoRA tensors but adapter_config.json's target_modules does not list it");
@@ -238,8 +245,8 @@ flora_adapter<T> load_flora_adapter(const std::string& directory) {
 // tensors of every layer (<m>.flora_layer.param_G, param_0, …; modes back in the official order) stored
 // as `type` (F32, F64, F16 or BF16), "__metadata__": {"format": "pt"}, and adapter_config.json. Throws
 // format_error, before writing anything, if a layer's shapes are inconsistent, its scale is not the
-// config's, or a non-empty target_modules does not list it. An empty target_modules is saved as the
-// list of the adapted modules.
+// config's, or a non-empty target_modules does not list it or lists a module the adapter lacks. An
+// empty target_modules is saved as the list of the adapted modules.
 template <class T>
 void save_flora_adapter(const flora_adapter<T>& adapter, const std::string& directory, dtype type = dtype_of<T>()) {
   flora_adapter_config c = adapter.config;
@@ -276,6 +283,9 @@ void save_flora_adapter(const flora_adapter<T>& adapter, const std::string& dire
         },
         layer);
   }
+  for (const std::string& m : c.target_modules)  // as load_flora_adapter requires
+    if (!adapter.layers.count(m))
+      throw format_error("FLoRA adapter: the config's target_modules lists \"" + m + "\" but the adapter has no such layer");
   detail::write_adapter_directory(directory, w, flora_adapter_config_json(c));
 }
 
