@@ -262,7 +262,7 @@ TEST_CASE("bad search input throws argument_error before any fitness call", "[gl
   o.parameter_budget = 47;
   CHECK_THROWS_WITH(ta::evolutionary_search(layers, costly, f, o), Catch::Contains("48"));
   // Options out of range.
-  for (int k = 0; k < 6; ++k) {
+  for (int k = 0; k < 9; ++k) {
     o = ok;
     if (k == 0) o.population = 0;
     if (k == 1) o.top_k = 0;
@@ -270,6 +270,10 @@ TEST_CASE("bad search input throws argument_error before any fitness call", "[gl
     if (k == 3) o.mutations = -1;
     if (k == 4) o.mutation_probability = 1.5;
     if (k == 5) o.crossovers = -2;
+    // So large that the counts of draws (10 × mutations, 100 × population) would overflow.
+    if (k == 6) o.population = std::numeric_limits<ta::index>::max();
+    if (k == 7) o.mutations = std::numeric_limits<ta::index>::max() / 5;
+    if (k == 8) o.crossovers = std::numeric_limits<ta::index>::max() / 5;
     INFO("case " << k);
     CHECK_THROWS_AS(ta::evolutionary_search(layers, space, f, o), ta::argument_error);
   }

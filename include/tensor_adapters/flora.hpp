@@ -683,7 +683,7 @@ void flora_linear_forward(const flora<T, 2>& a, const const_tensor_view<T, 2>& x
 }  // namespace detail
 
 // y (n, O) = x · W0ᵀ + b0 + scale · ((x · U1) · Gᵀ) · U0ᵀ
-//   x: (n, I), w0: (O, I), b0: (O), y: (n, O).  y must not overlap x.
+//   x: (n, I), w0: (O, I), b0: (O), y: (n, O).  y must not overlap x, w0 or b0.
 // Throws argument_error, before writing anything, if a shape does not fit. Makes no allocation when
 // the workspace has already served a batch of at least n rows.
 template <class T>

@@ -106,6 +106,9 @@ class glora_searcher {
                  " and generations " + std::to_string(options.generations) + " must be at least 1, mutations " +
                  std::to_string(options.mutations) + ", crossovers " + std::to_string(options.crossovers) +
                  " and max_random_draws " + std::to_string(options.max_random_draws) + " at least 0");
+    constexpr index most = std::numeric_limits<index>::max() / 100;  // (the search draws up to 100 × population)
+    TA_CHECK(options.population <= most && options.mutations <= most && options.crossovers <= most, fn,
+             "population, mutations and crossovers must be at most " + std::to_string(most));
     TA_CHECK(options.mutation_probability >= 0.0 && options.mutation_probability <= 1.0, fn,
              "mutation probability " + std::to_string(options.mutation_probability) + " must be in [0, 1]");
     index max_rank_needed = 0;
