@@ -256,12 +256,16 @@ TEST_CASE("PEFT adapters built in C++ save with rank and alpha patterns PEFT res
   REQUIRE_THROWS_WITH(io::add_peft_lora_layer(bad, "model.k_proj", q, {6, 4}, 8.0), Contains("model.k_proj"));
 
   // A rank above min(out, fan_in), which load_peft_lora refuses, is refused when added or saved too.
-  ta::lora<float> tall{ta::tensor<float, 2>(5, 4), ta::tensor<float, 2>(4, 5), 2.0f};
+  ta::lora<float> tall{ta::tensor<float, 2>(5, 4), ta::tensor<float, 2>(4, 5), 1.6f};  // scale 8 / 5
   tall.A.setConstant(0.5f);
   tall.B.setConstant(0.25f);
+  const io::peft_lora_config before = a.config;
   REQUIRE_THROWS_WITH(io::add_peft_lora_layer(a, "model.tall", tall, {4, 4}, 8.0),
                       Contains("model.tall") && Contains("above min(out, fan_in) = 4"));
-  CHECK(a.layers.count("model.tall") == 0);
+  CHECK(a.layers.count("model.tall") == 0);  // and the config is as it was
+  CHECK(a.config.rank_pattern == before.rank_pattern);
+  CHECK(a.config.alpha_pattern == before.alpha_pattern);
+  CHECK(a.config.target_modules == before.target_modules);
   io::peft_lora_adapter<float> with_tall = a;
   with_tall.config.rank_pattern.insert(with_tall.config.rank_pattern.begin(), {"model.tall", 5});
   with_tall.config.target_modules.push_back("model.tall");
@@ -281,6 +285,17 @@ TEST_CASE("PEFT adapters built in C++ save with rank and alpha patterns PEFT res
   fs::remove_all("peft_saved/every");
   io::save_peft_lora(every, "peft_saved/every");
   CHECK(io::load_peft_lora<float>("peft_saved/every").layers.size() == 2);
+
+  // A module the target_modules regex does not select is refused, the config left as it was.
+  io::peft_lora_adapter<float> by_regex;
+  by_regex.config.r = 4;
+  by_regex.config.lora_alpha = 8;
+  by_regex.config.target_modules_regex = ".*q_proj";
+  REQUIRE_THROWS_WITH(io::add_peft_lora_layer(by_regex, "model.v_proj", v, {6, 5}, 3.0),
+                      Contains("model.v_proj") && Contains("not selected"));
+  CHECK(by_regex.config.rank_pattern.empty());
+  CHECK(by_regex.config.alpha_pattern.empty());
+  CHECK(by_regex.layers.empty());
 }
 
 TEST_CASE("malformed PEFT adapters raise clear errors", "[peft]") {

@@ -402,7 +402,8 @@ tensor<T, N> swap_first_two_modes(const tensor<T, N>& in) {
 // A new adapter for a weight of shape (I0, …, I(N-1)) with ranks (r0, …, r(N-1)), initialised as the
 // official code does: G = 0 and every U_n ~ N(0, 1/(2·r_n)) (kaiming-normal with a = √3 and fan-in
 // r_n), drawn from `gen` in the order U0, U1, …; ΔW = 0. Same generator state, same bytes.
-// Throws argument_error if an extent is < 1 or a rank is outside [1, I_n].
+// Throws argument_error if an extent is < 1, a rank is outside [1, I_n], or the weight has more
+// elements than an index can count.
 template <class T, int N, class Generator>
 flora<T, N> make_flora(const shape<N>& weight_extents, const shape<N>& rank_extents, double scale, Generator& gen) {
   detail::check_flora_shapes<N>(weight_extents, rank_extents, "make_flora");
@@ -728,7 +729,7 @@ tensor<T, 2> forward(const flora<T, 2>& a, const tensor<T, 2>& x, const tensor<T
 //   h1 = x · U1;  h0 = h1 · Gᵀ;  dh0 = scale · dy · U0;  dh1 = dh0 · G   (kept transposed, (r, n));
 //   grad.U0 = scale · dyᵀ · h0;  grad.G = dh0ᵀ · h1;  grad.U1 = xᵀ · dh1;  dx = dy · W0 + dh1 · U1ᵀ.
 //   x: (n, I), w0: (O, I), dy: (n, O), dx: (n, I).  grad is resized if needed and overwritten; it
-// must not be the adapter itself, and dx must not overlap dy or w0 (it may be x).
+//   must not be the adapter itself, and dx must not overlap dy or w0 (it may be x).
 // (The bias does not enter: ∂L/∂b0 would be Σ_rows dy, and b0 is frozen.)
 // Throws argument_error, before writing anything, if a shape does not fit. Makes no allocation when
 // the workspace has already served a batch of at least n rows and grad has the adapter's shapes.

@@ -108,7 +108,9 @@ class glora_searcher {
                  " and max_random_draws " + std::to_string(options.max_random_draws) + " at least 0");
     constexpr index most = std::numeric_limits<index>::max() / 100;  // (the search draws up to 100 × population)
     TA_CHECK(options.population <= most && options.mutations <= most && options.crossovers <= most, fn,
-             "population, mutations and crossovers must be at most " + std::to_string(most));
+             "population " + std::to_string(options.population) + ", mutations " +
+                 std::to_string(options.mutations) + " and crossovers " + std::to_string(options.crossovers) +
+                 " must be at most " + std::to_string(most));
     TA_CHECK(options.mutation_probability >= 0.0 && options.mutation_probability <= 1.0, fn,
              "mutation probability " + std::to_string(options.mutation_probability) + " must be in [0, 1]");
     index max_rank_needed = 0;
@@ -272,10 +274,11 @@ class glora_searcher {
 // The best configuration set found for `layers` in `space` by the official evolutionary search.
 //   fitness:  double(const std::vector<glora_config>&), one configuration per layer; higher is better.
 //   progress: void(const glora_search_progress&), called after every generation.
-// Throws argument_error, before any fitness call, if there are no layers, a layer is empty, the space
-// is not valid (an empty list, a repeated choice, an illegal kind such as scalar for C) or holds a lora
-// rank above some layer's maximum rank R, the options are out of range, or no configuration set meets
-// the parameter budget; and during the search if the fitness returns NaN.
+// Throws argument_error, before any fitness call, if there are no layers, a layer is empty or its R is
+// above min(out, in), the space is not valid (an empty list, a repeated choice, an illegal kind such as
+// scalar for C) or holds a lora rank above some layer's maximum rank R, the options are out of range
+// (population, mutations and crossovers at most max(index) / 100), or no configuration set meets the
+// parameter budget; and during the search if the fitness returns NaN.
 template <class Fitness, class Progress>
 glora_search_result evolutionary_search(const std::vector<glora_layer_shape>& layers, const glora_space& space,
                                         Fitness&& fitness, const glora_search_options& options, Progress&& progress) {
@@ -291,7 +294,8 @@ glora_search_result evolutionary_search(const std::vector<glora_layer_shape>& la
 }
 
 // The parameter count of one configuration per layer, summed (official rule). Throws argument_error if
-// the counts of configurations and layers differ or a configuration is illegal or above a layer's R.
+// the counts of configurations and layers differ, a layer is empty or its R is outside [1, min(out,
+// in)], or a configuration is illegal or above its layer's R.
 inline index parameter_count(const std::vector<glora_config>& configs, const std::vector<glora_layer_shape>& layers) {
   const char* fn = "glora parameter_count";
   TA_CHECK(configs.size() == layers.size(), fn,

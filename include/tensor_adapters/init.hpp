@@ -86,7 +86,8 @@ void fill_normal(tensor<T, N>& t, double mean, double stddev, Generator& gen) {
 }
 
 // PyTorch's kaiming_uniform_(w, a) for a weight whose fan-in is `fan_in`:
-// bound = sqrt(6 / ((1 + a^2) * fan_in)); with a = sqrt(5) that is 1 / sqrt(fan_in).
+// bound = sqrt(6 / ((1 + a^2) * fan_in)); with a = sqrt(5) that is 1 / sqrt(fan_in). Throws
+// argument_error for fan_in < 1 (where PyTorch, on an empty weight, warns and fills nothing).
 inline double kaiming_uniform_bound(index fan_in, double a) {
   TA_CHECK(fan_in >= 1, "kaiming_uniform_bound", "fan_in " + std::to_string(fan_in) + " must be at least 1");
   return std::sqrt(6.0 / ((1.0 + a * a) * static_cast<double>(fan_in)));
@@ -96,7 +97,8 @@ void fill_kaiming_uniform(tensor<T, N>& t, index fan_in, double a, Generator& ge
   fill_uniform(t, kaiming_uniform_bound(fan_in, a), gen);
 }
 
-// PyTorch's xavier_uniform_(w): bound = sqrt(6 / (fan_in + fan_out)).
+// PyTorch's xavier_uniform_(w): bound = sqrt(6 / (fan_in + fan_out)). Throws argument_error for a
+// negative fan or fan_in + fan_out < 1.
 inline double xavier_uniform_bound(index fan_in, index fan_out) {
   TA_CHECK(fan_in >= 0 && fan_out >= 0 && fan_in + fan_out >= 1, "xavier_uniform_bound",
            "fan_in " + std::to_string(fan_in) + " and fan_out " + std::to_string(fan_out) +

@@ -78,7 +78,7 @@ class adamw {
   long steps() const { return t_; }
 
   // The options in use; set_lr changes the learning rate from the next step on (a schedule), keeping
-  // the moments, as assigning param_group["lr"] does in PyTorch.
+  // the moments, as assigning param_group["lr"] does in PyTorch. Throws argument_error for lr < 0.
   const adamw_options& options() const { return options_; }
   void set_lr(double lr) {
     check_lr(lr);

@@ -23,8 +23,8 @@
 // scalar_isa.
 //
 // Narrow products (n ≤ 16, m ≥ 2n, A not transposed) take a dot-product kernel instead, which reads
-// A in place (see gemm_narrow), or, when k is short or each row of C fills most of a register, one or
-// two registers per row of C (register_rows_product).
+// A in place (see gemm_narrow), or, when k is short or each row of C fills most of a register, one to
+// four registers per row of C, ⌈n / width⌉ (register_rows_product).
 //
 // Cases of the plain-layout entry (the grouped entry, for middle modes, has all but the narrow one):
 //   m = 0 or n = 0                      nothing to do
@@ -49,6 +49,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -664,7 +665,8 @@ inline void dot_kernel(index k, const T* __restrict a, index lda, const T* __res
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) {
       // (One fused rounding, spelled out: left to the compiler's contraction, the rows of the R-row
-      // and 1-row kernels were fused differently, and C's last bits depended on the thread count.)
+      // and 1-row kernels were fused differently, and C's last bits depended on the thread count. In
+      // a build without FMA instructions std::fma is a library call, once per element of C.)
       T& x = c[r * ldc + j];
       const T sum = S::sum(acc[r][j]);
       x = beta == T(0) ? alpha * sum : std::fma(alpha, sum, beta * x);
@@ -753,6 +755,7 @@ void register_rows_product(index m, index n, index k, T alpha, const T* a, index
                            index ldb, T beta, T* c, index ldc) {
   constexpr int W = simd<T, Isa>::width, R = gemm_shape<T, Isa>::dot_acc / NV;
   constexpr index KC = gemm_shape<T, Isa>::kc;
+  assert(n > (NV - 1) * W && n <= NV * W);  // every register of a row holds at least one column
   T* bp = gemm_buffers<T, Isa>::local().b.get(k * NV * W);
   for (index p = 0; p < k; ++p)
     for (index j = 0; j < NV * W; ++j) bp[p * NV * W + j] = j < n ? (trans_b ? b[j * ldb + p] : b[p * ldb + j]) : T(0);
@@ -776,27 +779,35 @@ void register_rows_product(index m, index n, index k, T alpha, const T* a, index
 // first copied, transposed, into the calling thread's grow-only scratch with rows padded to whole
 // lines: the dot kernel's loads of B would otherwise split across lines (a transposed B at 16-byte
 // alignment, as std::vector gives, ran 1.3–1.4× slower). register_rows_product instead, with one
-// register per row of C where k < 2·width or n > 3/4 width (1.3–2× faster at n = 16 floats on
-// AVX-512; k 20–31 floats with n 4–12 2–6×), with two where n ≤ 2·width and k < 4·width (doubles with
-// n 9–16: k 9–24 2–3.3×, among them a conv weight's mode 2 with J 3 folded to n = k = 9), and with
-// three or four where k < width (AVX2 doubles with n 9–16), so the dot kernel always has k ≥ width.
-// (Interleaved, one thread, against the dot kernel with its tail summed element by element.)
+// register per row of C where k < width, or k < 2·width and n ≥ 3, or n > 3/4 width (1.3–2× faster
+// at n = 16 floats on AVX-512; k 20–31 floats with n 4–12 2–6×; with n 1 and 2 the dot kernel, its
+// tail masked, took 0.35–0.74× and 0.6–1.0× the time), with two where n ≤ 2·width and k < 4·width
+// (doubles with n 9–16: k 9–31 2–3.5×, among them a conv weight's mode 2 with J 3 folded to n = k =
+// 9), and with three or four where k < width (AVX2 doubles with n 9–16), so the dot kernel always has
+// k ≥ width. (Interleaved, one thread, AVX-512, against the dot kernel.)
 template <class T, class Isa>
 void gemm_narrow(index m, index n, index k, T alpha, const T* a, index lda, bool trans_b, const T* b, index ldb,
                  T beta, T* c, index ldc) {
   constexpr int W = simd<T, Isa>::width;
-  const index registers = (n + W - 1) / W;  // per row of C
-  if (registers == 1 && (k < 2 * W || 4 * n > 3 * W)) {
+  const index registers = (n + W - 1) / W;  // per row of C; n ≤ 16
+  if (registers == 1 && (k < W || (k < 2 * W && n > 2) || 4 * n > 3 * W)) {
     register_rows_product<T, Isa, 1>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
     return;
   }
-  if (W > 1 && (k < W || (registers == 2 && k < 4 * W))) {
-    switch (registers) {
-      case 2: register_rows_product<T, Isa, 2>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc); break;
-      case 3: register_rows_product<T, Isa, 3>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc); break;
-      default: register_rows_product<T, Isa, 4>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc); break;
+  if constexpr (W > 1 && W < 16) {  // rows of C of more than one register
+    if (k < W || (registers == 2 && k < 4 * W)) {
+      if (registers == 2) {
+        register_rows_product<T, Isa, 2>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
+        return;
+      }
+      if constexpr (2 * W < 16) {  // three or four: a width of 4 (AVX2 doubles)
+        if (registers == 3)
+          register_rows_product<T, Isa, 3>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
+        else
+          register_rows_product<T, Isa, 4>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
+        return;
+      }
     }
-    return;
   }
   constexpr index line = 64 / sizeof(T);
   const bool aligned = trans_b && reinterpret_cast<std::uintptr_t>(b) % 64 == 0 && ldb % line == 0;

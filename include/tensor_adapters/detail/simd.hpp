@@ -9,8 +9,6 @@
 //   fma(a, b, c)                 a·b + c, fused where the instruction set has it
 //   mul(a, b), add(a, b)         a·b, a + b
 //   sum(v)                       the sum of v's lanes
-//   strided(s)                   lane offsets 0, s, 2s, … (s·width must fit an int)
-//   gather(p, o), scatter(p, o, v)  lane l from / to p[o_l]
 //
 //   vector_sum(p, n)             Σ p[0 .. n) on native_isa
 //
@@ -56,10 +54,6 @@ struct simd<T, scalar_isa> {
   static reg fma(reg a, reg b, reg c) { return a * b + c; }
   static reg mul(reg a, reg b) { return a * b; }
   static reg add(reg a, reg b) { return a + b; }
-  using offsets = Eigen::Index;
-  static offsets strided(Eigen::Index) { return 0; }
-  static reg gather(const T* p, offsets) { return *p; }
-  static void scatter(T* p, offsets, reg v) { *p = v; }
   static T sum(reg v) { return v; }
 };
 
@@ -82,18 +76,6 @@ struct simd<float, avx2_isa> {
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
-  using offsets = __m256i;
-  static offsets strided(Eigen::Index s) {
-    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(s)));
-  }
-  static reg gather(const float* p, offsets o) { return _mm256_i32gather_ps(p, o, 4); }
-  static void scatter(float* p, offsets o, reg v) {
-    alignas(32) float value[8];
-    alignas(32) int at[8];
-    _mm256_store_ps(value, v);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(at), o);
-    for (int l = 0; l < 8; ++l) p[at[l]] = value[l];
-  }
   static float sum(reg v) {
     const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -116,16 +98,6 @@ struct simd<double, avx2_isa> {
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
   static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
   static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
-  using offsets = __m128i;
-  static offsets strided(Eigen::Index s) { return _mm_mullo_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(int(s))); }
-  static reg gather(const double* p, offsets o) { return _mm256_i32gather_pd(p, o, 8); }
-  static void scatter(double* p, offsets o, reg v) {
-    alignas(32) double value[4];
-    alignas(16) int at[4];
-    _mm256_store_pd(value, v);
-    _mm_store_si128(reinterpret_cast<__m128i*>(at), o);
-    for (int l = 0; l < 4; ++l) p[at[l]] = value[l];
-  }
   static double sum(reg v) {
     const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
@@ -192,15 +164,6 @@ struct simd<float, avx512_isa> {
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  using offsets = __m512i;
-  static offsets strided(Eigen::Index s) {
-    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                              _mm512_set1_epi32(int(s)));
-  }
-  static reg gather(const float* p, offsets o) {  // (the masked forms: see sum)
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), __mmask16(0xFFFF), o, p, 4);
-  }
-  static void scatter(float* p, offsets o, reg v) { _mm512_i32scatter_ps(p, o, v, 4); }
   static float sum(reg v) {  // (the maskz form: g++ 12 warns about the undefined lanes of the others)
     const __m512d d = _mm512_castps_pd(v);
     const __m256 low = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, d, 0));
@@ -222,14 +185,6 @@ struct simd<double, avx512_isa> {
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
   static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
   static reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
-  using offsets = __m256i;
-  static offsets strided(Eigen::Index s) {
-    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(s)));
-  }
-  static reg gather(const double* p, offsets o) {
-    return _mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8(0xFF), o, p, 8);
-  }
-  static void scatter(double* p, offsets o, reg v) { _mm512_i32scatter_pd(p, o, v, 8); }
   static double sum(reg v) {
     const __m256d low = _mm512_maskz_extractf64x4_pd(0xF, v, 0), high = _mm512_maskz_extractf64x4_pd(0xF, v, 1);
     return simd<double, avx2_isa>::sum(_mm256_add_pd(low, high));

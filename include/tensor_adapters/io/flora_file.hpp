@@ -251,6 +251,10 @@ template <class T>
 void save_flora_adapter(const flora_adapter<T>& adapter, const std::string& directory, dtype type = dtype_of<T>()) {
   flora_adapter_config c = adapter.config;
   const bool list_modules = c.target_modules.empty();
+  for (const std::string& m : c.target_modules)  // as load_flora_adapter requires
+    if (!adapter.layers.count(m))
+      throw format_error("FLoRA adapter: the config's target_modules lists \"" + m +
+                         "\" but the adapter has no such layer");
   safetensors_writer w;
   w.set_metadata("format", "pt");
   for (const auto& entry : adapter.layers) {
@@ -283,9 +287,6 @@ void save_flora_adapter(const flora_adapter<T>& adapter, const std::string& dire
         },
         layer);
   }
-  for (const std::string& m : c.target_modules)  // as load_flora_adapter requires
-    if (!adapter.layers.count(m))
-      throw format_error("FLoRA adapter: the config's target_modules lists \"" + m + "\" but the adapter has no such layer");
   detail::write_adapter_directory(directory, w, flora_adapter_config_json(c));
 }
 

@@ -43,6 +43,7 @@
 //   for (auto& [module, layer] : adapter.layers) merge(layer.adapter, my_weights[module]);
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -322,10 +323,12 @@ inline void check_peft_rank(const std::string& where, index r, index out, index 
 }  // namespace detail
 
 // Adds a layer for `module` with the given alpha: sets its scale from the config's use_rslora, and adds
-// rank_pattern / alpha_pattern entries (keyed by the full module name) and a target_modules entry when
-// the config's defaults do not already give this module its rank, alpha and selection.
-// weight_shape is the adapted weight's shape, (O, I) or (O, in, kh, kw). Throws format_error if it does
-// not fit the adapter.
+// rank_pattern / alpha_pattern entries (keyed by the full module name) where the config's defaults do
+// not already give this module its rank and alpha, and this module to target_modules where the list
+// does not select it; a config without target_modules (every module) gets the list of its layers so
+// far and this one. weight_shape is the adapted weight's shape, (O, I) or (O, in, kh, kw). Throws
+// format_error, leaving the adapter as it was, if the shape does not fit the adapter, the rank is above
+// min(out, fan_in), or the config's target_modules regex does not select the module.
 template <class T>
 void add_peft_lora_layer(peft_lora_adapter<T>& adapter, const std::string& module, lora<T> layer,
                          const std::vector<index>& weight_shape, double alpha) {
@@ -340,11 +343,11 @@ void add_peft_lora_layer(peft_lora_adapter<T>& adapter, const std::string& modul
   const index r = layer.A.dimension(0);
   detail::check_peft_rank(where, r, weight_shape[0], fan_in);
   peft_lora_config& c = adapter.config;
+  if (!c.target_modules_regex.empty() && !peft_targets(c, module))
+    throw format_error(where + " is not selected by target_modules \"" + c.target_modules_regex + "\"");
   if (peft_rank(c, module) != r) c.rank_pattern.insert(c.rank_pattern.begin(), {module, r});
   if (peft_alpha(c, module) != alpha) c.alpha_pattern.insert(c.alpha_pattern.begin(), {module, alpha});
   if (!peft_targets(c, module) || (c.target_modules.empty() && c.target_modules_regex.empty())) {
-    if (!c.target_modules_regex.empty())
-      throw format_error(where + " is not selected by target_modules \"" + c.target_modules_regex + "\"");
     // A config without target_modules selects every module: its list becomes the layers it selected.
     if (c.target_modules.empty())
       for (const auto& kv : adapter.layers) c.target_modules.push_back(kv.first);
@@ -358,7 +361,8 @@ void add_peft_lora_layer(peft_lora_adapter<T>& adapter, const std::string& modul
 // Writes `adapter` to `directory` (created if needed) as PEFT does: adapter_config.json and
 // adapter_model.safetensors with "__metadata__": {"format": "pt"}, factors stored as `type` (F32, F64, F16
 // or BF16). Throws format_error, before writing anything, if a layer's rank or scale is not what the
-// config gives its module, if the config does not target it, or if its shapes do not fit its weight shape.
+// config gives its module, if the config does not target it, if its shapes do not fit its weight shape,
+// or if its rank is above min(out, fan_in) (which load_peft_lora refuses).
 // A config without target_modules is saved with the adapted modules' full names as its list.
 template <class T>
 void save_peft_lora(const peft_lora_adapter<T>& adapter, const std::string& directory, dtype type = dtype_of<T>()) {
