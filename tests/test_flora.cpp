@@ -107,6 +107,11 @@ TEST_CASE("FLoRA visits its parameters under stable names and counts them", "[fl
   CHECK(ta::parameter_count(a) == expected);
   CHECK(ta::flora_parameter_count<5>({8, 6, 3, 2, 3}, {3, 2, 2, 1, 3}) == expected);
   CHECK(ta::flora_parameter_count<4>({256, 256, 3, 3}, {16, 16, 2, 2}) == 16 * 16 * 2 * 2 + 2 * 256 * 16 + 2 * 3 * 2);
+  CHECK_THROWS_AS(ta::flora_parameter_count<2>({4, 0}, {1, 1}), ta::argument_error);
+  CHECK_THROWS_AS(ta::flora_parameter_count<2>({4, 5}, {5, 1}), ta::argument_error);
+  // A weight of 2^40 elements whose mode-0 term I0 · r0 = 2^80 would overflow.
+  CHECK_THROWS_WITH(ta::flora_parameter_count<2>({ta::index(1) << 40, 1}, {ta::index(1) << 40, 1}),
+                    Catch::Contains("more than an index can count"));
 
   auto z = ta::zeros_like(a);
   int visited = 0;

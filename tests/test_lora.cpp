@@ -313,9 +313,12 @@ TEMPLATE_TEST_CASE("forward and backward make no allocation with a warm workspac
   ta::fill_normal(b0, 0, 1, gen);
   ta::lora_workspace<T> ws;
   ta::lora<T> grad = ta::zeros_like(a);
-  ta::forward(a, x, w0, b0, y, ws);  // warms the workspace
   ta::backward(a, x, w0, dy, dx, grad, ws);
-  const ta::tensor<T, 2> y_first = y, dx_first = dx;
+  // One call sizes the workspace for both (a forward with a bias needs n·(r + 1) of h, (r + 1)·O of u).
+  CHECK(ws.h.size() >= std::size_t(n * (r + 1)));
+  CHECK(ws.u.size() >= std::size_t((r + 1) * out));
+  ta::forward(a, x, w0, b0, y, ws);  // warms the product kernel's buffers for the forward's products
+  const ta::tensor<T, 2> dx_first = dx;
   {
     allocation_counter::scope counting;
     ta::forward(a, x, w0, b0, y, ws);
@@ -432,6 +435,11 @@ TEMPLATE_TEST_CASE("zero-rank and empty adapters and weights are rejected everyw
   CHECK_THROWS_AS(ta::make_lora<T>(-3, 6, {1, 1.0}, gen), ta::argument_error);
   CHECK_THROWS_AS(ta::make_lora<T>(4, 6, {-2, 1.0}, gen), ta::argument_error);
   CHECK_THROWS_AS(ta::make_lora<T>(ta::shape<4>{4, 0, 3, 3}, {1, 1.0}, gen), ta::argument_error);
+  // Extents whose product would be a fan-in but which are not a weight's: negative, overflowing.
+  CHECK_THROWS_WITH(ta::make_lora<T>(ta::shape<3>{4, -3, -3}, {2, 1.0}, gen),
+                    Catch::Contains("make_lora") && Catch::Contains("(4, -3, -3)"));
+  CHECK_THROWS_AS(ta::make_lora<T>(ta::shape<3>{4, ta::index(1) << 32, (ta::index(1) << 32) + 1}, {2, 1.0}, gen),
+                  ta::argument_error);
   CHECK_THROWS_AS(ta::make_lora<T>(ta::shape<2>{0, 6}, {1, 1.0}, gen), ta::argument_error);
   CHECK_THROWS_AS(ta::make_lora<T>(ta::shape<3>{4, 6, 1}, {0, 1.0}, gen), ta::argument_error);
 

@@ -79,15 +79,6 @@ shape<N> weight_shape(const flora<T, N>& a) {
   return s;
 }
 
-// Π r_n + Σ I_n · r_n: the number of trainable scalars of an adapter with these extents and ranks
-// (parameter_count(adapter) gives the same for an existing adapter).
-template <int N>
-index flora_parameter_count(const shape<N>& weight_extents, const shape<N>& rank_extents) {
-  index n = detail::product(rank_extents);
-  for (std::size_t d = 0; d < static_cast<std::size_t>(N); ++d) n += weight_extents[d] * rank_extents[d];
-  return n;
-}
-
 namespace detail {
 
 template <int N>
@@ -398,6 +389,23 @@ tensor<T, N> swap_first_two_modes(const tensor<T, N>& in) {
 }
 
 }  // namespace detail
+
+// Π r_n + Σ I_n · r_n: the number of trainable scalars of an adapter with these extents and ranks
+// (parameter_count(adapter) gives the same for an existing adapter). Throws argument_error where
+// make_flora would, or if the count is more than an index can count.
+template <int N>
+index flora_parameter_count(const shape<N>& weight_extents, const shape<N>& rank_extents) {
+  const char* fn = "flora_parameter_count";
+  detail::check_flora_shapes<N>(weight_extents, rank_extents, fn);
+  index n = detail::product(rank_extents);  // at most Π I_n, which check_flora_shapes bounds
+  for (std::size_t d = 0; d < static_cast<std::size_t>(N); ++d) {
+    index term = 0;
+    TA_CHECK(!__builtin_mul_overflow(weight_extents[d], rank_extents[d], &term) && !__builtin_add_overflow(n, term, &n),
+             fn, "the parameter count for a weight " + detail::dims_string(weight_extents, N) + " and ranks " +
+                     detail::dims_string(rank_extents, N) + " is more than an index can count");
+  }
+  return n;
+}
 
 // A new adapter for a weight of shape (I0, …, I(N-1)) with ranks (r0, …, r(N-1)), initialised as the
 // official code does: G = 0 and every U_n ~ N(0, 1/(2·r_n)) (kaiming-normal with a = √3 and fan-in

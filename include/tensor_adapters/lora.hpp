@@ -18,6 +18,7 @@
 #include <array>
 #include <cstddef>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -81,13 +82,19 @@ lora<T> make_lora(index out, index fan_in, const lora_options& options, Generato
   return a;
 }
 
-// The same for a weight of any rank: shape is (O, I1, …, Ik), fan-in I1·…·Ik.
+// The same for a weight of any rank: shape is (O, I1, …, Ik), fan-in I1·…·Ik. Throws argument_error
+// also if an extent is < 1 or the fan-in is more than an index can count.
 // (N is a std::size_t so that it is deduced from a shape<N> argument.)
 template <class T, std::size_t N, class Generator>
 lora<T> make_lora(const std::array<index, N>& weight_shape, const lora_options& options, Generator& gen) {
   static_assert(N >= 2, "a LoRA weight has rank 2 or more");
   index fan_in = 1;
-  for (std::size_t d = 1; d < N; ++d) fan_in *= weight_shape[d];
+  for (std::size_t d = 1; d < N; ++d) {
+    TA_CHECK(weight_shape[d] >= 1 && weight_shape[d] <= std::numeric_limits<index>::max() / fan_in, "make_lora",
+             "weight shape " + detail::dims_string(weight_shape, int(N)) +
+                 " needs extents of at least 1 and a fan-in an index can count");
+    fan_in *= weight_shape[d];
+  }
   return make_lora<T>(weight_shape[0], fan_in, options, gen);
 }
 
@@ -127,9 +134,13 @@ void check_lora(const lora<T>& a, const char* function) {
 template <class T, class Weight>
 void check_weight(const lora<T>& a, const Weight& w, const char* function, const char* name) {
   check_lora(a, function);
-  index fan_in = 1;
-  for (int d = 1; d < Weight::NumIndices; ++d) fan_in *= w.dimension(d);
-  TA_CHECK(w.dimension(0) == a.B.dimension(0) && fan_in == a.A.dimension(1), function,
+  bool fits = w.dimension(0) == a.B.dimension(0);
+  index fan_in = 1;  // (each extent bounded first, so that the product cannot overflow)
+  for (int d = 1; d < Weight::NumIndices && fits; ++d) {
+    fits = w.dimension(d) >= 1 && w.dimension(d) <= a.A.dimension(1) / fan_in;
+    fan_in *= fits ? w.dimension(d) : 1;
+  }
+  TA_CHECK(fits && fan_in == a.A.dimension(1), function,
         std::string(name) + " has shape " + shape_string(w) + " but the adapter (A " + shape_string(a.A) +
             ", B " + shape_string(a.B) + ") needs (" + std::to_string(a.B.dimension(0)) +
             ", …) with fan-in " + std::to_string(a.A.dimension(1)));
@@ -210,9 +221,12 @@ lora<T> delta_weight_vjp(const lora<T>& a, const tensor<T, N>& gw) {
 }
 
 // w ← w + ΔW.  w: (O, I1, …, Ik).  Throws (and leaves w untouched) if w does not fit the adapter.
-// ΔW is formed as scale · (B · A), the order PEFT uses: where B · A or w + ΔW exceeds T's range the
-// result is ±Inf (NaN where infinities of both signs meet), even if scale · B · A alone would be finite.
-// safe_merge rejects such a merge instead. Subnormal values take part with no flush to zero.
+// ΔW is formed as scale · (B · A), the order PEFT uses, B · A summed over r in blocks of 256: where
+// B · A or w + ΔW exceeds T's range the result is ±Inf (NaN where infinities of both signs meet), even
+// if scale · B · A alone would be finite. Scaling a block's sum and adding it to w is one fused step,
+// so where scale · (B · A) alone would overflow but w + ΔW is in range, the result is finite (PEFT's
+// is ±Inf). safe_merge rejects a merge with a non-finite result. Subnormal values take part with no
+// flush to zero.
 template <class T, int N>
 void merge(const lora<T>& a, tensor_view<T, N> w) {
   detail::check_weight(a, w, "lora merge", "w");
@@ -254,8 +268,9 @@ void safe_merge(const lora<T>& a, tensor<T, N>& w) {
 // ---------------------------------------------------------------------------------------------------
 // Linear layers in activation space
 
-// Scratch for forward and backward. Sized on first use; a workspace that has seen a batch of n rows
-// serves every batch of up to n rows without allocating.
+// Scratch for forward and backward, sized on first use by either call for both. Once a forward with a
+// bias and a backward of n rows have run on a workspace and thread (the product kernel keeps its own
+// buffers per thread), no later call of up to n rows on them allocates.
 template <class T>
 struct lora_workspace {
   std::vector<T> h;   // (n, r + 1): x · Aᵀ (and a column of ones for the bias)
@@ -287,6 +302,14 @@ void grow(std::vector<T>& buffer, index size) {
   if (static_cast<index>(buffer.size()) < size) buffer.resize(static_cast<std::size_t>(size));
 }
 
+// Every buffer at the size any call for n rows needs, so that neither call allocates after the other.
+template <class T>
+void reserve(lora_workspace<T>& ws, index n, index r, index out) {
+  grow(ws.h, n * (r + 1));
+  grow(ws.dh, n * r);
+  grow(ws.u, (r + 1) * out);
+}
+
 template <class T>
 void linear_forward(const lora<T>& a, const const_tensor_view<T, 2>& x, const const_tensor_view<T, 2>& w0,
                     const T* b0, tensor_view<T, 2> y, lora_workspace<T>& ws) {
@@ -295,8 +318,7 @@ void linear_forward(const lora<T>& a, const const_tensor_view<T, 2>& x, const co
   // only with a bias; then y = x · W0ᵀ and y += h · u. y is written twice in all, as by the frozen
   // layer alone (its product, then its bias).
   const index k = b0 != nullptr ? r + 1 : r;
-  grow(ws.h, n * k);
-  grow(ws.u, k * out);
+  reserve(ws, n, r, out);
   T* h = ws.h.data();
   T* u = ws.u.data();
   gemm<T>(false, true, n, r, in, T(1), x.data(), in, a.A.data(), in, T(0), h, k);
@@ -314,9 +336,9 @@ void linear_forward(const lora<T>& a, const const_tensor_view<T, 2>& x, const co
 }  // namespace detail
 
 // y (n, O) = x · W0ᵀ + b0 + scale · (x · Aᵀ) · Bᵀ
-//   x: (n, I), w0: (O, I), b0: (O), y: (n, O).
-// Throws argument_error, before writing anything, if a shape does not fit. Makes no allocation when
-// the workspace has already served a batch of at least n rows.
+//   x: (n, I), w0: (O, I), b0: (O), y: (n, O).  y must not overlap x or w0 (it may be b0).
+// Throws argument_error, before writing anything, if a shape does not fit. Makes no allocation on a
+// warm workspace (see lora_workspace).
 template <class T>
 void forward(const lora<T>& a, nondeduced<const_tensor_view<T, 2>> x, nondeduced<const_tensor_view<T, 2>> w0,
              nondeduced<const_tensor_view<T, 1>> b0, nondeduced<tensor_view<T, 2>> y,
@@ -359,10 +381,10 @@ tensor<T, 2> forward(const lora<T>& a, const tensor<T, 2>& x, const tensor<T, 2>
 // Backward of the linear forward with W0 and b0 frozen, given dy = ∂L/∂y (n, O):
 //   h = x · Aᵀ;  grad.B = scale · dyᵀ · h;  dh = scale · dy · B;  grad.A = dhᵀ · x;  dx = dy · W0 + dh · A.
 //   x: (n, I), w0: (O, I), dy: (n, O), dx: (n, I).  grad is resized if needed and overwritten
-//   (it must not be the adapter itself).
+//   (it must not be the adapter itself); dx must not overlap dy or w0 (it may be x).
 // (The bias does not enter: ∂L/∂b0 would be Σ_rows dy, and b0 is frozen.)
-// Throws argument_error, before writing anything, if a shape does not fit. Makes no allocation when
-// the workspace has already served a batch of at least n rows and grad has the adapter's shapes.
+// Throws argument_error, before writing anything, if a shape does not fit. Makes no allocation on a
+// warm workspace (see lora_workspace) when grad has the adapter's shapes.
 template <class T>
 void backward(const lora<T>& a, nondeduced<const_tensor_view<T, 2>> x,
               nondeduced<const_tensor_view<T, 2>> w0, nondeduced<const_tensor_view<T, 2>> dy,
@@ -375,8 +397,7 @@ void backward(const lora<T>& a, nondeduced<const_tensor_view<T, 2>> x,
   if (grad.A.dimensions() != a.A.dimensions()) grad.A.resize(r, in);
   if (grad.B.dimensions() != a.B.dimensions()) grad.B.resize(out, r);
   grad.scale = a.scale;
-  detail::grow(ws.h, n * r);
-  detail::grow(ws.dh, n * r);
+  detail::reserve(ws, n, r, out);
   T* h = ws.h.data();
   T* dh = ws.dh.data();
   detail::gemm<T>(false, true, n, r, in, T(1), x.data(), in, a.A.data(), in, T(0), h, r);
