@@ -139,14 +139,19 @@ struct gemm_shape<T, avx512_isa> {
   // k 32, 0.93–0.99× in double; with clang 14 0.95–1.04×.
   static constexpr int mr = 14, nv = 2, dot_acc = 24;
   // A strip's panel of A, kc·MR (14 KB float), stays in L1 while the kc·NR panels of B (32 KB each)
-  // stream past it from L2; mc·kc (256 KB) and kc·nc (512 KB) stay in L2. With n = 768 (a linear
-  // layer's width) the columns are one block, not 512 and 256: A is packed once and each strip of C
-  // written in one pass (float, one thread: 512×768·768×768 0.95× the time, plain or with B
-  // transposed; the same product in double, whose B would take 1.5 MB, was 1.02–1.03× slower taken
-  // whole, so it stays in two). With a short k the blocks widen to 512 KB of B, so that a product
-  // writing a large C (ΔW = B·A) writes each strip's rows in long runs: 4096×4096 with k 16
-  // 0.82–0.85× the time, 1024×4608 with k 64 0.94–0.95×, FLoRA's 512×4608 with k 32 0.93–1.0×.
-  static constexpr index kc = 256, mc = 252, nc = 512, b_bytes = 512 * 1024, a_bytes = 512 * 1024;
+  // stream past it from L2; mc·kc (256 KB float) and kc·nc (512 KB in either type: 512 columns of
+  // float, 256 of double) stay in L2. With n = 768 (a linear layer's width) the float columns are one
+  // block, not 512 and 256: A is packed once and each strip of C written in one pass (one thread:
+  // 512×768·768×768 0.95× the time, plain or with B transposed; the same product in double, whose B
+  // would take 1.5 MB, was 1.02–1.03× slower taken whole). Double blocks of 256 columns rather than
+  // 512 (1 MB of B) took 0.89–0.95× the time on the conv weights' first mode with J 32 and
+  // 64×4096·(4096×4096)ᵀ, 0.96–0.97× on the 256³ modes with J 64 and the conv first mode with J 64,
+  // 1.0–1.02× on 512×768·(768×768)ᵀ and 64×4096·4096×4096 (interleaved, one thread, medians of 21,
+  // two runs). With a short k the blocks widen to 512 KB of B, so that a product writing a large C
+  // (ΔW = B·A) writes each strip's rows in long runs: 4096×4096 with k 16 0.82–0.85× the time,
+  // 1024×4608 with k 64 0.94–0.95×, FLoRA's 512×4608 with k 32 0.93–1.0×.
+  static constexpr index kc = 256, mc = 252, nc = 512 * 4 / index(sizeof(T)), b_bytes = 512 * 1024,
+                         a_bytes = 512 * 1024;
 };
 #endif
 
