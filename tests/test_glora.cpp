@@ -849,6 +849,38 @@ TEST_CASE("parameter_count follows the official search's rule", "[glora]") {
         O + 1 + I + O + 1);
   CHECK(ta::parameter_count(ta::parse_glora_config("A=lora_8,B=lora_8,C=lora_8,D=vector,E=vector"), O, I) ==
         2 * 8 * (O + I) + 8 * (I + 1) + 2 * O);
+  // A rank no store of the layer can hold, and a count beyond an index.
+  CHECK_THROWS_AS(ta::parameter_count(ta::parse_glora_config("A=lora_100,B=none,C=none,D=none,E=none"), 4, 4),
+                  ta::argument_error);
+  CHECK_THROWS_AS(ta::parameter_count(ta::parse_glora_config("A=lora_999999999,B=none,C=none,D=none,E=none"),
+                                      ta::index(1) << 62, ta::index(1) << 62),
+                  ta::argument_error);
+}
+
+TEMPLATE_TEST_CASE("forward's W_eff is merge's, bit for bit, in every column", "[glora]", float, double) {
+  // With x the identity and b0 zero, y = x · W_effᵀ is W_effᵀ exactly. I = 70: the fused pass's vector
+  // blocks and its element-by-element tail (columns 64 to 69) both.
+  using T = TestType;
+  std::mt19937_64 gen(21);
+  const ta::index O = 9, I = 70;
+  const auto a = trained_glora<T>(O, I, 4, gen);
+  ta::tensor<T, 2> w0(O, I), x(I, I), y(I, O);
+  ta::fill_normal(w0, 0, 1, gen);
+  x.setZero();
+  for (ta::index i = 0; i < I; ++i) x(i, i) = T(1);
+  ta::tensor<T, 1> b0(O);
+  b0.setZero();
+  ta::glora_workspace<T> ws;
+  for (const char* text : {"A=lora_3,B=lora_4,C=none,D=none,E=none", "A=lora_4,B=vector,C=none,D=none,E=none"}) {
+    INFO(text);
+    const ta::glora_config c = ta::parse_glora_config(text);
+    ta::forward(a, c, x, w0, b0, y, ws);
+    const auto m = ta::merge(a, c, w0, b0);
+    ta::index differ = 0;
+    for (ta::index o = 0; o < O; ++o)
+      for (ta::index i = 0; i < I; ++i) differ += y(i, o) == m.weight(o, i) ? 0 : 1;
+    CHECK(differ == 0);
+  }
 }
 
 TEST_CASE("the text form round-trips and rejects bad text", "[glora]") {
@@ -974,6 +1006,17 @@ TEMPLATE_TEST_CASE("bad input throws argument_error naming the function and shap
   CHECK_THROWS_WITH(ta::forward(a, illegal[2], x, w0, b0, y, ws), Catch::Contains("C cannot be scalar"));
   CHECK_THROWS_WITH(ta::forward(a, illegal[5], x, w0, b0, y, ws), Catch::Contains("unknown kind"));
 
+  // A batch of negative size, through views (a backward with one copied memory of that size).
+  {
+    const ta::glora_config vector_scalar = ta::parse_glora_config("A=vector,B=scalar,C=none,D=none,E=none");
+    const ta::const_tensor_view<T, 2> xn(x.data(), -2, x.dimension(1)), dyn(dy.data(), -2, dy.dimension(1));
+    const ta::tensor_view<T, 2> yn(y.data(), -2, y.dimension(1)), dxn(dx.data(), -2, dx.dimension(1));
+    CHECK_THROWS_WITH(ta::forward<T>(a, vector_scalar, xn, ta::view(w0), ta::view(b0), yn, ws),
+                      Catch::Contains("glora forward") && Catch::Contains("x has shape"));
+    CHECK_THROWS_AS(ta::backward<T>(a, vector_scalar, xn, ta::view(w0), ta::view(b0), dyn, dxn, grad, ws),
+                    ta::argument_error);
+  }
+
   // A store whose maximum rank is above min(O, I) (which make_glora refuses), with a configuration of
   // rank 1 that it could otherwise serve.
   ta::glora<T> wide;
@@ -1066,6 +1109,10 @@ TEMPLATE_TEST_CASE("empty and zero-rank stores and empty weights are rejected ev
   CHECK_THROWS_AS(ta::make_glora<T>(4, 6, {-1}, gen), ta::argument_error);
   CHECK_THROWS_AS((ta::make_glora<T, 3>(ta::shape<3>{4, 0, 3}, {1}, gen)), ta::argument_error);
   CHECK_THROWS_AS((ta::make_glora<T, 2>(ta::shape<2>{0, 6}, {1}, gen)), ta::argument_error);
+  // Extents whose product would be a fan-in but which are not a weight's: negative, overflowing.
+  CHECK_THROWS_WITH((ta::make_glora<T, 3>(ta::shape<3>{4, -3, -3}, {2}, gen)),
+                    Catch::Contains("make_glora") && Catch::Contains("(4, -3, -3)"));
+  CHECK_THROWS_AS((ta::make_glora<T, 3>(ta::shape<3>{4, (ta::index(1) << 62) + 1, 4}, {2}, gen)), ta::argument_error);
   CHECK_THROWS_AS(ta::parameter_count(ta::glora_config{}, 4, 0), ta::argument_error);
 
   const auto good = trained_glora<T>(4, 6, 2, gen);

@@ -784,6 +784,16 @@ TEST_CASE("GLoRA and FLoRA adapters built in C++ round trip exactly", "[glora_fi
   io::glora_adapter<float> bad_store = g;
   bad_store.layers.at("enc.fc1").store.Cu.resize(3, 2);
   REQUIRE_THROWS_WITH(io::save_glora_adapter(bad_store, "peft_saved/refused"), Contains("enc.fc1") && Contains("Cu"));
+  // What load_glora_adapter would refuse: an empty module name, r outside [1, 2^30], an invalid regex.
+  io::glora_adapter<float> unnamed = g;
+  unnamed.layers.emplace("", g.layers.begin()->second);
+  REQUIRE_THROWS_WITH(io::save_glora_adapter(unnamed, "peft_saved/refused"), Contains("name is empty"));
+  io::glora_adapter<float> empty;
+  empty.config.r = 0;
+  REQUIRE_THROWS_WITH(io::save_glora_adapter(empty, "peft_saved/refused"), Contains("\"r\""));
+  empty.config.r = 2;
+  empty.config.target_modules_regex = "(";
+  REQUIRE_THROWS_WITH(io::save_glora_adapter(empty, "peft_saved/refused"), Contains("regular expression"));
   CHECK_FALSE(fs::exists("peft_saved/refused"));
 }
 

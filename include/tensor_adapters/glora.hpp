@@ -49,6 +49,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -362,12 +363,16 @@ inline index glora_choice_parameters(const glora_choice& c, index rows, index co
 // The trainable parameters a configuration uses in a layer (out, in), by the official search's rule:
 // A and B: lora r·(O + I), vector O, scalar 1, none 0;  C: lora r·(I + 1), vector I, none 0;
 // D and E: vector O, scalar 1, none 0.
-// Throws argument_error on an illegal configuration or a size below 1.
+// Throws argument_error on an illegal configuration, a size below 1, a lora rank above min(out, in)
+// (no store of the layer can hold it), or a count more than an index can count.
 inline index parameter_count(const glora_config& c, index out, index in) {
   const char* fn = "glora parameter_count";
   TA_CHECK(out >= 1 && in >= 1, fn,
            "layer (" + std::to_string(out) + ", " + std::to_string(in) + ") must not be empty");
-  detail::check_glora_config(c, 0, fn);
+  detail::check_glora_config(c, std::min(out, in), fn);
+  // Each term is at most r·(O + I) with r ≤ min(O, I), so bounding O + I by √max keeps them all exact.
+  TA_CHECK(out <= (index(1) << 30) && in <= (index(1) << 30), fn,
+           "layer (" + std::to_string(out) + ", " + std::to_string(in) + ") has a parameter count beyond an index");
   return detail::glora_choice_parameters(c.A, out, in) + detail::glora_choice_parameters(c.B, out, in) +
          detail::glora_choice_parameters(c.C, in, 1) + detail::glora_choice_parameters(c.D, out, 1) +
          detail::glora_choice_parameters(c.E, out, 1);
@@ -445,12 +450,19 @@ glora<T> make_glora(index out, index in, const glora_options& options, Generator
   return a;
 }
 
-// The same for a weight of any rank: shape (O, I1, …, Ik) is treated as (O, I1·…·Ik).
+// The same for a weight of any rank: shape (O, I1, …, Ik) is treated as (O, I1·…·Ik). Throws
+// argument_error also if an extent is < 1 or the fan-in is more than an index can count.
 template <class T, int N, class Generator>
 glora<T> make_glora(const shape<N>& weight_shape, const glora_options& options, Generator& gen) {
   static_assert(N >= 2, "a GLoRA weight has rank 2 or more");
   index fan_in = 1;
-  for (int d = 1; d < N; ++d) fan_in *= weight_shape[static_cast<std::size_t>(d)];
+  for (int d = 1; d < N; ++d) {
+    const index e = weight_shape[static_cast<std::size_t>(d)];
+    TA_CHECK(e >= 1 && e <= std::numeric_limits<index>::max() / fan_in, "make_glora",
+             "weight shape " + detail::dims_string(weight_shape, N) +
+                 " needs extents of at least 1 and a fan-in an index can count");
+    fan_in *= e;
+  }
   return make_glora<T>(weight_shape[0], fan_in, options, gen);
 }
 
@@ -488,9 +500,9 @@ void for_each_parameter(glora<T>& params, const glora<T>& grads, F&& fn) {
   fn("glora_E", params.E, grads.E);
 }
 
-// Scratch for forward, backward and the weight-space functions. Buffers only grow: a workspace that has
-// served a call serves every later call of the same layer, batch size and configuration (or smaller
-// ones) without allocating.
+// Scratch for forward, backward and the weight-space functions. Buffers only grow: once a forward and a
+// backward have served a layer, batch size and configuration, every later call of them (or smaller
+// ones) runs without allocating. (A backward alone does not size the forward's buffers.)
 template <class T>
 struct glora_workspace {
   std::vector<T> weight;    // (O, I): W_eff for safe_merge
@@ -542,9 +554,13 @@ glora_dims check_glora_store(const glora<T>& a, const char* function) {
 // The weight (O, I1, …, Ik) seen as (O, F) must match the store: O rows and F = I.
 template <class Weight>
 void check_glora_weight(const glora_dims& d, const Weight& w, const char* function, const char* name) {
-  index fan_in = 1;
-  for (int k = 1; k < Weight::NumIndices; ++k) fan_in *= w.dimension(k);
-  TA_CHECK(w.dimension(0) == d.out && fan_in == d.in, function,
+  bool fits = w.dimension(0) == d.out;
+  index fan_in = 1;  // (each extent bounded first, so that the product cannot overflow)
+  for (int k = 1; k < Weight::NumIndices && fits; ++k) {
+    fits = w.dimension(k) >= 1 && w.dimension(k) <= d.in / fan_in;
+    fan_in *= fits ? w.dimension(k) : 1;
+  }
+  TA_CHECK(fits && fan_in == d.in, function,
            std::string(name) + " has shape " + shape_string(w) + " but the store needs (" + std::to_string(d.out) +
                ", …) with fan-in " + std::to_string(d.in));
 }
@@ -640,11 +656,11 @@ void glora_lora_rows(index m, index I, index R, index ra, const T* ad, const T* 
           S::store(orow + i + v * W, S::add(y, acc_b[v]));
         }
       }
-      for (; i < i1; ++i) {
+      for (; i < i1; ++i) {  // fused as the registers above are, so that every column rounds alike
         T sa = T(0), sb = T(0);
-        for (index r = 0; r < ra; ++r) sa += ar[r] * au[r * I + i];
-        for (index r = 0; r < rb; ++r) sb += br[r] * bu[r * I + i];
-        orow[i] = (add_w0 ? wr[i] + wr[i] * sa : wr[i] * sa) + sb;
+        for (index r = 0; r < ra; ++r) sa = std::fma(ar[r], au[r * I + i], sa);
+        for (index r = 0; r < rb; ++r) sb = std::fma(br[r], bu[r * I + i], sb);
+        orow[i] = (add_w0 ? std::fma(wr[i], sa, wr[i]) : wr[i] * sa) + sb;
       }
     }
   }
@@ -1332,7 +1348,7 @@ glora_dims check_glora_linear(const glora<T>& a, const glora_config& c, const co
   const glora_dims d = check_glora_store(a, function);
   check_glora_config(c, d.rank, function);
   check_glora_weight(d, w0, function, "w0");
-  TA_CHECK(x.dimension(1) == d.in, function,
+  TA_CHECK(x.dimension(0) >= 0 && x.dimension(1) == d.in, function,
            "x has shape " + shape_string(x) + " but w0 " + shape_string(w0) + " needs (n, " + std::to_string(d.in) + ")");
   return d;
 }
@@ -1559,9 +1575,9 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
 // With A lora, the batch goes through one GEMM against W_eff, formed from W0 as the GEMM packs it (O·I
 // work in cache, nothing written to memory); otherwise y = (x · W0ᵀ) ⊙ (1 + a)ᵀ + the B term in
 // activation space + b_eff, x · W0ᵀ kept in the workspace for the backward once the workspace has
-// served one (glora_workspace). Throws argument_error, before writing anything, if a shape or the
-// configuration does not fit. Makes no allocation once the workspace has served a call of this layer,
-// batch size and configuration.
+// served one (glora_workspace). y must not overlap x or w0. Throws argument_error, before writing
+// anything, if a shape or the configuration does not fit. Makes no allocation on a warm workspace (see
+// glora_workspace).
 template <class T>
 void forward(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, 2>> x,
              nondeduced<const_tensor_view<T, 2>> w0, nondeduced<const_tensor_view<T, 1>> b0,
@@ -1609,9 +1625,9 @@ tensor<T, 2> forward(const glora<T>& a, const glora_config& c, const tensor<T, 2
 // in activation space. With A lora, dx = dy · W_eff goes through one GEMM that forms W_eff from W0 as it
 // packs it.
 //   x: (n, I), w0: (O, I), b0: (O), dy: (n, O), dx: (n, I); grad is resized to the store's shapes if
-// needed and overwritten (it must not be the store itself). Throws argument_error, before writing
-// anything, if a shape or the configuration does not fit. Makes no allocation once the workspace has
-// served a call of this layer, batch size and configuration and grad has the store's shapes.
+// needed and overwritten (it must not be the store itself); dx must not overlap x, dy or w0. Throws
+// argument_error, before writing anything, if a shape or the configuration does not fit. Makes no
+// allocation on a warm workspace (see glora_workspace) when grad has the store's shapes.
 template <class T>
 void backward(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, 2>> x,
               nondeduced<const_tensor_view<T, 2>> w0, nondeduced<const_tensor_view<T, 1>> b0,

@@ -290,21 +290,26 @@ glora_adapter<T> load_glora_adapter(const std::string& directory) {
 
 // Writes `adapter` to `directory` (created if needed): adapter_model.safetensors with the store of
 // every layer stored as `type` (F32, F64, F16 or BF16) and "__metadata__": {"format": "pt"}, and
-// adapter_config.json. Throws format_error, before writing anything, if a store's shapes disagree, its
-// R is not the config's r, the config does not target its module, or its configuration is not legal for R.
-// A config without target_modules is saved with the adapted modules' full names as its list.
+// adapter_config.json. Throws format_error, before writing anything, if the config is one
+// load_glora_adapter would refuse (r outside [1, 2^30], an invalid target_modules regex), a module's
+// name is empty, a store's shapes disagree, its R is not the config's r, the config does not target
+// its module, or its configuration is not legal for R. A config without target_modules is saved with the
+// adapted modules' full names as its list.
 template <class T>
 void save_glora_adapter(const glora_adapter<T>& adapter, const std::string& directory, dtype type = dtype_of<T>()) {
   glora_adapter<T> a = adapter;
   glora_adapter_config& c = a.config;
   if (c.target_modules.empty() && c.target_modules_regex.empty())
     for (const auto& kv : a.layers) c.target_modules.push_back(kv.first);
+  const std::string config_json = glora_adapter_config_json(a);
+  parse_glora_adapter_config(config_json, "the GLoRA adapter's config");  // as the loader will read it
   safetensors_writer w;
   w.set_metadata("format", "pt");
   for (const auto& entry : a.layers) {
     const std::string& module = entry.first;
     const glora_adapter_layer<T>& layer = entry.second;
     const std::string where = "GLoRA adapter module \"" + module + "\"";
+    if (module.empty()) throw format_error("GLoRA adapter: a module's name is empty");
     try {
       tensor_adapters::detail::check_glora_store(layer.store, "save_glora_adapter");
     } catch (const argument_error& e) {
@@ -320,7 +325,7 @@ void save_glora_adapter(const glora_adapter<T>& adapter, const std::string& dire
       w.add_values(peft_prefix + module + "." + name, tensor.data(), shape, type);
     });
   }
-  detail::write_adapter_directory(directory, w, glora_adapter_config_json(a));
+  detail::write_adapter_directory(directory, w, config_json);
 }
 
 }  // namespace tensor_adapters::io
