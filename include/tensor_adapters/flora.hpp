@@ -91,12 +91,10 @@ void check_flora_shapes(const shape<N>& weight_extents, const shape<N>& rank_ext
               std::to_string(weight_extents[n]) + "] for a weight " + dims_string(weight_extents, N) +
               " (ranks " + dims_string(rank_extents, N) + ")");
   }
-  index elements = 1;  // (the ranks' product is at most this)
-  for (std::size_t n = 0; n < static_cast<std::size_t>(N); ++n) {
-    TA_CHECK(weight_extents[n] <= std::numeric_limits<index>::max() / elements, function,
-             "weight shape " + dims_string(weight_extents, N) + " has more elements than an index can count");
-    elements *= weight_extents[n];
-  }
+  // (the ranks' product is then within an index too)
+  TA_CHECK(bounded_product([&](int n) { return weight_extents[std::size_t(n)]; }, 0, N,
+                           std::numeric_limits<index>::max()) > 0,
+           function, "weight shape " + dims_string(weight_extents, N) + " has more elements than an index can count");
 }
 
 // "G (2, 3), U0 (8, 2), U1 (5, 3)"

@@ -455,14 +455,11 @@ glora<T> make_glora(index out, index in, const glora_options& options, Generator
 template <class T, int N, class Generator>
 glora<T> make_glora(const shape<N>& weight_shape, const glora_options& options, Generator& gen) {
   static_assert(N >= 2, "a GLoRA weight has rank 2 or more");
-  index fan_in = 1;
-  for (int d = 1; d < N; ++d) {
-    const index e = weight_shape[static_cast<std::size_t>(d)];
-    TA_CHECK(e >= 1 && e <= std::numeric_limits<index>::max() / fan_in, "make_glora",
-             "weight shape " + detail::dims_string(weight_shape, N) +
-                 " needs extents of at least 1 and a fan-in an index can count");
-    fan_in *= e;
-  }
+  const index fan_in = detail::bounded_product([&](int d) { return weight_shape[std::size_t(d)]; }, 1, N,
+                                                std::numeric_limits<index>::max());
+  TA_CHECK(fan_in > 0, "make_glora",
+           "weight shape " + detail::dims_string(weight_shape, N) +
+               " needs extents of at least 1 and a fan-in an index can count");
   return make_glora<T>(weight_shape[0], fan_in, options, gen);
 }
 
@@ -554,13 +551,8 @@ glora_dims check_glora_store(const glora<T>& a, const char* function) {
 // The weight (O, I1, …, Ik) seen as (O, F) must match the store: O rows and F = I.
 template <class Weight>
 void check_glora_weight(const glora_dims& d, const Weight& w, const char* function, const char* name) {
-  bool fits = w.dimension(0) == d.out;
-  index fan_in = 1;  // (each extent bounded first, so that the product cannot overflow)
-  for (int k = 1; k < Weight::NumIndices && fits; ++k) {
-    fits = w.dimension(k) >= 1 && w.dimension(k) <= d.in / fan_in;
-    fan_in *= fits ? w.dimension(k) : 1;
-  }
-  TA_CHECK(fits && fan_in == d.in, function,
+  const index fan_in = bounded_product([&](int k) { return w.dimension(k); }, 1, Weight::NumIndices, d.in);
+  TA_CHECK(w.dimension(0) == d.out && fan_in == d.in, function,
            std::string(name) + " has shape " + shape_string(w) + " but the store needs (" + std::to_string(d.out) +
                ", …) with fan-in " + std::to_string(d.in));
 }

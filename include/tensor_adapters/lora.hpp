@@ -88,13 +88,11 @@ lora<T> make_lora(index out, index fan_in, const lora_options& options, Generato
 template <class T, std::size_t N, class Generator>
 lora<T> make_lora(const std::array<index, N>& weight_shape, const lora_options& options, Generator& gen) {
   static_assert(N >= 2, "a LoRA weight has rank 2 or more");
-  index fan_in = 1;
-  for (std::size_t d = 1; d < N; ++d) {
-    TA_CHECK(weight_shape[d] >= 1 && weight_shape[d] <= std::numeric_limits<index>::max() / fan_in, "make_lora",
-             "weight shape " + detail::dims_string(weight_shape, int(N)) +
-                 " needs extents of at least 1 and a fan-in an index can count");
-    fan_in *= weight_shape[d];
-  }
+  const index fan_in = detail::bounded_product([&](int d) { return weight_shape[std::size_t(d)]; }, 1, int(N),
+                                                std::numeric_limits<index>::max());
+  TA_CHECK(fan_in > 0, "make_lora",
+           "weight shape " + detail::dims_string(weight_shape, int(N)) +
+               " needs extents of at least 1 and a fan-in an index can count");
   return make_lora<T>(weight_shape[0], fan_in, options, gen);
 }
 
@@ -134,13 +132,9 @@ void check_lora(const lora<T>& a, const char* function) {
 template <class T, class Weight>
 void check_weight(const lora<T>& a, const Weight& w, const char* function, const char* name) {
   check_lora(a, function);
-  bool fits = w.dimension(0) == a.B.dimension(0);
-  index fan_in = 1;  // (each extent bounded first, so that the product cannot overflow)
-  for (int d = 1; d < Weight::NumIndices && fits; ++d) {
-    fits = w.dimension(d) >= 1 && w.dimension(d) <= a.A.dimension(1) / fan_in;
-    fan_in *= fits ? w.dimension(d) : 1;
-  }
-  TA_CHECK(fits && fan_in == a.A.dimension(1), function,
+  const index fan_in =
+      bounded_product([&](int d) { return w.dimension(d); }, 1, Weight::NumIndices, a.A.dimension(1));
+  TA_CHECK(w.dimension(0) == a.B.dimension(0) && fan_in == a.A.dimension(1), function,
         std::string(name) + " has shape " + shape_string(w) + " but the adapter (A " + shape_string(a.A) +
             ", B " + shape_string(a.B) + ") needs (" + std::to_string(a.B.dimension(0)) +
             ", …) with fan-in " + std::to_string(a.A.dimension(1)));
@@ -183,13 +177,9 @@ tensor<T, static_cast<int>(N)> delta_weight(const lora<T>& a, const std::array<i
   // The shape is checked before ΔW is allocated (a negative extent would otherwise fail in the allocation).
   const char* fn = "lora delta_weight";
   detail::check_lora(a, fn);
-  bool fits = weight_shape[0] == a.B.dimension(0);
-  index fan_in = 1;
-  for (std::size_t d = 1; d < N && fits; ++d) {
-    fits = weight_shape[d] >= 1 && weight_shape[d] <= a.A.dimension(1) / fan_in;
-    fan_in *= fits ? weight_shape[d] : 1;
-  }
-  TA_CHECK(fits && fan_in == a.A.dimension(1), fn,
+  const index fan_in = detail::bounded_product([&](int d) { return weight_shape[std::size_t(d)]; }, 1, int(N),
+                                                a.A.dimension(1));
+  TA_CHECK(weight_shape[0] == a.B.dimension(0) && fan_in == a.A.dimension(1), fn,
            "the weight shape " + detail::dims_string(weight_shape, int(N)) + " does not fit the adapter (A " +
                detail::shape_string(a.A) + ", B " + detail::shape_string(a.B) + "), which needs (" +
                std::to_string(a.B.dimension(0)) + ", …) with fan-in " + std::to_string(a.A.dimension(1)));

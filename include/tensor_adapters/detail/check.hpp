@@ -43,6 +43,19 @@ bool all_finite(const T* data, index n) {
   return true;
 }
 
+// Π extent(d) over d in [first, last), or -1 if an extent is below 1 or the product would pass
+// `limit` (each extent is bounded before it multiplies, so nothing overflows).
+template <class Extent>
+index bounded_product(Extent extent, int first, int last, index limit) {
+  index p = 1;
+  for (int d = first; d < last; ++d) {
+    const index e = extent(d);
+    if (e < 1 || e > limit / p) return -1;
+    p *= e;
+  }
+  return p;
+}
+
 // The number of elements of a tensor of these extents.
 template <std::size_t N>
 index product(const std::array<index, N>& dims) {
