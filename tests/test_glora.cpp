@@ -2,7 +2,8 @@
 // without a bias), backward ≡ central finite differences (double) on a sample of configurations,
 // merged forward ≡ unmerged forward for every configuration, weight space on conv weights of rank 3..5,
 // the configuration space (enumeration, uniform draws, the official parameter count, the text form),
-// initialisation, parameter names, no allocation with a warm workspace, and every bad-input path.
+// initialisation, parameter names, no allocation with a warm workspace, backward with dx = x, and every
+// bad-input path.
 // g++ 12 sees the counting operator new/delete (malloc/free) inlined into std::string and std::set code
 // and reports a false -Wmismatched-new-delete; the pair is matched by construction.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -711,6 +712,68 @@ TEMPLATE_TEST_CASE("backward uses the forward's x · W0ᵀ only while x and w0 a
     ta::forward(a, ta::parse_glora_config("A=none,B=none,C=none,D=none,E=none"), ta::view(x1), ta::view(w0), ta::view(b0),
                 ta::writable_view(y), ws);
     CHECK(same_as_fresh(x, w0, ws));
+  }
+}
+
+TEMPLATE_TEST_CASE("backward with dx = x (one buffer) equals the backward into another dx, bit for bit", "[glora]",
+                   float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(18);
+  // Every configuration with lora ranks 2 and 4 (every kind of each of A–E), with and without a bias. The
+  // aliased backward runs on a fresh workspace (it computes x · W0ᵀ itself when A is vector or scalar)
+  // and on one whose forward kept x · W0ᵀ for this x; the reference runs on a fresh workspace into a
+  // separate dx.
+  const auto configs = ta::enumerate_glora_configs(ta::make_glora_space(std::vector<ta::index>{2, 4}));
+  struct layer_shape {
+    ta::index n, out, in;
+  };
+  for (const layer_shape s : {layer_shape{5, 12, 9}, layer_shape{7, 40, 70}}) {
+    const ta::index n = s.n, O = s.out, I = s.in, R = 4;
+    auto a = trained_glora<T>(O, I, R, gen);
+    ta::tensor<T, 2> x(n, I), w0(O, I), dy(n, O), y(n, O), dx(n, I), xa(n, I);
+    ta::tensor<T, 1> b0(O);
+    for (auto* t : {&x, &w0, &dy}) ta::fill_normal(*t, 0, 1, gen);
+    ta::fill_normal(b0, 0, 1, gen);
+    ta::glora<T> grad, grad_alias;
+    ta::glora_workspace<T> warm;  // after one backward with A vector, its forwards keep x · W0ᵀ
+    ta::backward(a, ta::parse_glora_config("A=vector,B=none,C=none,D=none,E=none"), x, w0, b0, dy, dx, grad, warm);
+    std::vector<std::string> differing;
+    for (const auto& c : configs)
+      for (const bool bias : {true, false}) {
+        const auto run = [&](const ta::tensor<T, 2>& input, ta::tensor<T, 2>& out, ta::glora<T>& g,
+                             ta::glora_workspace<T>& ws) {
+          if (bias)
+            ta::backward(a, c, input, w0, b0, dy, out, g, ws);
+          else
+            ta::backward(a, c, input, w0, dy, out, g, ws);
+        };
+        ta::glora_workspace<T> fresh;
+        run(x, dx, grad, fresh);
+        for (const bool warm_workspace : {false, true}) {
+          ta::glora_workspace<T> cold;
+          ta::glora_workspace<T>& ws = warm_workspace ? warm : cold;
+          if (warm_workspace) {
+            if (bias)
+              ta::forward(a, c, x, w0, b0, y, ws);
+            else
+              ta::forward(a, c, x, w0, y, ws);
+          }
+          xa = x;
+          run(xa, xa, grad_alias, ws);  // dx is x
+          bool same = std::memcmp(xa.data(), dx.data(), sizeof(T) * std::size_t(n * I)) == 0;
+          ta::for_each_parameter(grad_alias, grad, [&](const char*, const auto& got, const auto& want) {
+            same = same && got.dimensions() == want.dimensions() &&
+                   std::memcmp(got.data(), want.data(), sizeof(T) * std::size_t(got.size())) == 0;
+          });
+          if (!same)
+            differing.push_back(ta::to_string(c) + (bias ? " with b0" : " without b0") +
+                                (warm_workspace ? ", warm workspace" : ", fresh workspace"));
+        }
+      }
+    INFO("(n, O, I) = (" << n << ", " << O << ", " << I << "): " << differing.size() << " of "
+                         << 4 * configs.size() << " aliased calls differ"
+                         << (differing.empty() ? std::string() : ", the first " + differing.front()));
+    CHECK(differing.empty());
   }
 }
 

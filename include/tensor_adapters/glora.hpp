@@ -1465,7 +1465,8 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
 
   if (c.A.kind == glora_kind::lora) {
     // A needs W0 ⊙ gW, which has no low-rank structure: form gW = dyᵀ · x once, then one pass over W0 for
-    // A's and B's gradients and C's from W0ᵀ · gb. dx = dy · W_eff, W_eff formed on the product's panels.
+    // A's and B's gradients and C's from W0ᵀ · gb. dx = dy · W_eff, W_eff formed on the product's panels,
+    // last: x is read only for gW (dx may be x).
     glora_grow(ws.gw, O * I);
     gemm<T>(true, false, O, I, n, T(1), dy.data(), O, x.data(), I, T(0), ws.gw.data(), I);
     glora_backward_rows(a, c, d, w0, ws.gw.data(), gb, ws.col.data(), ws, grad);
@@ -1516,10 +1517,10 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
     }
     dyw = dys;
   }
-  gemm<T>(false, false, n, I, O, T(1), dyw, O, w0, I, T(0), dx, I);
-
+  // B's gradients read x, so they are formed before dx is written (dx may be x); A's read x only through
+  // z, above. Then dx = dyw · W0 and the B term from what B's gradients left in the workspace.
   if (c.B.kind == glora_kind::lora) {
-    // h = x · Bu[:r]ᵀ, gBd[:, :r] = dyᵀ · h, dh = dy · Bd[:, :r], gBu[:r] = dhᵀ · x, dx += dh · Bu[:r].
+    // h = x · Bu[:r]ᵀ, gBd[:, :r] = dyᵀ · h, dh = dy · Bd[:, :r], gBu[:r] = dhᵀ · x; below, dx += dh · Bu[:r].
     const index r = c.B.rank;
     glora_grow(ws.h, n * r);
     glora_grow(ws.dh, n * r);
@@ -1527,14 +1528,13 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
     gemm<T>(true, false, O, r, n, T(1), dy.data(), O, ws.h.data(), r, T(0), grad.Bd.data(), R);
     gemm<T>(false, false, n, r, O, T(1), dy.data(), O, a.Bd.data(), R, T(0), ws.dh.data(), r);
     gemm<T>(true, false, r, I, n, T(1), ws.dh.data(), r, x.data(), I, T(0), grad.Bu.data(), I);
-    gemm<T>(false, false, n, I, r, T(1), ws.dh.data(), r, a.Bu.data(), I, T(1), dx, I);
   } else if (c.B.kind != glora_kind::none) {
-    // gW's row sums are dyᵀ · sx with sx = Σ_cols x (the total: Σ_rows (Σ_o dy)·sx); dx gains, in every
-    // column of row n, Σ_o dy[n, o]·Bd[o, 0] (vector) or Bd[0, 0]·Σ_o dy[n, o] (scalar).
+    // gW's row sums are dyᵀ · sx with sx = Σ_cols x (the total: Σ_rows (Σ_o dy)·sx); below, dx gains, in
+    // every column of row i, u[i] = Σ_o dy[i, o]·Bd[o, 0] (vector) or Bd[0, 0]·Σ_o dy[i, o] (scalar).
     glora_grow(ws.h, 2 * n);
     glora_grow(ws.dh, 2 * O);
     T* sx = ws.h.data();
-    T* u = sx + n;  // dx[i, :] gains u[i]
+    T* u = sx + n;
     glora_row_sums(x, sx);
     if (c.B.kind == glora_kind::vector) {
       T* bv = ws.dh.data();
@@ -1550,6 +1550,13 @@ void glora_linear_backward(const glora<T>& a, const glora_config& c, const glora
       for (index i = 0; i < n; ++i) total += u[i] * sx[i], u[i] *= a.Bd.data()[0];
       grad.Bd.data()[0] = total;
     }
+  }
+
+  gemm<T>(false, false, n, I, O, T(1), dyw, O, w0, I, T(0), dx, I);
+  if (c.B.kind == glora_kind::lora) {
+    gemm<T>(false, false, n, I, c.B.rank, T(1), ws.dh.data(), c.B.rank, a.Bu.data(), I, T(1), dx, I);
+  } else if (c.B.kind != glora_kind::none) {
+    const T* u = ws.h.data() + n;  // dx[i, :] gains u[i]
     glora_parallel_for(n, n * I, [&](index i0, index i1) {
       for (index i = i0; i < i1; ++i) {
         T* xr = dx + i * I;
@@ -1617,9 +1624,10 @@ tensor<T, 2> forward(const glora<T>& a, const glora_config& c, const tensor<T, 2
 // in activation space. With A lora, dx = dy · W_eff goes through one GEMM that forms W_eff from W0 as it
 // packs it.
 //   x: (n, I), w0: (O, I), b0: (O), dy: (n, O), dx: (n, I); grad is resized to the store's shapes if
-// needed and overwritten (it must not be the store itself); dx must not overlap x, dy or w0. Throws
-// argument_error, before writing anything, if a shape or the configuration does not fit. Makes no
-// allocation on a warm workspace (see glora_workspace) when grad has the store's shapes.
+// needed and overwritten (it must not be the store itself); dx must not overlap dy or w0 (it may be x:
+// every read of x comes before dx is written). Throws argument_error, before writing anything, if a
+// shape or the configuration does not fit. Makes no allocation on a warm workspace (see glora_workspace)
+// when grad has the store's shapes.
 template <class T>
 void backward(const glora<T>& a, const glora_config& c, nondeduced<const_tensor_view<T, 2>> x,
               nondeduced<const_tensor_view<T, 2>> w0, nondeduced<const_tensor_view<T, 1>> b0,
