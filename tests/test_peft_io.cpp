@@ -298,6 +298,111 @@ TEST_CASE("PEFT adapters built in C++ save with rank and alpha patterns PEFT res
   CHECK(by_regex.layers.empty());
 }
 
+TEST_CASE("PEFT layers added in C++ keep their own rank and alpha, and saves refuse what loads refuse", "[peft]") {
+  std::mt19937_64 gen(13);
+  auto lin = [&](ta::index out, ta::index in, ta::index r) {
+    auto l = ta::make_lora<float>(out, in, {r, 1.0}, gen);
+    ta::fill_normal(l.B, 0.0, 0.5, gen);
+    return l;
+  };
+  auto round_trip = [](const io::peft_lora_adapter<float>& a, const std::string& out) {
+    fs::remove_all(out);
+    io::save_peft_lora(a, out);
+    return io::load_peft_lora<float>(out);
+  };
+
+  // A layer added again for the same module replaces the first, rank, alpha and scale (the config used to
+  // keep both pattern entries, and the file the older one).
+  io::peft_lora_adapter<float> a;
+  a.config.r = 4;
+  a.config.lora_alpha = 8;
+  io::add_peft_lora_layer(a, "fc", lin(6, 5, 2), {6, 5}, 4.0);
+  io::add_peft_lora_layer(a, "fc", lin(6, 5, 3), {6, 5}, 12.0);
+  CHECK(a.config.rank_pattern.size() == 1);
+  CHECK(a.config.alpha_pattern.size() == 1);
+  CHECK(io::peft_rank(a.config, "fc") == 3);
+  auto b = round_trip(a, "peft_saved/readded");
+  CHECK(ta::rank(b.layers.at("fc").adapter) == 3);
+  CHECK(b.layers.at("fc").adapter.scale == 4.0f);
+  io::add_peft_lora_layer(a, "fc", lin(6, 5, 4), {6, 5}, 8.0);  // back to the defaults: no entries left
+  CHECK(a.config.rank_pattern.empty());
+  CHECK(a.config.alpha_pattern.empty());
+
+  // An added module's key selects that module only: "fc" must not re-rank "head.fc" (PEFT's rule matches a
+  // key at any '.'), and names with a regular expression's special characters, which PyTorch allows as
+  // ModuleDict keys, select themselves.
+  io::peft_lora_adapter<float> c;
+  c.config.r = 8;
+  c.config.lora_alpha = 8;
+  io::add_peft_lora_layer(c, "head.fc", lin(6, 5, 4), {6, 5}, 8.0);
+  io::add_peft_lora_layer(c, "fc", lin(6, 5, 2), {6, 5}, 3.0);
+  io::add_peft_lora_layer(c, "blocks[0]", lin(6, 5, 3), {6, 5}, 8.0);
+  io::add_peft_lora_layer(c, "conv(1x1", lin(6, 5, 5), {6, 5}, 1.5);
+  CHECK(io::peft_rank(c.config, "head.fc") == 4);
+  CHECK(io::peft_rank(c.config, "fc") == 2);
+  CHECK(io::peft_rank(c.config, "blocks[0]") == 3);
+  CHECK(io::peft_rank(c.config, "blocks0") == 8);
+  CHECK(io::peft_alpha(c.config, "conv(1x1") == 1.5);
+  CHECK(io::peft_alpha(c.config, "head.fc") == 8.0);
+  const auto d = round_trip(c, "peft_saved/exact_keys");
+  REQUIRE(d.layers.size() == 4);
+  for (const auto& [module, layer] : c.layers) {
+    INFO("module " << module);
+    CHECK(ta::rank(d.layers.at(module).adapter) == ta::rank(layer.adapter));
+    CHECK(d.layers.at(module).adapter.scale == layer.adapter.scale);
+  }
+
+  // A failed add leaves the adapter as it was, its config included.
+  io::peft_lora_adapter<float> e;
+  e.config.rank_pattern = {{"(unclosed", 2}};
+  REQUIRE_THROWS_AS(io::add_peft_lora_layer(e, "fc", lin(6, 5, 3), {6, 5}, 8.0), io::format_error);
+  CHECK(e.config.rank_pattern.size() == 1);
+  CHECK(e.config.alpha_pattern.empty());
+  CHECK(e.config.target_modules.empty());
+  CHECK(e.layers.empty());
+  // A weight shape whose fan-in overflows (16 · (2^62 + 8) · 4 wraps to 512) does not fit any A.
+  REQUIRE_THROWS_WITH(io::add_peft_lora_layer(a, "huge", lin(16, 512, 2), {16, (ta::index(1) << 62) + 8, 4}, 8.0),
+                      Contains("huge") && Contains("does not fit"));
+
+  // What load_peft_lora refuses is refused by save, before anything is written: an invalid pattern no
+  // layer reaches, a non-finite alpha, r = 0, a non-finite alpha in alpha_pattern.
+  fs::remove_all("peft_saved/refused");
+  io::peft_lora_adapter<float> bad = c;
+  bad.config.rank_pattern.push_back({"(?P<x>v_proj)", 2});
+  REQUIRE_THROWS_WITH(io::save_peft_lora(bad, "peft_saved/refused"), Contains("regular expression"));
+  bad = c;
+  bad.config.lora_alpha = std::numeric_limits<double>::quiet_NaN();
+  REQUIRE_THROWS_WITH(io::save_peft_lora(bad, "peft_saved/refused"), Contains("lora_alpha"));
+  bad = c;
+  bad.config.r = 0;
+  REQUIRE_THROWS_WITH(io::save_peft_lora(bad, "peft_saved/refused"), Contains("\"r\""));
+  bad = c;
+  bad.config.alpha_pattern.push_back({"unused", std::numeric_limits<double>::infinity()});
+  REQUIRE_THROWS_WITH(io::save_peft_lora(bad, "peft_saved/refused"), Contains("alpha_pattern"));
+  bad = c;  // a layer whose scale is NaN disagrees with any config
+  bad.layers.at("fc").adapter.scale = std::numeric_limits<float>::quiet_NaN();
+  REQUIRE_THROWS_WITH(io::save_peft_lora(bad, "peft_saved/refused"), Contains("\"fc\"") && Contains("scale"));
+  bad = c;  // a name that is not UTF-8 cannot be written as JSON
+  bad.config.target_modules.push_back("fc\xFF");
+  REQUIRE_THROWS_WITH(io::save_peft_lora(bad, "peft_saved/refused"), Contains("not valid UTF-8"));
+  CHECK_FALSE(fs::exists("peft_saved/refused"));
+
+  // A pattern key listed twice is written once, with the value peft_rank uses (the first).
+  io::peft_lora_config twice;
+  twice.rank_pattern = {{"fc", 2}, {"fc", 6}};
+  const io::peft_lora_config read = io::parse_peft_lora_config(io::peft_lora_config_json(twice), "twice");
+  REQUIRE(read.rank_pattern.size() == 1);
+  CHECK(io::peft_rank(read, "fc") == io::peft_rank(twice, "fc"));
+
+  // A config file that is a directory, or whose JSON text holds a NUL byte followed by more, is refused.
+  fs::remove_all("peft_saved/config_dir");
+  fs::create_directories("peft_saved/config_dir/adapter_config.json");
+  REQUIRE_THROWS_WITH(io::read_peft_lora_config("peft_saved/config_dir/adapter_config.json"),
+                      Contains("not a regular file"));
+  REQUIRE_THROWS_WITH(io::parse_peft_lora_config(std::string("{\"r\": 8, \"lora_alpha\": 8}") + '\0' + "garbage", "nul"),
+                      Contains("NUL byte"));
+}
+
 TEST_CASE("malformed PEFT adapters raise clear errors", "[peft]") {
   const std::string q = "model.layers.0.self_attn.q_proj";
   const std::string qa = "base_model.model." + q + ".lora_A.weight", qb = "base_model.model." + q + ".lora_B.weight";
@@ -775,6 +880,12 @@ TEST_CASE("GLoRA and FLoRA adapters built in C++ round trip exactly", "[glora_fi
   overlisted.config.target_modules.push_back("missing");
   REQUIRE_THROWS_WITH(io::save_flora_adapter(overlisted, "peft_saved/refused"),
                       Contains("\"missing\"") && Contains("no such layer"));
+  for (const double scale : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
+    io::flora_adapter<double> non_finite = f;  // the loader requires a finite scale
+    non_finite.config.scale = scale;
+    for (auto& [module, layer] : non_finite.layers) std::visit([&](auto& l) { l.scale = scale; }, layer);
+    REQUIRE_THROWS_WITH(io::save_flora_adapter(non_finite, "peft_saved/refused"), Contains("scale"));
+  }
   io::glora_adapter<float> bad_rank = g;
   bad_rank.config.r = 4;
   REQUIRE_THROWS_WITH(io::save_glora_adapter(bad_rank, "peft_saved/refused"), Contains("enc.fc1") && Contains("rank 3"));
@@ -788,6 +899,9 @@ TEST_CASE("GLoRA and FLoRA adapters built in C++ round trip exactly", "[glora_fi
   io::glora_adapter<float> unnamed = g;
   unnamed.layers.emplace("", g.layers.begin()->second);
   REQUIRE_THROWS_WITH(io::save_glora_adapter(unnamed, "peft_saved/refused"), Contains("name is empty"));
+  io::glora_adapter<float> not_utf8 = g;
+  not_utf8.layers.emplace("enc.fc\xFF", g.layers.begin()->second);
+  REQUIRE_THROWS_WITH(io::save_glora_adapter(not_utf8, "peft_saved/refused"), Contains("not valid UTF-8"));
   io::glora_adapter<float> empty;
   empty.config.r = 0;
   REQUIRE_THROWS_WITH(io::save_glora_adapter(empty, "peft_saved/refused"), Contains("\"r\""));

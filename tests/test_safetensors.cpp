@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <random>
 #include <string>
 #include <vector>
@@ -305,6 +306,9 @@ TEST_CASE("safetensors rejects malformed files with a clear message", "[safetens
     require_rejected(make_file("{" + entry("w", "F32", "[1]", 0, 4) + ",}", zeros(4)), {"invalid JSON"});
     require_rejected(make_file("{" + entry("w", "F32", "[1]", 0, 4), zeros(4)), {"invalid JSON"});
     require_rejected(make_file("{} {}", {}), {"invalid JSON"});
+    // The JSON parser stops at a NUL byte; what follows it must not be ignored.
+    require_rejected(make_file(std::string("{" + entry("w", "F32", "[1]", 0, 4) + "}") + '\0' + "garbage", zeros(4)),
+                     {"NUL byte"});
     require_rejected(make_file("[1,2]", {}), {"does not start with '{'"});
     require_rejected(make_file(" {}", {}), {"does not start with '{'"});
     require_rejected(make_file("", {}), {"does not start with '{'"});
@@ -332,6 +336,10 @@ TEST_CASE("safetensors lookups and writer errors", "[safetensors]") {
   REQUIRE_THROWS_AS(w.add("bad\xFF", t), io::format_error);
   REQUIRE_THROWS_AS(w.add("i", t, io::dtype::I32), io::format_error);
   REQUIRE_THROWS_AS(w.set_metadata("k", "\xFF"), io::format_error);
+  // A shape whose element count overflows (here 16 · (2^62 + 8) · 4 wraps to 512) is refused, as the reader
+  // would refuse the header.
+  REQUIRE_THROWS_WITH(w.add_values("huge", t.data(), {16, (ta::index(1) << 62) + 8, 4}),
+                      Contains("\"huge\"") && Contains("overflows"));
   const auto f = parse(w.serialize(), "lookups.safetensors");
   REQUIRE_THROWS_WITH((f.load<float, 2>("missing")), Contains("lookups.safetensors") && Contains("\"missing\""));
   REQUIRE_THROWS_WITH((f.load<float, 3>("t")), Contains("\"t\"") && Contains("rank 3"));
@@ -353,5 +361,10 @@ TEST_CASE("safetensors files on disk", "[safetensors]") {
   CHECK(f.load<double, 2>("t")(2, 1) == 0.25);
   std::remove(path.c_str());
   REQUIRE_THROWS_WITH(io::read_safetensors(path), Contains(path) && Contains("cannot open"));
+  // A directory (say, a model folder passed for its file) is refused, not read as a stream of unknown size.
+  const std::string dir = "test_safetensors_a_directory";
+  std::filesystem::create_directories(dir);
+  REQUIRE_THROWS_WITH(io::read_safetensors(dir), Contains(dir) && Contains("not a regular file"));
+  std::filesystem::remove_all(dir);
   REQUIRE_THROWS_AS(w.write("no/such/directory/x.safetensors"), io::format_error);
 }

@@ -103,13 +103,13 @@ inline flora_adapter_config parse_flora_adapter_config(const std::string& text, 
   return c;
 }
 
-// The adapter_config.json text for this config.
+// The adapter_config.json text for this config. Throws format_error if a module name is not valid UTF-8.
 inline std::string flora_adapter_config_json(const flora_adapter_config& c) {
   nlohmann::ordered_json j = nlohmann::ordered_json::object();
   j["peft_type"] = "FLORA";
   detail::json_number(j, "scale", c.scale);
   j["target_modules"] = c.target_modules;
-  return j.dump(2) + "\n";
+  return detail::config_text(j, "FLoRA adapter config");
 }
 
 namespace detail {
@@ -244,9 +244,9 @@ flora_adapter<T> load_flora_adapter(const std::string& directory) {
 // Writes `adapter` to `directory` (created if needed): adapter_model.safetensors with the official
 // tensors of every layer (<m>.flora_layer.param_G, param_0, …; modes back in the official order) stored
 // as `type` (F32, F64, F16 or BF16), "__metadata__": {"format": "pt"}, and adapter_config.json. Throws
-// format_error, before writing anything, if a layer's shapes are inconsistent, its scale is not the
-// config's, or a non-empty target_modules does not list it or lists a module the adapter lacks. An
-// empty target_modules is saved as the list of the adapted modules.
+// format_error, before writing anything, if the config's scale is not finite, a layer's shapes are
+// inconsistent, its scale is not the config's, or a non-empty target_modules does not list it or lists a
+// module the adapter lacks. An empty target_modules is saved as the list of the adapted modules.
 template <class T>
 void save_flora_adapter(const flora_adapter<T>& adapter, const std::string& directory, dtype type = dtype_of<T>()) {
   flora_adapter_config c = adapter.config;
@@ -268,7 +268,7 @@ void save_flora_adapter(const flora_adapter<T>& adapter, const std::string& dire
         [&](const auto& a) {
           constexpr int N = std::decay_t<decltype(a.G)>::NumIndices;
           const double s = static_cast<double>(a.scale);
-          if (std::fabs(s - c.scale) > 64 * static_cast<double>(std::numeric_limits<T>::epsilon()) * std::fabs(c.scale))
+          if (!(std::fabs(s - c.scale) <= 64 * static_cast<double>(std::numeric_limits<T>::epsilon()) * std::fabs(c.scale)))
             throw format_error(where + " has scale " + std::to_string(s) + " but the config's scale is " +
                                std::to_string(c.scale));
           tensor<T, N> g;
@@ -287,7 +287,9 @@ void save_flora_adapter(const flora_adapter<T>& adapter, const std::string& dire
         },
         layer);
   }
-  detail::write_adapter_directory(directory, w, flora_adapter_config_json(c));
+  const std::string config_json = flora_adapter_config_json(c);
+  parse_flora_adapter_config(config_json, "the FLoRA adapter's config");  // as the loader will read it
+  detail::write_adapter_directory(directory, w, config_json);
 }
 
 }  // namespace tensor_adapters::io

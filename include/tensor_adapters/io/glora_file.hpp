@@ -164,7 +164,8 @@ inline glora_adapter_config parse_glora_adapter_config(const std::string& text, 
   return c;
 }
 
-// The adapter_config.json text for this config and the layers' fixed configurations.
+// The adapter_config.json text for this config and the layers' fixed configurations. Throws format_error
+// if a module name is not valid UTF-8.
 template <class T>
 std::string glora_adapter_config_json(const glora_adapter<T>& adapter) {
   const glora_adapter_config& c = adapter.config;
@@ -184,7 +185,7 @@ std::string glora_adapter_config_json(const glora_adapter<T>& adapter) {
   j["revision"] = nullptr;
   detail::json_target_modules(j, c.target_modules, c.target_modules_regex);
   j["task_type"] = nullptr;
-  return j.dump(2) + "\n";
+  return detail::config_text(j, "GLoRA adapter config");
 }
 
 // Builds the adapter from adapter_config.json text and adapter_model.safetensors. Throws format_error

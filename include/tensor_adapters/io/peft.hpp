@@ -51,6 +51,7 @@
 #include <regex>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -193,11 +194,14 @@ inline peft_lora_config read_peft_lora_config(const std::string& path) {
 }
 
 // The adapter_config.json text PEFT writes for this config (the fields PEFT's LoraConfig reads, with its
-// defaults for training-only settings: lora_dropout 0, bias "none", inference_mode true).
+// defaults for training-only settings: lora_dropout 0, bias "none", inference_mode true). A pattern key
+// listed twice is written once, with its first value, the one peft_rank and peft_alpha use. Throws
+// format_error if a module name or pattern is not valid UTF-8.
 inline std::string peft_lora_config_json(const peft_lora_config& c) {
   nlohmann::ordered_json j = nlohmann::ordered_json::object();
   nlohmann::ordered_json alpha = nlohmann::ordered_json::object();
-  for (const auto& kv : c.alpha_pattern) detail::json_number(alpha, kv.first, kv.second);
+  for (const auto& kv : c.alpha_pattern)
+    if (!alpha.contains(kv.first)) detail::json_number(alpha, kv.first, kv.second);
   j["alpha_pattern"] = alpha;
   j["auto_mapping"] = nullptr;
   j["base_model_name_or_path"] = nullptr;
@@ -213,13 +217,14 @@ inline std::string peft_lora_config_json(const peft_lora_config& c) {
   j["peft_type"] = "LORA";
   j["r"] = c.r;
   nlohmann::ordered_json rank = nlohmann::ordered_json::object();
-  for (const auto& kv : c.rank_pattern) rank[kv.first] = kv.second;
+  for (const auto& kv : c.rank_pattern)
+    if (!rank.contains(kv.first)) rank[kv.first] = kv.second;
   j["rank_pattern"] = rank;
   j["revision"] = nullptr;
   detail::json_target_modules(j, c.target_modules, c.target_modules_regex);
   j["task_type"] = nullptr;
   j["use_rslora"] = c.use_rslora;
-  return j.dump(2) + "\n";
+  return detail::config_text(j, "PEFT adapter config");
 }
 
 // Builds the adapter from a parsed config and adapter_model.safetensors. Throws format_error naming the
@@ -320,33 +325,62 @@ inline void check_peft_rank(const std::string& where, index r, index out, index 
                        std::to_string(std::min(out, fan_in)) + " (PEFT accepts it; ΔW cannot use the extra rank)");
 }
 
+// A layer's shapes: weight_shape (out, in, k…) of rank 2 to 5 fits A (r, fan_in) and B (out, r), r ≥ 1.
+// Returns r.
+template <class T>
+index check_peft_layer_shapes(const std::string& where, const lora<T>& layer, const std::vector<index>& weight_shape) {
+  const index fan_in = weight_shape.size() < 2 ? -1
+                       : tensor_adapters::detail::bounded_product(
+                             [&](int d) { return weight_shape[static_cast<std::size_t>(d)]; }, 1,
+                             int(weight_shape.size()), std::numeric_limits<index>::max());
+  const index r = layer.A.dimension(0);
+  if (weight_shape.size() > 5 || fan_in < 1 || weight_shape[0] != layer.B.dimension(0) ||
+      fan_in != layer.A.dimension(1) || r != layer.B.dimension(1) || r < 1)
+    throw format_error(where + ": weight shape " + shape_text(weight_shape) + " does not fit A " +
+                       tensor_adapters::detail::shape_string(layer.A) + " and B " +
+                       tensor_adapters::detail::shape_string(layer.B));
+  check_peft_rank(where, r, weight_shape[0], fan_in);
+  return r;
+}
+
+// The rank_pattern / alpha_pattern key that selects exactly `module` under PEFT's rule: "^" and the name
+// with the regular expressions' special characters escaped, so that (.*\.)?(^name)$ matches the name from
+// its start and nothing else (PEFT documents "^" keys for this), in Python's re and in ECMAScript alike.
+inline std::string peft_module_key(const std::string& module) {
+  std::string key = "^";
+  for (const char ch : module) {
+    if (std::string_view("\\^$.|?*+()[]{}").find(ch) != std::string_view::npos) key += '\\';
+    key += ch;
+  }
+  return key;
+}
+
 }  // namespace detail
 
-// Adds a layer for `module` with the given alpha: sets its scale from the config's use_rslora, and adds
-// rank_pattern / alpha_pattern entries (keyed by the full module name) where the config's defaults do
-// not already give this module its rank and alpha, and this module to target_modules where the list
-// does not select it; a config without target_modules (every module) gets the list of its layers so
-// far and this one. weight_shape is the adapted weight's shape, (O, I) or (O, in, kh, kw). Throws
-// format_error, leaving the adapter as it was, if the shape does not fit the adapter, the rank is above
-// min(out, fan_in), or the config's target_modules regex does not select the module.
+// Adds (or replaces) the layer for `module` with the given alpha: sets its scale from the config's
+// use_rslora, and where the config's patterns and defaults do not already give this module its rank and
+// alpha, adds rank_pattern / alpha_pattern entries that select exactly this module (see
+// detail::peft_module_key), first, replacing such an entry from an earlier call; it adds this module to
+// target_modules where the list does not select it, and a config without target_modules (every module)
+// gets the list of its layers so far and this one. weight_shape is the adapted weight's shape, (O, I) or
+// (O, in, kh, kw). Throws format_error, leaving the adapter as it was, if the shape does not fit the
+// adapter, the rank is above min(out, fan_in), the config's target_modules regex does not select the
+// module, or the config would be one load_peft_lora refuses.
 template <class T>
 void add_peft_lora_layer(peft_lora_adapter<T>& adapter, const std::string& module, lora<T> layer,
                          const std::vector<index>& weight_shape, double alpha) {
   const std::string where = "PEFT adapter module \"" + module + "\"";
-  index fan_in = 1;
-  for (std::size_t d = 1; d < weight_shape.size(); ++d) fan_in *= weight_shape[d];
-  if (weight_shape.size() < 2 || weight_shape.size() > 5 || weight_shape[0] != layer.B.dimension(0) ||
-      fan_in != layer.A.dimension(1) || layer.A.dimension(0) != layer.B.dimension(1) || layer.A.dimension(0) < 1)
-    throw format_error(where + ": weight shape " + detail::shape_text(weight_shape) + " does not fit A " +
-                       tensor_adapters::detail::shape_string(layer.A) + " and B " +
-                       tensor_adapters::detail::shape_string(layer.B));
-  const index r = layer.A.dimension(0);
-  detail::check_peft_rank(where, r, weight_shape[0], fan_in);
-  peft_lora_config& c = adapter.config;
+  const index r = detail::check_peft_layer_shapes(where, layer, weight_shape);
+  peft_lora_config c = adapter.config;
   if (!c.target_modules_regex.empty() && !peft_targets(c, module))
     throw format_error(where + " is not selected by target_modules \"" + c.target_modules_regex + "\"");
-  if (peft_rank(c, module) != r) c.rank_pattern.insert(c.rank_pattern.begin(), {module, r});
-  if (peft_alpha(c, module) != alpha) c.alpha_pattern.insert(c.alpha_pattern.begin(), {module, alpha});
+  const std::string key = detail::peft_module_key(module);
+  const auto is_key = [&](const auto& entry) { return entry.first == key; };
+  c.rank_pattern.erase(std::remove_if(c.rank_pattern.begin(), c.rank_pattern.end(), is_key), c.rank_pattern.end());
+  c.alpha_pattern.erase(std::remove_if(c.alpha_pattern.begin(), c.alpha_pattern.end(), is_key),
+                        c.alpha_pattern.end());
+  if (peft_rank(c, module) != r) c.rank_pattern.insert(c.rank_pattern.begin(), {key, r});
+  if (peft_alpha(c, module) != alpha) c.alpha_pattern.insert(c.alpha_pattern.begin(), {key, alpha});
   if (!peft_targets(c, module) || (c.target_modules.empty() && c.target_modules_regex.empty())) {
     // A config without target_modules selects every module: its list becomes the layers it selected.
     if (c.target_modules.empty())
@@ -354,42 +388,39 @@ void add_peft_lora_layer(peft_lora_adapter<T>& adapter, const std::string& modul
     if (std::find(c.target_modules.begin(), c.target_modules.end(), module) == c.target_modules.end())
       c.target_modules.push_back(module);
   }
+  parse_peft_lora_config(peft_lora_config_json(c), where + "'s adapter config");  // as the loader will read it
   layer.scale = static_cast<T>(lora_scale(alpha, r, c.use_rslora));
   adapter.layers[module] = peft_lora_layer<T>{std::move(layer), weight_shape};
+  adapter.config = std::move(c);
 }
 
 // Writes `adapter` to `directory` (created if needed) as PEFT does: adapter_config.json and
 // adapter_model.safetensors with "__metadata__": {"format": "pt"}, factors stored as `type` (F32, F64, F16
-// or BF16). Throws format_error, before writing anything, if a layer's rank or scale is not what the
-// config gives its module, if the config does not target it, if its shapes do not fit its weight shape,
-// or if its rank is above min(out, fan_in) (which load_peft_lora refuses).
+// or BF16). Throws format_error, before writing anything, if the config is one load_peft_lora refuses (r or
+// a rank_pattern value outside [1, 2^30], a non-finite alpha, an invalid pattern), if a layer's rank or
+// scale is not what the config gives its module, if the config does not target it, if its shapes do not
+// fit its weight shape, or if its rank is above min(out, fan_in) (which load_peft_lora refuses).
 // A config without target_modules is saved with the adapted modules' full names as its list.
 template <class T>
 void save_peft_lora(const peft_lora_adapter<T>& adapter, const std::string& directory, dtype type = dtype_of<T>()) {
   peft_lora_config c = adapter.config;
   if (c.target_modules.empty() && c.target_modules_regex.empty())
     for (const auto& kv : adapter.layers) c.target_modules.push_back(kv.first);
+  const std::string config_json = peft_lora_config_json(c);
+  parse_peft_lora_config(config_json, "the PEFT adapter's config");  // as the loader will read it
   safetensors_writer w;
   w.set_metadata("format", "pt");
   for (const auto& [module, layer] : adapter.layers) {
     const std::string where = "PEFT adapter module \"" + module + "\"";
     const lora<T>& a = layer.adapter;
-    const index r = a.A.dimension(0);
     const std::vector<index>& ws = layer.weight_shape;
-    index fan_in = 1;
-    for (std::size_t d = 1; d < ws.size(); ++d) fan_in *= ws[d];
-    if (ws.size() < 2 || ws.size() > 5 || ws[0] != a.B.dimension(0) || fan_in != a.A.dimension(1) ||
-        a.B.dimension(1) != r || r < 1)
-      throw format_error(where + ": weight shape " + detail::shape_text(ws) + " does not fit A " +
-                         tensor_adapters::detail::shape_string(a.A) + " and B " +
-                         tensor_adapters::detail::shape_string(a.B));
-    detail::check_peft_rank(where, r, ws[0], fan_in);
+    const index r = detail::check_peft_layer_shapes(where, a, ws);
     if (peft_rank(c, module) != r)
       throw format_error(where + " has rank " + std::to_string(r) + " but the config gives it rank " +
                          std::to_string(peft_rank(c, module)));
     const double scale = peft_scale(c, module);
-    if (std::fabs(static_cast<double>(a.scale) - scale) >
-        64 * static_cast<double>(std::numeric_limits<T>::epsilon()) * std::fabs(scale))
+    if (!(std::fabs(static_cast<double>(a.scale) - scale) <=
+          64 * static_cast<double>(std::numeric_limits<T>::epsilon()) * std::fabs(scale)))
       throw format_error(where + " has scale " + std::to_string(static_cast<double>(a.scale)) +
                          " but the config gives it " + std::to_string(scale) + " (alpha " +
                          std::to_string(peft_alpha(c, module)) + ", rank " + std::to_string(r) +
@@ -402,7 +433,7 @@ void save_peft_lora(const peft_lora_adapter<T>& adapter, const std::string& dire
     w.add_values(peft_prefix + module + peft_a_suffix, a.A.data(), a_shape, type);
     w.add_values(peft_prefix + module + peft_b_suffix, a.B.data(), b_shape, type);
   }
-  detail::write_adapter_directory(directory, w, peft_lora_config_json(c));
+  detail::write_adapter_directory(directory, w, config_json);
 }
 
 }  // namespace tensor_adapters::io

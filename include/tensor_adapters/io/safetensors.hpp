@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -179,13 +180,15 @@ inline bool valid_utf8(const unsigned char* p, std::size_t n) {
   return true;
 }
 
-// Parses JSON text, rejecting invalid UTF-8, invalid JSON, arrays and objects nested more than
+// Parses JSON text, rejecting invalid UTF-8, a NUL byte (never valid JSON; the parser would stop at it
+// and ignore the rest), invalid JSON, arrays and objects nested more than
 // max_json_depth deep (the parsed tree is later printed and compared by recursive code) and a key
 // repeated within one object (at any depth). Objects keep their keys in file order. `what` names the
 // text in messages.
 inline nlohmann::ordered_json parse_json_strict(const char* text, std::size_t size, const std::string& what) {
   if (!valid_utf8(reinterpret_cast<const unsigned char*>(text), size))
     throw format_error(what + ": the JSON text is not valid UTF-8");
+  if (std::memchr(text, '\0', size)) throw format_error(what + ": the JSON text holds a NUL byte");
   std::vector<std::set<std::string>> keys;  // one set per open object
   std::string duplicate;
   auto callback = [&](int depth, nlohmann::ordered_json::parse_event_t event, nlohmann::ordered_json& parsed) {
@@ -231,6 +234,31 @@ inline bool mul_overflows(std::uint64_t a, std::uint64_t b, std::uint64_t& out) 
   if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return true;
   out = a * b;
   return false;
+}
+
+// A tensor's size in bytes, into `bytes`; true (bytes not written) if the tensor of this shape (extents
+// ≥ 0) and dtype has too many elements: the product of the nonzero extents must fit in index, so that the
+// product of any of the extents (a fan-in, a size) does whether or not another extent is zero, and the
+// size in bytes must fit in uint64.
+inline bool shape_overflows(const std::vector<index>& shape, dtype type, std::uint64_t& bytes) {
+  const auto index_max = static_cast<std::uint64_t>(std::numeric_limits<index>::max());
+  std::uint64_t nonzero = 1;
+  bool empty = false;
+  for (const index d : shape) {
+    empty = empty || d == 0;
+    if (d != 0 && (mul_overflows(nonzero, static_cast<std::uint64_t>(d), nonzero) || nonzero > index_max))
+      return true;
+  }
+  return mul_overflows(empty ? 0 : nonzero, dtype_size(type), bytes);
+}
+
+// Throws format_error, its message starting with `what`, unless `path` names a regular file (a directory
+// opens as a stream of unknown size).
+inline void check_regular_file(const std::string& path, const std::string& what) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec))
+    throw format_error(what + ": cannot open the file (" +
+                       (std::filesystem::exists(path, ec) ? "not a regular file" : "no such file") + ")");
 }
 
 inline std::uint64_t read_u64_le(const unsigned char* p) {
@@ -499,25 +527,16 @@ class safetensors_file {
 
     auto sh = value.find("shape");
     if (sh == value.end() || !sh->is_array()) detail::fail(name_, what + " has no \"shape\" array");
-    // The product of the nonzero extents must fit in index, so that the product of any of the extents
-    // (a fan-in, a size) does, whether or not another extent is zero.
-    const auto index_max = static_cast<std::uint64_t>(std::numeric_limits<index>::max());
-    std::uint64_t nonzero = 1;
-    bool empty = false;
     for (const auto& d : *sh) {
       if (!d.is_number_unsigned())
         detail::fail(name_,
                      what + " has a shape entry that is not a non-negative integer: " + detail::json_excerpt(d));
-      const std::uint64_t extent = d.get<std::uint64_t>();
-      empty = empty || extent == 0;
-      if (extent > index_max ||
-          (extent != 0 && (detail::mul_overflows(nonzero, extent, nonzero) || nonzero > index_max)))
+      if (d.get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<index>::max()))
         detail::fail(name_, what + " has a shape " + detail::json_excerpt(*sh) + " whose size overflows");
-      t.shape.push_back(static_cast<index>(extent));
+      t.shape.push_back(static_cast<index>(d.get<std::uint64_t>()));
     }
-    const std::uint64_t elements = empty ? 0 : nonzero;
     std::uint64_t bytes = 0;
-    if (detail::mul_overflows(elements, dtype_size(t.type), bytes))
+    if (detail::shape_overflows(t.shape, t.type, bytes))
       detail::fail(name_, what + " has a shape " + detail::json_excerpt(*sh) + " whose size overflows");
 
     auto off = value.find("data_offsets");
@@ -547,6 +566,7 @@ class safetensors_file {
 // Reads and validates the file at `path`. Throws format_error if it cannot be opened or read, or if it is
 // not a valid safetensors file.
 inline safetensors_file read_safetensors(const std::string& path) {
+  detail::check_regular_file(path, "safetensors " + path);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw format_error("safetensors " + path + ": cannot open the file");
   in.seekg(0, std::ios::end);
@@ -675,6 +695,10 @@ class safetensors_writer {
       throw format_error("safetensors writer: the tensor name \"" + name + "\" is not valid UTF-8");
     for (index d : shape)
       if (d < 0) throw format_error("safetensors writer: tensor \"" + name + "\" has a negative extent");
+    std::uint64_t bytes = 0;
+    if (detail::shape_overflows(shape, type, bytes))
+      throw format_error("safetensors writer: tensor \"" + name + "\" has a shape " + detail::shape_text(shape) +
+                         " whose size overflows");
     if (!names_.insert(name).second)
       throw format_error("safetensors writer: tensor \"" + name + "\" was added twice");
     return entry{name, type, shape, {}};

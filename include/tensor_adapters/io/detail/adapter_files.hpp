@@ -219,6 +219,7 @@ inline bool starts_with(const std::string& s, const std::string& prefix) {
 }
 
 inline std::string read_text_file(const std::string& path) {
+  check_regular_file(path, path);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw format_error(path + ": cannot open the file");
   std::ostringstream s;
@@ -283,11 +284,14 @@ inline void json_target_modules(nlohmann::ordered_json& j, const std::vector<std
   else j["target_modules"] = nullptr;
 }
 
-// Π shape (1 for a scalar).
-inline index element_count(const std::vector<index>& shape) {
-  index n = 1;
-  for (index d : shape) n *= d;
-  return n;
+// A config object as the text of adapter_config.json. Throws format_error if a string in it (a module
+// name, a pattern) is not valid UTF-8.
+inline std::string config_text(const nlohmann::ordered_json& j, const std::string& what) {
+  try {
+    return j.dump(2) + "\n";
+  } catch (const nlohmann::json::exception& e) {
+    throw format_error(what + ": a name or pattern is not valid UTF-8 (" + e.what() + ")");
+  }
 }
 
 // The problems found in one file, one per key or module: loaders check every module and then report
