@@ -307,7 +307,30 @@ TEMPLATE_TEST_CASE("mode products reject bad arguments before writing", "[mode_p
   REQUIRE_THROWS_AS((ta::mode_product_transposed<TestType, 3>(ta::view(x), u, 1, ta::writable_view(y))),
                     ta::argument_error);
   REQUIRE_THROWS_WITH(ta::mode_product(x, wrong, 1), Catch::Contains("mode_product") && Catch::Contains("(5, 4)"));
+  // Views whose extents are negative, or whose sizes an index cannot count (x is empty, y is not): they
+  // used to pass as an empty product and overwrite y with beta · y. Nothing behind them is read.
+  using cview = ta::const_tensor_view<TestType, 2>;
+  using cview3 = ta::const_tensor_view<TestType, 3>;
+  const ta::index big = ta::index(1) << 40;
+  ta::tensor_view<TestType, 2> y2(y.data(), 3, 4);
+  REQUIRE_THROWS_WITH((ta::mode_product<TestType, 2>(cview(x.data(), -2, 4), cview(u.data(), 3, -2), 0, y2)),
+                      Catch::Contains("mode_product") && Catch::Contains("(-2, 4)"));
+  REQUIRE_THROWS_WITH((ta::mode_product<TestType, 3>(cview3(x.data(), 0, big, big), cview(u.data(), 3, 0), 0,
+                                                     ta::tensor_view<TestType, 3>(y.data(), 3, big, big))),
+                      Catch::Contains("x has extents"));
+  REQUIRE_THROWS_WITH((ta::mode_product<TestType, 3>(cview3(x.data(), 0, big, 2), cview(u.data(), big, 0), 0,
+                                                     ta::tensor_view<TestType, 3>(y.data(), big, big, 2))),
+                      Catch::Contains("y has extents"));
+  ta::tensor<TestType, 2> out(3, 3);
+  out.setConstant(TestType(42));
+  REQUIRE_THROWS_AS((ta::mode_inner_product<TestType, 2>(cview(x.data(), -1, 0), cview(x.data(), 1, 0), 0,
+                                                         ta::tensor_view<TestType, 2>(out.data(), -1, 1))),
+                    ta::argument_error);
+  REQUIRE_THROWS_AS((ta::mode_inner_product<TestType, 3>(cview3(x.data(), big, big, 0), cview3(x.data(), big, big, 0),
+                                                         2, ta::writable_view(out))),
+                    ta::argument_error);
   for (ta::index e = 0; e < y.size(); ++e) REQUIRE(y.data()[e] == TestType(42));
+  for (ta::index e = 0; e < out.size(); ++e) REQUIRE(out.data()[e] == TestType(42));
 }
 
 TEMPLATE_TEST_CASE("a repeated mode product allocates nothing", "[mode_product]", float, double) {

@@ -269,6 +269,10 @@ TEMPLATE_TEST_CASE("Tucker chains reject factors that do not fit, before writing
   REQUIRE_THROWS_AS((ta::tucker_compress_all_but_one<TestType, 3>(ta::view(x), views<TestType, 3>(u), z)),
                     ta::argument_error);
   REQUIRE_THROWS_WITH(ta::tucker_compress(x, u), Catch::Contains("tucker_compress") && Catch::Contains("factors[1]"));
+  // The orders refuse extents no tensor has.
+  REQUIRE_THROWS_WITH((ta::expansion_order<2>({2, -3}, {4, 5})), Catch::Contains("expansion_order"));
+  REQUIRE_THROWS_WITH((ta::compression_order<3>({ta::index(1) << 40, ta::index(1) << 40, 2}, {1, 1, 1})),
+                      Catch::Contains("compression_order"));
 }
 
 TEMPLATE_TEST_CASE("Tucker chains reject a rank of 0 or above the extent it factors, before writing", "[tucker]",

@@ -75,7 +75,7 @@ template <class H>
 using if_half_precision = std::enable_if_t<is_half_precision<H>::value, int>;
 
 // hi + lo (exactly, with |lo| ≤ ½ ulp(hi) in double) rounded once to H, to nearest with ties to even;
-// ±Inf beyond H's range, the sign of a zero kept. A value that lies exactly on a tie of H only through
+// ±Inf from H's largest finite value plus half its ulp on, the sign of a zero kept. A value that lies exactly on a tie of H only through
 // lo is rounded towards lo.
 template <class H>
 H round_to_nearest_even(double hi, double lo) {
@@ -150,8 +150,9 @@ void restore_weight(const tensor<H, N>& saved, tensor_view<H, N> w, const char* 
 
 }  // namespace detail
 
-// x rounded once to H (Eigen::half or Eigen::bfloat16), to nearest with ties to even; ±Inf beyond H's
-// largest finite value. Unlike H(x), which rounds a double to float first, this rounds only once.
+// x rounded once to H (Eigen::half or Eigen::bfloat16), to nearest with ties to even; ±Inf from H's
+// largest finite value plus half its ulp on (65520 for half), as IEEE rounding gives. Unlike H(x), which
+// rounds a double to float first, this rounds only once.
 template <class H, detail::if_half_precision<H> = 0>
 H round_to_nearest_even(double x) {
   return detail::round_to_nearest_even<H>(x, 0.0);

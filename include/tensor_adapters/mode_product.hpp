@@ -7,7 +7,7 @@
 // detail/gemm_kernel.hpp, without transposing or copying a tensor: the last mode (Q = 1) is
 // y (P, J) = x (P, I)·uᵀ; any other mode is y (J, P·Q) = u · x (I, P·Q), whose columns (p, q) the
 // kernel addresses in place (p·I·Q + q), so a middle mode is as fast as the first and the packing of
-// u is shared by all P slices. A small output extent of the last mode (J ≤ 16) takes the kernel's
+// u is shared by all P slices. A small output extent of the last mode (J ≤ 16, P ≥ 2J) takes the kernel's
 // dot-product path, which streams x once without packing it; a tiny trailing extent (Q < 8, such as
 // a conv kernel's 3×3, with I·Q ≤ 64, J·Q ≤ 16 and at least 64 slices P) is folded into such a
 // product with op(u) ⊗ 1_Q; any other trailing extent narrower than two registers with J ≤ 16 runs
@@ -42,6 +42,8 @@ template <class X, class Y>
 void check_mode_product(const X& x, index u_rows, index u_cols, bool transposed, int mode, const Y& y,
                         const char* function) {
   constexpr int N = X::NumIndices;
+  check_extents(x.dimensions(), N, function, "x");
+  check_extents(y.dimensions(), N, function, "y");
   TA_CHECK(mode >= 0 && mode < N, function,
            "mode " + std::to_string(mode) + " is out of range for x " + shape_string(x));
   const index j = transposed ? u_cols : u_rows;
@@ -130,8 +132,8 @@ void mode_product(const_tensor_view<T, N> x, const T* u, index u_rows, index u_c
 // y = alpha · (x ×mode u) + beta · y.
 //   x: (I0, …, I(N-1)), u: (J, I_mode), y: x's shape with J in place of I_mode.
 // With beta == 0, y's old contents are ignored; with alpha == 0 or I_mode == 0, x and u are not read
-// (y = beta · y). Throws argument_error, before writing, if the mode is out of range or a shape does
-// not fit.
+// (y = beta · y). Throws argument_error, before writing, if the mode is out of range, a shape does not
+// fit, or an extent is negative or the product of x's or y's nonzero extents overflows an index.
 template <class T, int N>
 void mode_product(const_tensor_view<T, N> x, nondeduced<const_tensor_view<T, 2>> u, int mode,
                   nondeduced<tensor_view<T, N>> y, T alpha = T(1), T beta = T(0)) {
@@ -152,11 +154,17 @@ void mode_product_transposed(const_tensor_view<T, N> x, nondeduced<const_tensor_
 //   out (Jx, Jy) = alpha · unfold_n(x) · unfold_n(y)ᵀ + beta · out,
 //   i.e. out[a, b] = Σ x[i0 … a … i(N-1)] · y[i0 … b … i(N-1)].
 // x and y agree on every extent but that of mode n (Jx and Jy). This is the gradient of a mode-n
-// factor: for z = x ×n u, ∂L/∂u = mode_inner_product(∂L/∂z, x, n).
+// factor: for z = x ×n u, ∂L/∂u = mode_inner_product(∂L/∂z, x, n). With beta == 0, out's old contents
+// are ignored; with alpha == 0 or an empty sum, out = beta · out. out must not overlap x or y. Throws
+// argument_error, before writing, if the mode is out of range, a shape does not fit, or an extent is
+// negative or the product of a tensor's nonzero extents overflows an index.
 template <class T, int N>
 void mode_inner_product(const_tensor_view<T, N> x, nondeduced<const_tensor_view<T, N>> y, int mode,
                         nondeduced<tensor_view<T, 2>> out, T alpha = T(1), T beta = T(0)) {
   const char* fn = "mode_inner_product";
+  detail::check_extents(x.dimensions(), N, fn, "x");
+  detail::check_extents(y.dimensions(), N, fn, "y");
+  detail::check_extents(out.dimensions(), 2, fn, "out");
   TA_CHECK(mode >= 0 && mode < N, fn,
                 "mode " + std::to_string(mode) + " is out of range for x " + detail::shape_string(x));
   bool fits = true;
@@ -188,6 +196,7 @@ tensor<T, N> mode_product(const tensor<T, N>& x, const tensor<T, 2>& u, int mode
                 "mode " + std::to_string(mode) + " is out of range for x " + detail::shape_string(x));
   auto dims = x.dimensions();
   dims[mode] = u.dimension(0);
+  detail::check_extents(dims, N, "mode_product", "y");
   tensor<T, N> y(dims);
   mode_product<T, N>(view(x), u, mode, y);
   return y;
@@ -198,6 +207,7 @@ tensor<T, N> mode_product_transposed(const tensor<T, N>& x, const tensor<T, 2>& 
                 "mode " + std::to_string(mode) + " is out of range for x " + detail::shape_string(x));
   auto dims = x.dimensions();
   dims[mode] = ut.dimension(1);
+  detail::check_extents(dims, N, "mode_product_transposed", "y");
   tensor<T, N> y(dims);
   mode_product_transposed<T, N>(view(x), ut, mode, y);
   return y;

@@ -15,7 +15,8 @@
 // int), so T and N come from the core or x: tucker_expand(view(core), factors, writable_view(y)).
 //
 // Every product goes through mode_product.hpp's kernel. Intermediates live in a tucker_workspace<T>;
-// the overloads without one use a temporary workspace (one or two allocations per call).
+// the overloads without one use a temporary workspace (one or two allocations per call). An output (y, g,
+// z) must not overlap the inputs (the core or x, and the factors).
 #pragma once
 
 #include <algorithm>
@@ -113,6 +114,7 @@ void mode_chain(const T* x, shape<N> dims, const std::array<const T*, N>& u, con
 template <class T, int N>
 void check_factors(const std::array<const_tensor_view<T, 2>, N>& factors, const shape<N>& full, const shape<N>& core,
                    const char* function, const char* full_name, const char* core_name) {
+  check_extents(full, N, function, full_name);
   for (int n = 0; n < N; ++n) {
     const auto un = static_cast<std::size_t>(n);
     const auto& f = factors[un];
@@ -146,9 +148,12 @@ std::array<const_tensor_view<T, 2>, N> factor_views(const std::array<tensor<T, 2
 }  // namespace detail
 
 // The flop-minimal order of an expansion core (r0, …) → (I0, …): the modes by 1/I_n − 1/r_n, largest
-// first (ties: lower mode first). The first entry is the mode to apply first.
+// first (ties: lower mode first). The first entry is the mode to apply first. Throws argument_error if an
+// extent is negative or a tensor's size overflows an index.
 template <int N>
 std::array<int, N> expansion_order(const shape<N>& core_extents, const shape<N>& full_extents) {
+  detail::check_extents(core_extents, N, "expansion_order", "the core");
+  detail::check_extents(full_extents, N, "expansion_order", "the expanded tensor");
   std::array<int, N> order{};
   std::iota(order.begin(), order.end(), 0);
   detail::cheapest_order<N>(core_extents, full_extents, order.data(), N);
@@ -156,8 +161,11 @@ std::array<int, N> expansion_order(const shape<N>& core_extents, const shape<N>&
 }
 
 // The flop-minimal order of a compression (I0, …) → (r0, …): the modes by 1/r_n − 1/I_n, largest first.
+// Throws argument_error if an extent is negative or a tensor's size overflows an index.
 template <int N>
 std::array<int, N> compression_order(const shape<N>& full_extents, const shape<N>& core_extents) {
+  detail::check_extents(full_extents, N, "compression_order", "the tensor");
+  detail::check_extents(core_extents, N, "compression_order", "the core");
   std::array<int, N> order{};
   std::iota(order.begin(), order.end(), 0);
   detail::cheapest_order<N>(full_extents, core_extents, order.data(), N);
@@ -267,6 +275,7 @@ template <class T, int N>
 tensor<T, N> tucker_expand(const tensor<T, N>& core, const nondeduced<std::array<tensor<T, 2>, N>>& factors) {
   shape<N> full{};
   for (std::size_t n = 0; n < std::size_t(N); ++n) full[n] = factors[n].dimension(0);
+  detail::check_extents(full, N, "tucker_expand", "y");
   tensor<T, N> y(full);
   tucker_expand<T, N>(view(core), detail::factor_views<T, N>(factors), writable_view(y));
   return y;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -54,6 +55,22 @@ index bounded_product(Extent extent, int first, int last, index limit) {
     p *= e;
   }
   return p;
+}
+
+// Throws argument_error unless every extent is at least 0 and the product of the nonzero ones fits in an
+// index, so that the product of any of them (a size, a slice count) does. `name` names the tensor.
+template <class Dims>
+void check_extents(const Dims& dims, int rank, const char* function, const std::string& name) {
+  index p = 1;
+  bool fits = true;
+  for (int d = 0; d < rank && fits; ++d) {
+    const index e = dims[static_cast<std::size_t>(d)];
+    fits = e >= 0 && (e == 0 || e <= std::numeric_limits<index>::max() / p);
+    if (e > 0) p *= e;
+  }
+  TA_CHECK(fits, function,
+           name + " has extents " + dims_string(dims, rank) + "; they must be at least 0, and their product one an " +
+               "index can count");
 }
 
 // The number of elements of a tensor of these extents.
