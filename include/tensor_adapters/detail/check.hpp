@@ -65,8 +65,8 @@ void check_extents(const Dims& dims, int rank, const char* function, const std::
   bool fits = true;
   for (int d = 0; d < rank && fits; ++d) {
     const index e = dims[static_cast<std::size_t>(d)];
-    fits = e >= 0 && (e == 0 || e <= std::numeric_limits<index>::max() / p);
-    if (e > 0) p *= e;
+    fits = e >= 0 && e <= std::numeric_limits<index>::max() / p;
+    if (fits && e > 0) p *= e;
   }
   TA_CHECK(fits, function,
            name + " has extents " + dims_string(dims, rank) + "; they must be at least 0, and their product one an " +
