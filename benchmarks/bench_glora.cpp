@@ -84,8 +84,9 @@ void glora_forward_backward(benchmark::State& state) {
     benchmark::DoNotOptimize(p.dx.data());
     benchmark::ClobberMemory();
   }
-  // forward: x·W_effᵀ; backward: dx = dy·W_eff and, with A not none, gW = dyᵀ·x.
-  const bool gw = p.config.A.kind != ta::glora_kind::none;
+  // forward: x·W_effᵀ; backward: dx = dy·W_eff and, with A lora, gW = dyᵀ·x (a vector or scalar A reads
+  // z = x·W0ᵀ, kept by the forward).
+  const bool gw = p.config.A.kind == ta::glora_kind::lora;
   set_gflops(state, p.base_flops() * (gw ? 3.0 : 2.0));
 }
 

@@ -18,13 +18,15 @@ How PyTorch computes each adapter (the reference implementations' formulations):
                 backward autograd of the same with W0 and b0 frozen: dx, dA, dB
                 ΔW of a conv weight as PEFT forms it: conv2d(A.permute(1, 0, 2, 3), B).permute(1, 0, 2, 3)
                 · scale, and its VJP by autograd
+                merge    W += (B @ A) · scale in place, as PEFT's merge adds get_delta_weight()
   FLoRA         ΔW as the official code forms it: the core contracted with param_0 (in), param_1 (out),
                 param_2, ... in turn by torch.tensordot, the first two modes transposed, times the scale;
                 the VJP by autograd of that expansion. The linear layer is the official one:
                 y = F.linear(x, W0, b0) + F.linear(x, ΔW) with ΔW formed on every call
   GLoRA         the official layer: each support tensor read from the store by prepare_path, then
                 W_eff = W0 + W0 ⊙ A + B, b_eff = b0 + b0 ⊙ D + E + (W0 · C).squeeze(),
-                y = F.linear(x, W_eff, b_eff); backward by autograd (dx and every store gradient)
+                y = F.linear(x, W_eff, b_eff); backward by autograd (dx and every store gradient);
+                merge: W_eff and b_eff alone
   base layers   F.linear(x, W0) (bench_lora, bench_glora), F.linear(x, W0, b0) (bench_flora) and, for
                 forward + backward, dx by autograd with W0 frozen
 
@@ -149,10 +151,19 @@ def build(torch):
             return torch.autograd.grad(y, (x, a, b), dy)
         return fn
 
+    def make_lora_merge(n, i, o, r):
+        _, w0, _, _, a, b, scale = lora_linear(n, i, o, r)
+        w = w0.clone()
+
+        def fn():  # PEFT's merge: weight.data += get_delta_weight() = (B @ A) * scaling
+            with torch.no_grad():
+                w.data += (b @ a) * scale
+        return fn
+
     for n, i, o, r in [(512, 768, 768, 8), (64, 4096, 4096, 16)]:
         args = "n:%d/in:%d/out:%d/r:%d" % (n, i, o, r)
         for name, make in [("base_forward", make_base_forward), ("lora_forward", make_lora_forward),
-                           ("lora_forward_backward", make_lora_forward_backward)]:
+                           ("lora_forward_backward", make_lora_forward_backward), ("lora_merge", make_lora_merge)]:
             cases.append(("bench_lora", name + "/" + args, lambda make=make, s=(n, i, o, r): make(*s)))
 
     # ---- FLoRA weight space (bench_flora.cpp): conv weights (O, I, k, k), ranks (r, r, rk, rk), scale 4.
@@ -324,6 +335,22 @@ def build(torch):
             return fn
         return make
 
+    def make_glora_merge(config):
+        def make():
+            _, w0, b0, _, store = glora_setup(512, 768, 768, 8)
+            cfg = configs[config]
+
+            def fn():  # the GLoRA code's merge: the layer's W_eff and b_eff, formed once for inference
+                with torch.no_grad():
+                    a = prepare_path(cfg["A"], store["Ad"], store["Au"])
+                    b = prepare_path(cfg["B"], store["Bd"], store["Bu"])
+                    c = prepare_path(cfg["C"], store["Cd"], store["Cu"])
+                    d = prepare_path(cfg["D"], store["D"])
+                    e = prepare_path(cfg["E"], store["E"])
+                    return w0 + w0 * a + b, b0 + b0 * d + e + torch.matmul(w0, c).squeeze()
+            return fn
+        return make
+
     def make_glora_base():
         x, w0, *_ = glora_setup(512, 768, 768, 8)
 
@@ -337,6 +364,8 @@ def build(torch):
         for backward in [False, True]:
             name = "glora_forward%s/n:512/in:768/out:768/R:8/config:%d" % ("_backward" if backward else "", config)
             cases.append(("bench_glora", name, make_glora(config, backward)))
+        cases.append(("bench_glora", "glora_merge/n:512/in:768/out:768/R:8/config:%d" % config,
+                      make_glora_merge(config)))
     return cases
 
 

@@ -668,13 +668,24 @@ def flora_section(runs, goals):
             kind, bound, goal = binding_bound(None if copy_t is None else n * copy_t, fl, peak)
             what = "`delta_weight` + `delta_weight_vjp`" if op == "together" else "`%s`" % op
             if is_paired:
+                # One class per operation, from the paired run (its copy timed call by call beside the
+                # operation), in both tables; the separately timed share is read against the same bound.
                 pt = sum(paired_t[o] for o in times) if op == "together" else paired_t[op]
-                pkind, pbound, pgoal = binding_bound(n * paired_t["copy"], fl, peak)
-                share = of_copy[op] if pkind == "memory" else ratio(pbound, pt)
-                ok = None if share is None else share >= pgoal
-                goals.add("4 FLoRA", "%s %s: %s; paired calls" % (what, names, bound_goal(pkind, pgoal)),
-                          pct(share), ok)
-                reached[op] = (pt, "%s — %s" % (pct(share), verdict(ok)))
+                kind, pbound, goal = binding_bound(n * paired_t["copy"], fl, peak)
+                at_peak = fl / (peak * 1e3)
+                bound = n * copy_t if kind == "memory" and copy_t is not None else at_peak
+                copy_share, peak_share = of_copy[op], ratio(at_peak, pt)
+                share = copy_share if kind == "memory" else peak_share
+                ok = None if share is None else share >= goal
+                # Where the two bounds lie within 10 % of each other the class is within the noise of the
+                # copy's timing: both readings are shown.
+                close = abs(n * paired_t["copy"] - at_peak) < 0.10 * max(n * paired_t["copy"], at_peak)
+                both = " (the two bounds within %.0f %%: %s of the copy, %s of the peak)" % (
+                    100 * abs(n * paired_t["copy"] - at_peak) / max(n * paired_t["copy"], at_peak),
+                    pct(copy_share), pct(peak_share)) if close else ""
+                goals.add("4 FLoRA", "%s %s: %s; paired calls" % (what, names, bound_goal(kind, goal)),
+                          pct(share) + both, ok)
+                reached[op] = (pt, "%s — %s%s" % (pct(share), verdict(ok), both))
                 cell = "%s; paired, below" % pct(ratio(bound, t))
             else:
                 share = ratio(bound, t)
@@ -810,6 +821,16 @@ def pytorch_section(runs, torch, goals):
                                                                        min(p[4] for p in ad), max(p[4] for p in ad),
                                                                        "; slower: " + ", ".join("`%s`" % p[1] for p in slow)
                                                                        if slow else ""), not slow)
+        for binary in sorted({b for b, _ in d["by_name"]}):
+            run = runs.get((binary, t if binary in PER_THREAD else 0))
+            if run is None or (binary not in PER_THREAD and t != 1):
+                continue
+            alone = [name for name in run["medians"] if is_adapter(name.split("/")[0])
+                     and (binary, name) not in d["by_name"]]
+            if alone:
+                out.append("")
+                out.append("`%s` adapter benchmarks with no PyTorch entry: %s." %
+                           (binary, ", ".join("`%s`" % name for name in sorted(alone))))
         out.append("")
         pairs_all.append((label, t, ctx["blas"], pairs))
     return "\n".join(out), pairs_all
