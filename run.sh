@@ -15,6 +15,17 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+case "${1:-} ${2:-}" in
+  "demo "|"test "|"test --sanitize"|"bench "*|"report "*|"fuzz "*) ;;
+  *)
+    sed -n '2,14p' "$0"
+    exit 2
+    ;;
+esac
+case "${1}" in
+  fuzz) [[ "${2:-60}" =~ ^[0-9]+$ ]] || { echo "run.sh: fuzz takes a number of seconds, not '${2}'"; exit 2; } ;;
+esac
+
 packages=(g++ cmake make libeigen3-dev catch2 libbenchmark-dev libomp-dev nlohmann-json3-dev clang libclang-rt-14-dev)
 [ "${1:-}" = report ] && packages+=(python3-matplotlib)
 missing=()
@@ -94,9 +105,5 @@ case "${1:-}" in
     ./build/fuzz/fuzz/fuzz_peft_config -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
       -dict=fuzz/peft_config.dict -artifact_prefix=build/fuzz/peft_config- -print_final_stats=1 \
       build/fuzz/corpus_peft_config fuzz/corpus_peft_config
-    ;;
-  *)
-    sed -n '2,14p' "$0"
-    exit 2
     ;;
 esac

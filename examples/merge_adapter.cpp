@@ -17,7 +17,10 @@
 // Nothing is written unless every check passes: each adapted module has a floating-point base weight of
 // the shape its tensors imply (and a GLoRA bias of shape (O) if it has one); each base weight of a module
 // the config's target_modules selects has adapter tensors; each GLoRA layer has a fixed eval_config; every
-// merged value is finite and representable in the output dtype. Each problem is reported on its own line
+// merged value is finite and representable in the output dtype (a tensor only converted keeps the
+// infinities and NaNs it had, such as a mask's -inf, but none of its finite values may overflow the output
+// dtype). The output file is written beside its path and renamed over it once complete, so a failed write
+// leaves an existing file, the base itself included, as it was. Each problem is reported on its own line
 // naming the tensor. One progress line per tensor goes to stdout. Exit status: 0 on success, 1 on a
 // problem with the files, 2 on bad usage.
 #include <tensor_adapters/io/flora_file.hpp>
@@ -297,11 +300,13 @@ int main(int argc, char** argv) {
     for (const auto& [key, value] : base.metadata()) out.set_metadata(key, value);
     const std::size_t n = base.tensors().size() + added.size();
     std::size_t i = 0, merged = 0;
-    // Checks one result and adds it, or reports the first value that is not finite in `type`.
+    // Checks one result and adds it, or reports the first value that is not finite in `type`. A tensor
+    // only converted keeps the infinities and NaNs it had (a mask's -inf); only a finite value that
+    // overflows `type` is refused.
     auto add = [&](const std::string& name, const std::vector<double>& w, const std::vector<ta::index>& shape,
-                   io::dtype type) {
+                   io::dtype type, bool converted) {
       for (std::size_t k = 0; k < w.size(); ++k) {
-        if (!std::isfinite(io::stored_value(w[k], type))) {
+        if (!std::isfinite(io::stored_value(w[k], type)) && !(converted && !std::isfinite(w[k]))) {
           std::fprintf(stderr,
                        "merge_adapter: tensor \"%s\": element %zu (%g) is not finite in %s; nothing was written\n",
                        name.c_str(), k, w[k], io::dtype_name(type));
@@ -347,7 +352,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "merge_adapter: tensor \"%s\": %s; nothing was written\n", t.name.c_str(), e.what());
         return 1;
       }
-      if (!add(t.name, w, t.shape, type)) return 1;
+      if (!add(t.name, w, t.shape, type, !is_weight && !is_bias)) return 1;
       merged += is_weight;
       std::printf("[%zu/%zu] %s %s %s: %s\n", i, n, t.name.c_str(), shape_text(t.shape).c_str(), io::dtype_name(type),
                   what.c_str());
@@ -365,7 +370,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "merge_adapter: tensor \"%s\": %s; nothing was written\n", name.c_str(), e.what());
         return 1;
       }
-      if (!add(name, b, {p.out}, type)) return 1;
+      if (!add(name, b, {p.out}, type, false)) return 1;
       std::printf("[%zu/%zu] %s %s %s: added GLoRA bias E + W · C (the base layer has none)\n", i, n, name.c_str(),
                   shape_text({p.out}).c_str(), io::dtype_name(type));
     }

@@ -32,6 +32,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <variant>
 #include <vector>
 
@@ -1116,4 +1117,38 @@ TEST_CASE("merge_adapter output matches PyTorch's merged weights", "[.merge_adap
   }
   CHECK(new_tensors == added);
   CHECK(changed == expected_changed);
+}
+
+// Hidden test cases around examples/merge_adapter's --dtype conversion (ctest runs them with the tool):
+// [.merge_adapter_masked_base] writes the base weights with two extra tensors, a mask holding -inf and a
+// value beyond half's range (paths in TA_MASKED_BASE and TA_HUGE_BASE); [.merge_adapter_masked_output]
+// checks that the mask came through a conversion to BF16 with its -inf (TA_MASKED_OUTPUT).
+TEST_CASE("merge_adapter test input: base weights with a mask and a large value", "[.merge_adapter_masked_base]") {
+  const char* masked = std::getenv("TA_MASKED_BASE");
+  const char* huge = std::getenv("TA_HUGE_BASE");
+  REQUIRE(masked != nullptr);
+  REQUIRE(huge != nullptr);
+  const io::safetensors_file base = io::read_safetensors(peft_dir + "base_model.safetensors");
+  for (const auto& [path, name, value] :
+       {std::tuple<std::string, std::string, float>{masked, "model.causal_mask", -std::numeric_limits<float>::infinity()},
+        std::tuple<std::string, std::string, float>{huge, "model.scale", 1.0e6f}}) {
+    io::safetensors_writer w;
+    for (const io::tensor_info& t : base.tensors())
+      w.add_raw(t.name, t.type, t.shape, base.raw(t), static_cast<std::size_t>(t.end - t.begin));
+    ta::tensor<float, 1> extra(4);
+    extra.setValues({0.0f, value, 0.0f, 1.0f});
+    w.add(name, extra);
+    w.write(path);
+  }
+}
+
+TEST_CASE("merge_adapter keeps a converted tensor's infinities", "[.merge_adapter_masked_output]") {
+  const char* path = std::getenv("TA_MASKED_OUTPUT");
+  REQUIRE(path != nullptr);
+  const io::safetensors_file merged = io::read_safetensors(path);
+  CHECK(merged.info("model.causal_mask").type == io::dtype::BF16);
+  const std::vector<float> mask = merged.load_values<float>("model.causal_mask");
+  REQUIRE(mask.size() == 4);
+  CHECK(mask[1] == -std::numeric_limits<float>::infinity());
+  CHECK(mask[3] == 1.0f);
 }

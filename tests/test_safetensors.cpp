@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -367,4 +369,28 @@ TEST_CASE("safetensors files on disk", "[safetensors]") {
   REQUIRE_THROWS_WITH(io::read_safetensors(dir), Contains(dir) && Contains("not a regular file"));
   std::filesystem::remove_all(dir);
   REQUIRE_THROWS_AS(w.write("no/such/directory/x.safetensors"), io::format_error);
+
+  // A write that fails leaves the file it would have replaced as it was, and nothing partial behind:
+  // here the temporary file cannot be created, or the target is a directory the rename cannot replace.
+  auto file_bytes = [](const std::string& p) {
+    std::ifstream in(p, std::ios::binary);
+    return bytes(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  };
+  w.write(path);
+  const bytes before = file_bytes(path);
+  std::filesystem::create_directories(path + ".partial");
+  ta::tensor<float, 2> other(5, 5);
+  other.setZero();
+  io::safetensors_writer w2;
+  w2.add("other", other);
+  REQUIRE_THROWS_WITH(w2.write(path), Contains(path) && Contains("cannot open"));
+  CHECK(file_bytes(path) == before);
+  std::filesystem::remove_all(path + ".partial");
+  const std::string target_dir = "test_safetensors_target_directory";
+  std::filesystem::create_directories(target_dir);
+  REQUIRE_THROWS_WITH(w2.write(target_dir), Contains(target_dir) && Contains("as it was"));
+  CHECK_FALSE(std::filesystem::exists(target_dir + ".partial"));
+  CHECK(std::filesystem::is_directory(target_dir));
+  std::filesystem::remove_all(target_dir);
+  std::remove(path.c_str());
 }

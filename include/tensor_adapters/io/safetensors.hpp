@@ -252,6 +252,38 @@ inline bool shape_overflows(const std::vector<index>& shape, dtype type, std::ui
   return mul_overflows(empty ? 0 : nonzero, dtype_size(type), bytes);
 }
 
+// Files are replaced through a temporary file beside them (`path` + ".partial"), renamed over `path` once
+// complete: a write that fails (a full disk, a size limit) leaves `path` as it was and no partial file
+// behind. The rename replaces the file in one step for other processes; it does not flush the data to the
+// device. Errors throw format_error, the message starting with `what`.
+
+// Writes the temporary file of `path` in full and returns its name.
+inline std::string write_partial(const std::string& path, const unsigned char* data, std::size_t size,
+                                 const std::string& what) {
+  const std::string partial = path + ".partial";
+  std::ofstream out(partial, std::ios::binary | std::ios::trunc);
+  if (!out) throw format_error(what + ": cannot open the file for writing (" + partial + ")");
+  out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(size));
+  out.close();
+  if (!out) {
+    std::error_code ec;
+    std::filesystem::remove(partial, ec);
+    throw format_error(what + ": writing the file failed; " + path + " is as it was");
+  }
+  return partial;
+}
+
+// Renames the temporary file `partial` over `path`.
+inline void commit_partial(const std::string& partial, const std::string& path, const std::string& what) {
+  std::error_code ec;
+  std::filesystem::rename(partial, path, ec);
+  if (ec) {
+    const std::string reason = ec.message();
+    std::filesystem::remove(partial, ec);
+    throw format_error(what + ": cannot replace the file (" + reason + "); " + path + " is as it was");
+  }
+}
+
 // Throws format_error, its message starting with `what`, unless `path` names a regular file (a directory
 // opens as a stream of unknown size).
 inline void check_regular_file(const std::string& path, const std::string& what) {
@@ -664,14 +696,13 @@ class safetensors_writer {
     return out;
   }
 
-  // Writes the file to `path`. Throws format_error if it cannot be written.
+  // Writes the file to `path`, through a temporary file renamed over it once complete, so that a failed
+  // write leaves an existing file as it was (see detail::write_partial). Throws format_error if it cannot
+  // be written.
   void write(const std::string& path) const {
     const std::vector<unsigned char> bytes = serialize();
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    if (!out) throw format_error("safetensors " + path + ": cannot open the file for writing");
-    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    out.close();
-    if (!out) throw format_error("safetensors " + path + ": writing the file failed");
+    const std::string what = "safetensors " + path;
+    detail::commit_partial(detail::write_partial(path, bytes.data(), bytes.size(), what), path, what);
   }
 
  private:

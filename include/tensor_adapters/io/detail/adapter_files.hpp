@@ -228,14 +228,6 @@ inline std::string read_text_file(const std::string& path) {
   return s.str();
 }
 
-inline void write_text_file(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) throw format_error(path + ": cannot open the file for writing");
-  out << text;
-  out.close();
-  if (!out) throw format_error(path + ": writing the file failed");
-}
-
 // Integral values as JSON integers (as Python's json writes 8 rather than 8.0), others as numbers.
 inline void json_number(nlohmann::ordered_json& j, const std::string& key, double v) {
   if (v == std::floor(v) && std::fabs(v) < 9.0e15) j[key] = static_cast<std::int64_t>(v);
@@ -329,8 +321,21 @@ inline void write_adapter_directory(const std::string& directory, const safetens
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) throw format_error(directory + ": cannot create the directory (" + ec.message() + ")");
-  tensors.write((dir / adapter_model_file).string());
-  write_text_file((dir / adapter_config_file).string(), config_json);
+  // Both files are written in full before either replaces its old version (see detail::write_partial).
+  const std::string model = (dir / adapter_model_file).string(), config = (dir / adapter_config_file).string();
+  const std::vector<unsigned char> bytes = tensors.serialize();
+  const std::string model_partial = write_partial(model, bytes.data(), bytes.size(), "safetensors " + model);
+  std::string config_partial;
+  try {
+    config_partial = write_partial(config, reinterpret_cast<const unsigned char*>(config_json.data()),
+                                   config_json.size(), config);
+  } catch (const format_error&) {
+    std::error_code ec;
+    std::filesystem::remove(model_partial, ec);
+    throw;
+  }
+  commit_partial(model_partial, model, "safetensors " + model);
+  commit_partial(config_partial, config, config);
 }
 
 }  // namespace detail
