@@ -182,6 +182,42 @@ TEST_CASE("PEFT pattern and target rules", "[peft]") {
   CHECK(io::peft_targets(c, "model.layers.0.self_attn.v_proj"));
   CHECK_FALSE(io::peft_targets(c, "model.conv1"));
   CHECK_FALSE(io::peft_targets(c, "v_proj"));  // the regex must match the whole name
+
+  // PEFT's narrowing of a list: layers_to_transform (with or without layers_pattern) and exclude_modules.
+  io::peft_lora_config n = io::parse_peft_lora_config(
+      R"({"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "model.layers.1.mlp.up_proj"],
+          "layers_to_transform": [0, 2], "layers_pattern": "layers",
+          "exclude_modules": ["model.layers.2.self_attn.v_proj"]})", "narrowed");
+  CHECK(n.layers_to_transform == std::vector<ta::index>{0, 2});
+  CHECK(io::peft_targets(n, "model.layers.0.self_attn.q_proj"));
+  CHECK_FALSE(io::peft_targets(n, "model.layers.1.self_attn.q_proj"));  // layer 1 is not transformed
+  CHECK(io::peft_targets(n, "model.layers.2.self_attn.q_proj"));
+  CHECK_FALSE(io::peft_targets(n, "model.layers.2.self_attn.v_proj"));  // excluded
+  CHECK(io::peft_targets(n, "model.layers.1.mlp.up_proj"));  // named in full: no layer rule
+  CHECK_FALSE(io::peft_targets(n, "model.blocks.0.self_attn.q_proj"));  // no "layers" list in the name
+  n.layers_pattern.clear();  // then any module list's index counts
+  CHECK(io::peft_targets(n, "model.blocks.0.self_attn.q_proj"));
+  CHECK(io::peft_targets(n, "q_proj"));              // named in full
+  CHECK_FALSE(io::peft_targets(n, "attn.q_proj"));  // a suffix, but no layer index
+  // What the config writes, it reads back.
+  const io::peft_lora_config back = io::parse_peft_lora_config(io::peft_lora_config_json(n), "written");
+  CHECK(back.layers_to_transform == n.layers_to_transform);
+  CHECK(back.exclude_modules == n.exclude_modules);
+  CHECK(back.layers_pattern.empty());
+  const io::peft_lora_config one = io::parse_peft_lora_config(
+      R"({"r": 8, "lora_alpha": 8, "target_modules": ["q_proj"], "layers_to_transform": 1,
+          "exclude_modules": ".*layers\\.3\\..*"})", "one");
+  CHECK(io::peft_targets(one, "model.layers.1.self_attn.q_proj"));
+  CHECK_FALSE(io::peft_targets(one, "model.layers.0.self_attn.q_proj"));
+  CHECK(one.layers_to_transform == std::vector<ta::index>{1});
+  CHECK(io::parse_peft_lora_config(io::peft_lora_config_json(one), "written").exclude_modules_regex ==
+        ".*layers\\.3\\..*");
+  CHECK_THROWS_WITH(io::parse_peft_lora_config(R"({"r": 8, "lora_alpha": 8, "layers_to_transform": "0"})", "bad"),
+                    Contains("layers_to_transform"));
+  CHECK_THROWS_WITH(io::parse_peft_lora_config(R"({"r": 8, "lora_alpha": 8, "exclude_modules": 3})", "bad"),
+                    Contains("exclude_modules"));
+  CHECK_THROWS_WITH(io::parse_peft_lora_config(R"({"r": 8, "lora_alpha": 8, "layers_pattern": ["("]})", "bad"),
+                    Contains("regular expression"));
 }
 
 TEST_CASE("PEFT adapters saved by the library load back bit for bit", "[peft]") {

@@ -15,7 +15,8 @@
 // "model.layers.0.self_attn.v_proj", and a full module name matches that module. The scale is
 // alpha / r, or alpha / sqrt(r) with use_rslora. A module is targeted when target_modules (a list) holds
 // its name or a suffix of it that starts after a '.', or when target_modules (a string) is a regular
-// expression matching the whole name.
+// expression matching the whole name; PEFT's layers_to_transform / layers_pattern and exclude_modules
+// narrow that as PEFT does (peft_targets).
 //
 // Patterns come from files, so they are bounded before std::regex compiles them (io::detail::check_pattern
 // in io/detail/adapter_files.hpp; each limit is an io:: constant): at most 1,000 characters, groups nested
@@ -72,6 +73,13 @@ struct peft_lora_config {
   // Per-module overrides, in file order: (pattern, rank) and (pattern, alpha).
   std::vector<std::pair<std::string, index>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
+  // PEFT's narrowing of a target_modules list (empty: none), see peft_targets: the layer indices a module
+  // selected by a suffix must sit in, the names of the module lists holding them ("layers", "h", …), and
+  // modules excluded by name or suffix, or (exclude_modules_regex non-empty) by a regular expression.
+  std::vector<index> layers_to_transform;
+  std::vector<std::string> layers_pattern;
+  std::vector<std::string> exclude_modules;
+  std::string exclude_modules_regex;
 };
 
 // One adapted module.
@@ -119,18 +127,55 @@ inline double peft_scale(const peft_lora_config& c, const std::string& module) {
   return lora_scale(peft_alpha(c, module), peft_rank(c, module), c.use_rslora);
 }
 
-// True if the config's target_modules selects `module`. A config without target_modules (null or absent
-// in the file) selects every module.
+namespace detail {
+
+// The list rule shared by target_modules and exclude_modules: the name itself or a suffix after a '.'.
+inline bool listed(const std::vector<std::string>& list, const std::string& module) {
+  for (const std::string& t : list)
+    if (module == t || ends_with(module, "." + t)) return true;
+  return false;
+}
+
+// PEFT's layer index of a module: the number after "<pattern>." and before the next '.', the last such
+// place in the name (for each pattern in turn; any module list's name when there is none), or -1.
+inline index peft_layer_index(const std::vector<std::string>& patterns, const std::string& module) {
+  const std::vector<std::string> any{"[^.]*"};
+  for (const std::string& p : patterns.empty() ? any : patterns) {
+    std::smatch m;
+    const std::regex re = compile_pattern(".*\\.(?:" + p + ")\\.([0-9]+)\\.", "PEFT layers_pattern");
+    if (module.size() <= max_module_name_length && std::regex_search(module, m, re, std::regex_constants::match_continuous))
+      return m[1].length() > 18 ? -1 : static_cast<index>(std::stoll(m[1].str()));
+  }
+  return -1;
+}
+
+}  // namespace detail
+
+// True if the config selects `module`, by PEFT's rule: not if exclude_modules lists it (its name or a
+// suffix after a '.') or, as a regular expression, matches its whole name; then if target_modules, as a
+// regular expression, matches its whole name ("all-linear": every module), or as a list holds its name;
+// or if the list holds a suffix of it after a '.' and, with layers_to_transform, the module's layer index
+// (see detail::peft_layer_index) is one of them. A config without target_modules (null or absent in the
+// file) selects every module not excluded.
 inline bool peft_targets(const peft_lora_config& c, const std::string& module) {
+  if (!c.exclude_modules_regex.empty()) {
+    if (detail::pattern_matches(detail::compile_pattern(c.exclude_modules_regex, "PEFT exclude_modules"), module,
+                                "PEFT exclude_modules"))
+      return false;
+  } else if (detail::listed(c.exclude_modules, module)) {
+    return false;
+  }
   if (c.target_modules.empty() && c.target_modules_regex.empty()) return true;
   if (!c.target_modules_regex.empty()) {
     if (c.target_modules_regex == "all-linear") return true;
     return detail::pattern_matches(detail::compile_pattern(c.target_modules_regex, "PEFT target_modules"), module,
                                    "PEFT target_modules");
   }
-  for (const std::string& t : c.target_modules)
-    if (module == t || detail::ends_with(module, "." + t)) return true;
-  return false;
+  if (std::find(c.target_modules.begin(), c.target_modules.end(), module) != c.target_modules.end()) return true;
+  if (!detail::listed(c.target_modules, module)) return false;
+  if (c.layers_to_transform.empty()) return true;
+  const index layer = detail::peft_layer_index(c.layers_pattern, module);
+  return std::find(c.layers_to_transform.begin(), c.layers_to_transform.end(), layer) != c.layers_to_transform.end();
 }
 
 // Parses adapter_config.json text. `name` names it in messages. Throws format_error on invalid JSON,
@@ -166,6 +211,34 @@ inline peft_lora_config parse_peft_lora_config(const std::string& text, const st
     fail("\"bias\" is " + detail::json_excerpt(*p) +
          "; only \"none\" is supported (the adapter must not train biases)");
   detail::parse_target_modules(j, name, c.target_modules, c.target_modules_regex);
+  if (auto* p = get("layers_to_transform")) {  // an index or a list of them
+    for (const auto& v : p->is_array() ? *p : nlohmann::ordered_json::array({*p})) {
+      if (!v.is_number_unsigned() || v.get<std::uint64_t>() > (1u << 30))
+        fail("\"layers_to_transform\" must be a layer index or a list of them");
+      c.layers_to_transform.push_back(static_cast<index>(v.get<std::uint64_t>()));
+    }
+  }
+  if (auto* p = get("layers_pattern")) {  // a module list's name or a list of them
+    for (const auto& v : p->is_array() ? *p : nlohmann::ordered_json::array({*p})) {
+      if (!v.is_string()) fail("\"layers_pattern\" must be a name or a list of names");
+      detail::compile_pattern(v.get<std::string>(), name + " layers_pattern");
+      c.layers_pattern.push_back(v.get<std::string>());
+    }
+  }
+  if (auto* p = get("exclude_modules")) {
+    if (p->is_string()) {
+      c.exclude_modules_regex = p->get<std::string>();
+      if (c.exclude_modules_regex.empty()) fail("\"exclude_modules\" is an empty string");
+      detail::compile_pattern(c.exclude_modules_regex, name + " exclude_modules");
+    } else if (p->is_array()) {
+      for (const auto& v : *p) {
+        if (!v.is_string()) fail("\"exclude_modules\" holds " + detail::json_excerpt(v) + ", not a string");
+        c.exclude_modules.push_back(v.get<std::string>());
+      }
+    } else {
+      fail("\"exclude_modules\" must be a list of names or a regular expression");
+    }
+  }
   if (auto* p = get("rank_pattern")) {
     if (!p->is_object()) fail("\"rank_pattern\" must be an object");
     for (auto it = p->begin(); it != p->end(); ++it) {
@@ -206,11 +279,16 @@ inline std::string peft_lora_config_json(const peft_lora_config& c) {
   j["auto_mapping"] = nullptr;
   j["base_model_name_or_path"] = nullptr;
   j["bias"] = "none";
+  // Written only when set: PEFT versions before exclude_modules existed do not know the key.
+  if (!c.exclude_modules_regex.empty()) j["exclude_modules"] = c.exclude_modules_regex;
+  else if (!c.exclude_modules.empty()) j["exclude_modules"] = c.exclude_modules;
   j["fan_in_fan_out"] = false;
   j["inference_mode"] = true;
   j["init_lora_weights"] = true;
-  j["layers_pattern"] = nullptr;
-  j["layers_to_transform"] = nullptr;
+  if (c.layers_pattern.empty()) j["layers_pattern"] = nullptr;
+  else j["layers_pattern"] = c.layers_pattern;
+  if (c.layers_to_transform.empty()) j["layers_to_transform"] = nullptr;
+  else j["layers_to_transform"] = c.layers_to_transform;
   detail::json_number(j, "lora_alpha", c.lora_alpha);
   j["lora_dropout"] = 0.0;
   j["modules_to_save"] = nullptr;
