@@ -389,6 +389,14 @@ TEST_CASE("PEFT layers added in C++ keep their own rank and alpha, and saves ref
     CHECK(d.layers.at(module).adapter.scale == layer.adapter.scale);
   }
 
+  // A module the config's exclude_modules leaves out cannot be added.
+  io::peft_lora_adapter<float> excluding;
+  excluding.config.exclude_modules = {"fc"};
+  REQUIRE_THROWS_WITH(io::add_peft_lora_layer(excluding, "head.fc", lin(6, 5, 3), {6, 5}, 8.0),
+                      Contains("head.fc") && Contains("exclude_modules"));
+  CHECK(excluding.layers.empty());
+  CHECK(excluding.config.target_modules.empty());
+
   // A failed add leaves the adapter as it was, its config included.
   io::peft_lora_adapter<float> e;
   e.config.rank_pattern = {{"(unclosed", 2}};

@@ -443,7 +443,8 @@ inline std::string peft_module_key(const std::string& module) {
 // gets the list of its layers so far and this one. weight_shape is the adapted weight's shape, (O, I) or
 // (O, in, kh, kw). Throws format_error, leaving the adapter as it was, if the shape does not fit the
 // adapter, the rank is above min(out, fan_in), the config's target_modules regex does not select the
-// module, or the config would be one load_peft_lora refuses.
+// module or its exclude_modules or layers_to_transform leave it out, or the config would be one
+// load_peft_lora refuses.
 template <class T>
 void add_peft_lora_layer(peft_lora_adapter<T>& adapter, const std::string& module, lora<T> layer,
                          const std::vector<index>& weight_shape, double alpha) {
@@ -466,6 +467,8 @@ void add_peft_lora_layer(peft_lora_adapter<T>& adapter, const std::string& modul
     if (std::find(c.target_modules.begin(), c.target_modules.end(), module) == c.target_modules.end())
       c.target_modules.push_back(module);
   }
+  if (!peft_targets(c, module))
+    throw format_error(where + " is left out by the config's exclude_modules or layers_to_transform");
   parse_peft_lora_config(peft_lora_config_json(c), where + "'s adapter config");  // as the loader will read it
   layer.scale = static_cast<T>(lora_scale(alpha, r, c.use_rslora));
   adapter.layers[module] = peft_lora_layer<T>{std::move(layer), weight_shape};
