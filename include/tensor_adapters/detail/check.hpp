@@ -57,18 +57,23 @@ index bounded_product(Extent extent, int first, int last, index limit) {
   return p;
 }
 
-// Throws argument_error unless every extent is at least 0 and the product of the nonzero ones fits in an
-// index, so that the product of any of them (a size, a slice count) does. `name` names the tensor.
+// True if every extent is at least 0 and the product of the nonzero ones fits in an index, so that the
+// product of any of them (a size, a slice count, a fan-in) does, whether or not another extent is zero.
+template <class Dims>
+bool extents_fit(const Dims& dims, int rank) {
+  index p = 1;
+  for (int d = 0; d < rank; ++d) {
+    const index e = dims[static_cast<std::size_t>(d)];
+    if (e < 0 || e > std::numeric_limits<index>::max() / p) return false;
+    if (e > 0) p *= e;
+  }
+  return true;
+}
+
+// Throws argument_error unless extents_fit. `name` names the tensor.
 template <class Dims>
 void check_extents(const Dims& dims, int rank, const char* function, const std::string& name) {
-  index p = 1;
-  bool fits = true;
-  for (int d = 0; d < rank && fits; ++d) {
-    const index e = dims[static_cast<std::size_t>(d)];
-    fits = e >= 0 && e <= std::numeric_limits<index>::max() / p;
-    if (fits && e > 0) p *= e;
-  }
-  TA_CHECK(fits, function,
+  TA_CHECK(extents_fit(dims, rank), function,
            name + " has extents " + dims_string(dims, rank) + "; they must be at least 0, and their product one an " +
                "index can count");
 }

@@ -45,6 +45,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "../detail/check.hpp"
 #include "../error.hpp"
 #include "../tensor.hpp"
 
@@ -236,20 +237,14 @@ inline bool mul_overflows(std::uint64_t a, std::uint64_t b, std::uint64_t& out) 
   return false;
 }
 
-// A tensor's size in bytes, into `bytes`; true (bytes not written) if the tensor of this shape (extents
-// ≥ 0) and dtype has too many elements: the product of the nonzero extents must fit in index, so that the
-// product of any of the extents (a fan-in, a size) does whether or not another extent is zero, and the
-// size in bytes must fit in uint64.
+// A tensor's size in bytes, into `bytes`; true (bytes not written) if a tensor of this shape and dtype
+// cannot exist: an extent below 0, the nonzero extents' product beyond an index
+// (tensor_adapters::detail::extents_fit), or the size in bytes beyond uint64.
 inline bool shape_overflows(const std::vector<index>& shape, dtype type, std::uint64_t& bytes) {
-  const auto index_max = static_cast<std::uint64_t>(std::numeric_limits<index>::max());
-  std::uint64_t nonzero = 1;
-  bool empty = false;
-  for (const index d : shape) {
-    empty = empty || d == 0;
-    if (d != 0 && (mul_overflows(nonzero, static_cast<std::uint64_t>(d), nonzero) || nonzero > index_max))
-      return true;
-  }
-  return mul_overflows(empty ? 0 : nonzero, dtype_size(type), bytes);
+  if (!tensor_adapters::detail::extents_fit(shape, static_cast<int>(shape.size()))) return true;
+  std::uint64_t elements = 1;  // exact: 0 with an empty extent, else at most an index
+  for (const index d : shape) elements *= static_cast<std::uint64_t>(d);
+  return mul_overflows(elements, dtype_size(type), bytes);
 }
 
 // Files are replaced through a temporary file beside them (`path` + ".partial"), renamed over `path` once
