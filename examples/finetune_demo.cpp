@@ -39,7 +39,8 @@
 // Run:  cmake --build <build dir> --target finetune_demo && <build dir>/examples/finetune_demo
 // Options:  --quick      small sizes (the ctest example_finetune_demo runs this);
 //           --seed N     seeds data and initialisation (default 2026);
-//           --threads N  threads for Eigen's products (default 1).
+//           --threads N  threads for Eigen's products, 1 to 1024 (default 1).
+// A malformed option prints the usage and exits with 2.
 #include <tensor_adapters/glora_search.hpp>
 #include <tensor_adapters/tensor_adapters.hpp>
 
@@ -47,10 +48,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cerrno>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -717,19 +721,32 @@ void finish_row(result_row& row, Method& m, network_pass& pass, const dataset& t
 
 }  // namespace demo
 
+// `text` as a whole decimal number in [lo, hi], or false.
+bool parse_number(const char* text, unsigned long long lo, unsigned long long hi, unsigned long long& out) {
+  if (*text < '0' || *text > '9') return false;  // strtoull would take a sign or spaces
+  errno = 0;
+  char* end = nullptr;
+  out = std::strtoull(text, &end, 10);
+  return errno == 0 && *end == '\0' && out >= lo && out <= hi;
+}
+
 int main(int argc, char** argv) {
   using namespace demo;
   using demo::index;
   bool quick = false;
   std::uint64_t seed = 2026;
-  int threads = 1;
+  unsigned long long threads = 1;
   for (int i = 1; i < argc; ++i) {
+    unsigned long long number = 0;
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
-    } else if (std::strcmp(argv[i], "--seed") == 0 && i + 1 < argc) {
-      seed = std::strtoull(argv[++i], nullptr, 10);
-    } else if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
-      threads = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--seed") == 0 && i + 1 < argc &&
+               parse_number(argv[i + 1], 0, std::numeric_limits<std::uint64_t>::max(), number)) {
+      seed = number;
+      ++i;
+    } else if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc && parse_number(argv[i + 1], 1, 1024, number)) {
+      threads = number;
+      ++i;
     } else {
       std::fprintf(stderr, "usage: %s [--quick] [--seed N] [--threads N]\n", argv[0]);
       return 2;
@@ -737,7 +754,7 @@ int main(int argc, char** argv) {
   }
   // The network's products are small (at most 64 x 144 by 144 x 2304): threads gain little on them and
   // lose much when the cores are shared, so Eigen runs them on one thread unless asked otherwise.
-  Eigen::setNbThreads(std::max(threads, 1));
+  Eigen::setNbThreads(static_cast<int>(threads));
   const sizes z = quick ? quick_sizes() : full_sizes();
   const double noise = 2.0;
   const auto t_start = clock_type::now();

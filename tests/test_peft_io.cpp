@@ -182,6 +182,11 @@ TEST_CASE("PEFT pattern and target rules", "[peft]") {
   CHECK(io::peft_targets(c, "model.layers.0.self_attn.v_proj"));
   CHECK_FALSE(io::peft_targets(c, "model.conv1"));
   CHECK_FALSE(io::peft_targets(c, "v_proj"));  // the regex must match the whole name
+  // An empty list selects nothing in PEFT, which refuses it; it is not the absent list (every module).
+  CHECK_THROWS_WITH(io::parse_peft_lora_config(R"({"r": 8, "lora_alpha": 8, "target_modules": []})", "empty"),
+                    Contains("empty") && Contains("target_modules") && Contains("empty list"));
+  CHECK(io::peft_targets(io::parse_peft_lora_config(R"({"r": 8, "lora_alpha": 8, "target_modules": null})", "null"),
+                         "anything"));
 
   // PEFT's narrowing of a list: layers_to_transform (with or without layers_pattern) and exclude_modules.
   io::peft_lora_config n = io::parse_peft_lora_config(
@@ -1028,6 +1033,13 @@ TEST_CASE("malformed GLoRA and FLoRA adapters raise clear errors", "[glora_file]
     require_glora_error(dir, {"peft_type", "\"LORA\"", "\"GLORA\""});
     with("\"peft_type\": \"GLORA\",", "");
     require_glora_error(dir, {"peft_type", "missing"});
+    // PEFT's narrowing keys are not the GLoRA code's rule: refused rather than ignored.
+    with("\"peft_type\": \"GLORA\",", "\"peft_type\": \"GLORA\", \"layers_to_transform\": [0],");
+    require_glora_error(dir, {"layers_to_transform", "[0]", "target_modules alone"});
+    with("\"peft_type\": \"GLORA\",", "\"peft_type\": \"GLORA\", \"exclude_modules\": \"k_proj\",");
+    require_glora_error(dir, {"exclude_modules", "target_modules alone"});
+    with("\"layers.0.self_attn.q_proj\",\n    \"k_proj\",\n    \"down_proj\",\n    \"conv1\"", "");
+    require_glora_error(dir, {"\"target_modules\" is an empty list"});
   }
   SECTION("FLoRA: a parameter is missing") {
     require_flora_error(peft_dir + "flora_f32_missing_param",

@@ -214,6 +214,11 @@ TEST_CASE("safetensors hand-written files: layout variants that are valid", "[sa
     CHECK(f.load<float, 1>("v")(1) == 1.0f);
     CHECK(f.tensors().front().name == "e");
   }
+  SECTION("a null __metadata__ is no metadata") {
+    const auto f = parse(make_file("{\"__metadata__\":null," + entry("v", "F32", "[1]", 0, 4) + "}", zeros(4)));
+    CHECK(f.metadata().empty());
+    CHECK(f.tensors().size() == 1);
+  }
   SECTION("no tensors at all") {
     const auto f = parse(make_file("{}", {}));
     CHECK(f.tensors().empty());

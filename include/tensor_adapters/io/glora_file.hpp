@@ -17,7 +17,9 @@
 // vision code's SuperScalableLinear names the same tensors Ad … E, without the prefix); one R for
 // every layer; target_modules as that code reads it — a list selects module m when m ends with an entry
 // (any suffix: unlike LoRA's PEFT rule there is no '.' boundary), a string is a regular expression that
-// must match the whole name (within the pattern and module-name limits io/peft.hpp describes).
+// must match the whole name (within the pattern and module-name limits io/peft.hpp describes); PEFT's
+// layers_to_transform, layers_pattern and exclude_modules, which that rule does not apply, are refused
+// unless null.
 //
 // The library's own addition: "eval_config", an object mapping a module to the configuration the layer
 // has fixed for evaluation and merging (the GLoRA code keeps it as the layer attribute eval_config
@@ -138,7 +140,8 @@ inline glora_config parse_glora_eval_config(const nlohmann::ordered_json& v, con
 // Parses adapter_config.json text of a GLoRA adapter into the config and the eval_config entries
 // (module → configuration). `name` names it in messages. Throws format_error on invalid JSON, duplicate
 // keys, a peft_type other than GLORA (the field is required), a missing or mistyped r, target_modules or
-// eval_config entry, or a bias other than "none".
+// eval_config entry, an empty target_modules list, a bias other than "none", or a layers_to_transform,
+// layers_pattern or exclude_modules other than null.
 inline glora_adapter_config parse_glora_adapter_config(const std::string& text, const std::string& name,
                                                        std::map<std::string, glora_config>* eval_configs = nullptr) {
   const nlohmann::ordered_json j = detail::parse_json_strict(text.data(), text.size(), name);
@@ -152,6 +155,12 @@ inline glora_adapter_config parse_glora_adapter_config(const std::string& text, 
   if (auto* p = detail::json_field(j, "bias"); p && !(p->is_string() && p->get<std::string>() == "none"))
     throw format_error(name + ": \"bias\" is " + detail::json_excerpt(*p) + "; only \"none\" is supported");
   detail::parse_target_modules(j, name, c.target_modules, c.target_modules_regex);
+  // PEFT's narrowing of target_modules: the GLoRA code selects by target_modules alone, so a config
+  // that narrows it would be read as selecting more modules than it does.
+  for (const char* key : {"layers_to_transform", "layers_pattern", "exclude_modules"})
+    if (auto* p = detail::json_field(j, key))
+      throw format_error(name + ": \"" + key + "\" is " + detail::json_excerpt(*p) +
+                         "; GLoRA adapters select modules by target_modules alone (null or absent)");
   if (auto* p = detail::json_field(j, "eval_config")) {
     if (!p->is_object()) throw format_error(name + ": \"eval_config\" must be an object mapping modules to configurations");
     for (auto it = p->begin(); it != p->end(); ++it) {

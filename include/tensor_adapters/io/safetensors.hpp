@@ -496,7 +496,8 @@ class safetensors_file {
       const std::string& key = it.key();
       const auto& value = it.value();
       if (key == "__metadata__") {
-        if (!value.is_object()) detail::fail(name_, "__metadata__ is not a JSON object");
+        if (value.is_null()) continue;  // an absent map, as the format's reference reader takes it
+        if (!value.is_object()) detail::fail(name_, "__metadata__ is not a JSON object or null");
         for (auto m = value.begin(); m != value.end(); ++m) {
           if (!m.value().is_string())
             detail::fail(name_, "__metadata__ entry \"" + m.key() + "\" is not a string");

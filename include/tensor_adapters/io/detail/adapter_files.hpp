@@ -260,6 +260,8 @@ inline void parse_target_modules(const nlohmann::ordered_json& j, const std::str
     if (regex.empty()) throw format_error(name + ": \"target_modules\" is an empty string");
     if (regex != "all-linear") compile_pattern(regex, name + " target_modules");
   } else if (p->is_array()) {
+    // PEFT finds no module for an empty list and refuses it; reading it as "no list" would select all.
+    if (p->empty()) throw format_error(name + ": \"target_modules\" is an empty list");
     for (const auto& t : *p) {
       if (!t.is_string()) throw format_error(name + ": \"target_modules\" holds " + json_excerpt(t) + ", not a string");
       list.push_back(t.get<std::string>());
