@@ -6,6 +6,7 @@
 #include <tensor_adapters/flora.hpp>
 
 #include "flora_test_support.hpp"
+#include "zero_scale.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -693,6 +694,54 @@ TEMPLATE_TEST_CASE("FLoRA: NaN or Inf in any factor, the core, the scale or the 
     CHECK_THROWS_AS(ta::safe_merge(a, bad_w), ta::argument_error);
     CHECK(bit_identical<T>(bad_w, before));
   }
+}
+
+namespace {
+
+// With a NaN in the core, scale 0: ΔW, the merge and every gradient are 0 · (their value at scale 1),
+// on both plans; safe_merge throws.
+template <class T, int N>
+void check_zero_scale(const ta::shape<N>& weight, const ta::shape<N>& ranks, std::uint64_t seed) {
+  using ta::detail::flora_plan;
+  using zero_scale::plus_zero_times;
+  using zero_scale::same_or_both_nan;
+  INFO("weight " << ta::detail::dims_string(weight, N) << " ranks " << ta::detail::dims_string(ranks, N));
+  auto one = random_flora<T, N>(weight, ranks, 1.0, seed);
+  one.G.data()[1] = std::numeric_limits<T>::quiet_NaN();
+  auto off = one;
+  off.scale = T(0);
+  const auto w = random_tensor<T, N>(weight, seed + 1), gw = random_tensor<T, N>(weight, seed + 2);
+  ta::tensor<T, N> none(weight);
+  none.setZero();
+  ta::flora_weight_workspace<T, N> ws;
+  for (auto plan : {flora_plan::chain, flora_plan::channel}) {
+    ta::tensor<T, N> dw_one(weight), dw_off(weight), merged = w;
+    ta::detail::expand<T, N>(one, one.scale, T(0), ta::writable_view(dw_one), ws, plan);
+    ta::detail::expand<T, N>(off, off.scale, T(0), ta::writable_view(dw_off), ws, plan);
+    ta::detail::expand<T, N>(off, off.scale, T(1), ta::writable_view(merged), ws, plan);
+    CHECK(zero_scale::has_nan(dw_off));
+    CHECK(same_or_both_nan(dw_off, plus_zero_times(none, dw_one)));
+    CHECK(same_or_both_nan(merged, plus_zero_times(w, dw_one)));
+    ta::flora<T, N> g_one, g_off;
+    ta::detail::vjp<T, N>(one, ta::view(gw), g_one, ws, plan);
+    ta::detail::vjp<T, N>(off, ta::view(gw), g_off, ws, plan);
+    ta::for_each_parameter(g_off, g_one, [&](const char* name, auto& got, const auto& at_one) {
+      INFO(name);
+      auto zero = at_one;
+      zero.setZero();
+      CHECK(same_or_both_nan(got, plus_zero_times(zero, at_one)));
+    });
+  }
+  ta::tensor<T, N> target = w;
+  CHECK_THROWS_WITH(ta::safe_merge(off, target), Catch::Contains("non-finite"));
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("FLoRA: a scale of 0 still multiplies, so NaN in the core gives NaN, on both plans",
+                   "[flora][edge]", float, double) {
+  check_zero_scale<TestType, 2>({11, 14}, {4, 6}, 171);
+  check_zero_scale<TestType, 4>({12, 8, 3, 3}, {4, 2, 2, 3}, 172);
 }
 
 TEMPLATE_TEST_CASE("FLoRA merges near the largest and the subnormal values of T", "[flora][edge]", float, double) {

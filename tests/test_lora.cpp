@@ -2,6 +2,7 @@
 // safe_merge atomicity, PEFT's initialisation, parameter visiting, no allocation on the hot path, and
 // every bad-input path. PyTorch references are compared in test_lora_pytorch.cpp.
 #include "allocation_counter.hpp"
+#include "zero_scale.hpp"
 
 #include <tensor_adapters/lora.hpp>
 
@@ -519,6 +520,52 @@ TEMPLATE_TEST_CASE("NaN or Inf anywhere in the adapter or the weight is caught b
     ta::tensor<T, 2> target = bad_w;
     CHECK_THROWS_AS(ta::safe_merge(a, target), ta::argument_error);
     CHECK(same_bits(target, bad_w));
+  }
+}
+
+TEMPLATE_TEST_CASE("a scale of 0 still multiplies: NaN or Inf in the factors gives NaN, merged as unmerged",
+                   "[lora][edge]", float, double) {
+  using T = TestType;
+  using zero_scale::plus_zero_times;
+  using zero_scale::same_or_both_nan;
+  std::mt19937_64 gen(17);
+  // 40 rows and 20 columns take the packed kernel; 40 × 3 (a narrow product) the dot-product kernels.
+  for (const ta::index fan_in : {ta::index(20), ta::index(3)}) {
+    ta::lora<T> one = trained_lora<T>(40, fan_in, 2, gen);
+    one.scale = T(1);
+    one.B(1, 0) = std::numeric_limits<T>::quiet_NaN();
+    one.A(1, 2) = std::numeric_limits<T>::infinity();
+    ta::lora<T> off = one;
+    off.scale = T(0);
+    ta::tensor<T, 2> w(40, fan_in), x(5, fan_in), gw(40, fan_in), none(40, fan_in);
+    ta::fill_normal(w, 0, 1, gen);
+    ta::fill_normal(x, 0, 1, gen);
+    ta::fill_normal(gw, 0, 1, gen);
+    none.setZero();
+    INFO("fan-in " << fan_in);
+
+    const ta::tensor<T, 2> dw = ta::delta_weight(off);
+    CHECK(zero_scale::has_nan(dw));
+    CHECK(same_or_both_nan(dw, plus_zero_times(none, ta::delta_weight(one))));
+    ta::tensor<T, 2> merged = w;
+    ta::merge(off, merged);
+    CHECK(same_or_both_nan(merged, plus_zero_times(w, ta::delta_weight(one))));
+    ta::tensor<T, 2> unmerged = w;
+    ta::unmerge(off, unmerged);
+    CHECK(same_or_both_nan(unmerged, merged));
+    ta::tensor<T, 2> target = w;
+    CHECK_THROWS_WITH(ta::safe_merge(off, target), Catch::Contains("non-finite"));
+    // The merged weight's forward has NaN where the adapter's forward has.
+    const ta::lora<T> zero = ta::zeros_like(off);
+    const ta::tensor<T, 2> y = ta::forward(off, x, w), y_merged = ta::forward(zero, x, merged);
+    for (ta::index e = 0; e < y.size(); ++e) CHECK(std::isnan(y.data()[e]) == std::isnan(y_merged.data()[e]));
+
+    ta::lora<T> g_off, g_one;
+    ta::delta_weight_vjp<T, 2>(off, ta::view(gw), g_off);
+    ta::delta_weight_vjp<T, 2>(one, ta::view(gw), g_one);
+    CHECK(zero_scale::has_nan(g_off.A));
+    CHECK(same_or_both_nan(g_off.A, plus_zero_times(ta::zeros_like(g_one).A, g_one.A)));
+    CHECK(same_or_both_nan(g_off.B, plus_zero_times(ta::zeros_like(g_one).B, g_one.B)));
   }
 }
 

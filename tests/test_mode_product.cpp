@@ -243,8 +243,8 @@ TEMPLATE_TEST_CASE("mode_inner_product of a last mode, of an empty sum, and with
   }
 }
 
-TEMPLATE_TEST_CASE("a mode product over an empty extent or with alpha 0 is beta · y on every path", "[mode_product]",
-                   float, double) {
+TEMPLATE_TEST_CASE("a mode product over an empty extent is beta · y, with alpha 0 still a product, on every path",
+                   "[mode_product]", float, double) {
   using T = TestType;
   struct product_case {
     ta::shape<3> dims;
@@ -253,30 +253,34 @@ TEMPLATE_TEST_CASE("a mode product over an empty extent or with alpha 0 is beta 
   };
   // The shapes of every kernel behind mode_product: a tiny trailing extent folded into a narrow product
   // (64, I, 3), short rows (4, I, 5), J along the lanes (4, I ≥ 64, 5), streamed rows (4, I, 1100), the
-  // packed product of a middle mode, and a last mode; each with its contracted extent 0 and then with
-  // alpha 0. (mode_product_kernel answers both before it picks a kernel; these shapes keep the answer
-  // checked on every path should that ever move into the kernels.)
+  // packed product of a middle mode, and a last mode; each with its contracted extent 0 (x, u not read)
+  // and with alpha 0, which multiplies the product as any factor does: 0 · inf is NaN, as in PyTorch's
+  // alpha * (x ×n u), and 0 · a finite product adds nothing to beta · y.
   const product_case cases[] = {{{64, 3, 3}, 1, 2},  {{4, 3, 5}, 1, 2},   {{4, 64, 5}, 1, 29},
                                 {{4, 3, 1100}, 1, 4}, {{3, 40, 64}, 1, 29}, {{5, 7, 6}, 2, 3}};
+  const T inf = std::numeric_limits<T>::infinity(), nan = std::numeric_limits<T>::quiet_NaN();
   for (const product_case& pc : cases) {
     for (const bool empty : {true, false}) {
       ta::shape<3> dims = pc.dims;
       if (empty) dims[std::size_t(pc.mode)] = 0;
       INFO("x " << td::dims_string(dims, 3) << " mode " << pc.mode << " J " << pc.j);
       ta::tensor<T, 3> x(dims);
-      x.setConstant(std::numeric_limits<T>::infinity());  // 0 · inf would be NaN: x must not be read
       ta::tensor<T, 2> u(pc.j, dims[std::size_t(pc.mode)]);
       u.setConstant(T(1));
       ta::shape<3> ydims = dims;
       ydims[std::size_t(pc.mode)] = pc.j;
       ta::tensor<T, 3> y(ydims);
       const T alpha = empty ? T(1) : T(0);
-      y.setConstant(T(1.5));
-      ta::mode_product<T, 3>(ta::view(x), u, pc.mode, ta::writable_view(y), alpha, T(2));
-      for (ta::index e = 0; e < y.size(); ++e) REQUIRE(y.data()[e] == T(3));
-      y.setConstant(std::numeric_limits<T>::quiet_NaN());
-      ta::mode_product<T, 3>(ta::view(x), u, pc.mode, ta::writable_view(y), alpha, T(0));
-      for (ta::index e = 0; e < y.size(); ++e) REQUIRE(y.data()[e] == T(0));
+      for (const T value : {T(-0.5), inf}) {
+        x.setConstant(value);
+        const bool poisoned = !empty && value == inf;  // some term of every sum is 0 · inf
+        y.setConstant(T(1.5));
+        ta::mode_product<T, 3>(ta::view(x), u, pc.mode, ta::writable_view(y), alpha, T(2));
+        for (ta::index e = 0; e < y.size(); ++e) REQUIRE((poisoned ? std::isnan(y.data()[e]) : y.data()[e] == T(3)));
+        y.setConstant(nan);
+        ta::mode_product<T, 3>(ta::view(x), u, pc.mode, ta::writable_view(y), alpha, T(0));
+        for (ta::index e = 0; e < y.size(); ++e) REQUIRE((poisoned ? std::isnan(y.data()[e]) : y.data()[e] == T(0)));
+      }
     }
   }
   // Nothing to write: an empty y (P = 0 or J = 0).

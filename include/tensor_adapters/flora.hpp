@@ -7,7 +7,8 @@
 // (out, in), a conv weight (out, in/groups, k…). Grouped and depthwise convolutions are adapted as the
 // tensor they are. The adapter holds the core G (r0, …, r(N-1)) and the factors U_n (I_n, r_n), with
 // 1 ≤ r_n ≤ I_n, and a fixed scale (the official ConvNeXt example uses 4.0). For N = 2,
-// ΔW = scale · U0 · G · U1ᵀ.
+// ΔW = scale · U0 · G · U1ᵀ. The scale multiplies like any factor: with a scale of 0, a NaN or an
+// infinity in G or a factor still gives NaN, in ΔW, the merges and the gradients as in the forward.
 //
 // Weight space (any N):             delta_weight, delta_weight_vjp, merge, unmerge, safe_merge.
 // Activation space (linear, N = 2): forward, backward — ΔW is never materialised.

@@ -3,7 +3,8 @@
 // A weight W0 of shape (O, I1, …, Ik) has fan-in F = I1·…·Ik (for a linear layer F = I). The adapter
 // holds A (r, F) = PEFT's lora_A.weight and B (O, r) = lora_B.weight; a conv layer's lora_A.weight
 // (r, in, kh, kw) and lora_B.weight (O, r, 1, 1) are the same bytes. scale is lora_alpha / r, or
-// lora_alpha / sqrt(r) with rsLoRA.
+// lora_alpha / sqrt(r) with rsLoRA. The scale multiplies like any factor, as in PEFT's
+// (B @ A) * scaling: with a scale of 0, a NaN or an infinity in A or B still gives NaN.
 //
 // Weight space (any weight rank ≥ 2):  delta_weight, delta_weight_vjp, merge, unmerge, safe_merge.
 // Activation space (linear layers):    forward, backward — ΔW is never materialised.

@@ -66,8 +66,8 @@ template <class T, class Isa = native_isa>
 void mode_product_kernel(const T* x, index p, index i, index q, const T* u, bool transposed, index j, T alpha,
                          T beta, T* y) {
   if (p <= 0 || j <= 0 || q <= 0) return;
-  if (i <= 0 || alpha == T(0)) {
-    // An empty sum, or none wanted: y = beta · y, x and u not read (as every matrix product here does).
+  if (i <= 0) {
+    // An empty sum: y = beta · y, x and u not read.
     scale_matrix<T>(p, j * q, beta, grouped_matrix<T>{y, j * q, j * q, 0, 1});
     return;
   }
@@ -131,8 +131,9 @@ void mode_product(const_tensor_view<T, N> x, const T* u, index u_rows, index u_c
 
 // y = alpha · (x ×mode u) + beta · y.
 //   x: (I0, …, I(N-1)), u: (J, I_mode), y: x's shape with J in place of I_mode.
-// With beta == 0, y's old contents are ignored; with alpha == 0 or I_mode == 0, x and u are not read
-// (y = beta · y). Throws argument_error, before writing, if the mode is out of range, a shape does not
+// With beta == 0, y's old contents are ignored. alpha is an ordinary factor: with alpha == 0 a NaN or
+// an infinity in x or u still gives NaN (0 · NaN), as alpha · (x ×mode u) does in PyTorch (BLAS and
+// torch.addmm skip the product instead). With I_mode == 0, an empty sum, x and u are not read (y = beta · y). Throws argument_error, before writing, if the mode is out of range, a shape does not
 // fit, or an extent is negative or the product of x's or y's nonzero extents overflows an index.
 template <class T, int N>
 void mode_product(const_tensor_view<T, N> x, nondeduced<const_tensor_view<T, 2>> u, int mode,
@@ -155,7 +156,7 @@ void mode_product_transposed(const_tensor_view<T, N> x, nondeduced<const_tensor_
 //   i.e. out[a, b] = Σ x[i0 … a … i(N-1)] · y[i0 … b … i(N-1)].
 // x and y agree on every extent but that of mode n (Jx and Jy). This is the gradient of a mode-n
 // factor: for z = x ×n u, ∂L/∂u = mode_inner_product(∂L/∂z, x, n). With beta == 0, out's old contents
-// are ignored; with alpha == 0 or an empty sum, out = beta · out. out must not overlap x or y. Throws
+// are ignored; alpha is an ordinary factor (as in mode_product); with an empty sum, out = beta · out. out must not overlap x or y. Throws
 // argument_error, before writing, if the mode is out of range, a shape does not fit, or an extent is
 // negative or the product of a tensor's nonzero extents overflows an index.
 template <class T, int N>

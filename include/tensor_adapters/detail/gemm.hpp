@@ -4,7 +4,9 @@
 //
 // All matrices are row-major with a leading dimension (the distance between rows). op(A) is A (m, k)
 // or, with trans_a, the transpose of A stored as (k, m); likewise op(B) is B (k, n) or Bᵀ stored as
-// (n, k). With beta == 0 the old contents of C are ignored (they may be uninitialised or NaN). `hooks`
+// (n, k). With beta == 0 the old contents of C are ignored (they may be uninitialised or NaN); alpha is
+// an ordinary factor (alpha = 0 still forms the product, so 0 · NaN gives NaN, as an adapter's scale
+// does in PEFT's (B @ A) * scaling); only k = 0 skips A and B. `hooks`
 // may rewrite op(B) block by block as it is packed, in panels gemm_panel_width<T> wide, and C tile by
 // tile as it is finished (gemm_hooks, gemm_kernel.hpp).
 //

@@ -28,7 +28,7 @@
 //
 // Cases of the plain-layout entry (the grouped entry, for middle modes, has all but the narrow one):
 //   m = 0 or n = 0                      nothing to do
-//   k = 0 or alpha = 0                  C = beta·C
+//   k = 0 (an empty sum)                C = beta·C (alpha = 0 is not special: 0 · NaN in A · B is NaN)
 //   plain A, n ≤ 16, m ≥ 2n             gemm_narrow: dot products along k, or registers per row of
 //                                       C (a short k, or 3/4 width < n ≤ width); A streamed once
 //   transposed A, n ≤ 16, m ≥ 2n, small gemm_narrow_transposed: rows of C as vectors, A read once
@@ -88,7 +88,7 @@ struct grouped_matrix {
 //             rewrite the block in place, and the product uses what it wrote. Each thread edits the
 //             panels it packs (with several threads, a block of B may be packed by more than one).
 //   finish_c: once a tile of C, rows [r0, r0 + mr) and columns [c0, c0 + nc), holds its final value
-//             (also when k = 0 or alpha = 0: then once, for all of C), it may read or rewrite the tile,
+//             (also when k = 0: then once, for all of C), it may read or rewrite the tile,
 //             c pointing at C(r0, c0) with rows ldc apart. Rows and columns are the whole product's. For
 //             a plain row-major C only (one group of contiguous columns).
 // A hook must not itself call gemm or mode_product for the same T on the same thread: the product in
@@ -586,7 +586,7 @@ template <class T, class Isa>
 void gemm_packed(index m, index n, index k, T alpha, const strided_matrix<T>& a, const grouped_matrix<const T>& b,
                  T beta, const grouped_matrix<T>& c, const gemm_hooks<T>& hooks = {}) {
   if (m <= 0 || n <= 0) return;
-  if (k <= 0 || alpha == T(0)) {
+  if (k <= 0) {
     scale_matrix<T>(m, n, beta, c);
     if (hooks.finish_c != nullptr) hooks.finish_c(hooks.context, 0, m, 0, n, c.data, c.rs);
     return;
@@ -1153,7 +1153,7 @@ template <class T, class Isa>
 void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha, const T* a, index lda, const T* b,
                  index ldb, T beta, T* c, index ldc, const gemm_hooks<T>& hooks = {}) {
   const bool hooked = hooks.edit_b != nullptr || hooks.finish_c != nullptr;
-  const bool narrow = !hooked && n >= 1 && n <= 16 && m >= 2 * n && k > 0 && alpha != T(0);
+  const bool narrow = !hooked && n >= 1 && n <= 16 && m >= 2 * n && k > 0;
   if (narrow && !trans_a) {
     gemm_narrow<T, Isa>(m, n, k, alpha, a, lda, trans_b, b, ldb, beta, c, ldc);
     return;
