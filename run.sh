@@ -15,15 +15,22 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+usage() {
+  sed -n '2,14p' "$0"
+  exit 2
+}
 case "${1:-} ${2:-}" in
   "demo "|"test "|"test --sanitize"|"bench "*|"report "*|"fuzz "*) ;;
-  *)
-    sed -n '2,14p' "$0"
-    exit 2
-    ;;
+  *) usage ;;
 esac
 case "${1}" in
-  fuzz) [[ "${2:-60}" =~ ^[0-9]+$ ]] || { echo "run.sh: fuzz takes a number of seconds, not '${2}'"; exit 2; } ;;
+  demo | test | bench) [ $# -le 2 ] || usage ;;
+  fuzz)
+    [ $# -le 2 ] || usage
+    # Decimal, without a leading zero (which the shell's arithmetic would read as octal), at most a day.
+    [[ "${2:-60}" =~ ^[1-9][0-9]{0,4}$ ]] && [ "${2:-60}" -le 86400 ] ||
+      { echo "run.sh: fuzz takes a number of seconds from 1 to 86400, not '${2}'"; exit 2; }
+    ;;
 esac
 
 packages=(g++ cmake make libeigen3-dev catch2 libbenchmark-dev libomp-dev nlohmann-json3-dev clang libclang-rt-14-dev)

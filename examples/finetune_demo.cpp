@@ -40,7 +40,7 @@
 // Options:  --quick      small sizes (the ctest example_finetune_demo runs this);
 //           --seed N     seeds data and initialisation (default 2026);
 //           --threads N  threads for Eigen's products, 1 to 1024 (default 1).
-// A malformed option prints the usage and exits with 2.
+// A malformed option prints the usage and exits with 2; --help prints it on stdout and exits with 0.
 #include <tensor_adapters/glora_search.hpp>
 #include <tensor_adapters/tensor_adapters.hpp>
 
@@ -748,8 +748,9 @@ int main(int argc, char** argv) {
       threads = number;
       ++i;
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--seed N] [--threads N]\n", argv[0]);
-      return 2;
+      const bool asked = std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0;
+      std::fprintf(asked ? stdout : stderr, "usage: %s [--quick] [--seed N] [--threads N]\n", argv[0]);
+      return asked ? 0 : 2;
     }
   }
   // The network's products are small (at most 64 x 144 by 144 x 2304): threads gain little on them and

@@ -161,8 +161,9 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--quick]\n", argv[0]);
-      return 2;
+      const bool asked = std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0;
+      std::fprintf(asked ? stdout : stderr, "usage: %s [--quick]\n", argv[0]);
+      return asked ? 0 : 2;
     }
   }
   const auto t0 = std::chrono::steady_clock::now();

@@ -2,6 +2,7 @@
 // "[guide: <name>]" comment line to a "[guide end]" one appears word for word as a ```cpp block of the guide
 // (tests/guide_examples.cmake checks it), so the guide's code always builds and always does what
 // the guide says. Each example returns the largest error it checks; main fails if one is too big.
+// [guide: setup]
 #include <tensor_adapters/tensor_adapters.hpp>
 
 #include <algorithm>
@@ -12,10 +13,12 @@
 
 namespace ta = tensor_adapters;
 
+// The largest |value| of a tensor expression, which the examples return as their error.
 template <class Expression>
 double max_abs(const Expression& e) {
   return ta::tensor<double, 0>(e.abs().maximum())();
 }
+// [guide end]
 
 // [guide: lora]
 // A LoRA adapter on a linear layer: forward, backward, merge.

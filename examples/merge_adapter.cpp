@@ -22,7 +22,7 @@
 // dtype). The output file is written beside its path and renamed over it once complete, so a failed write
 // leaves an existing file, the base itself included, as it was. Each problem is reported on its own line
 // naming the tensor. One progress line per tensor goes to stdout. Exit status: 0 on success, 1 on a
-// problem with the files, 2 on bad usage.
+// problem with the files, 2 on bad usage (0 for --help, which prints the usage on stdout).
 #include <tensor_adapters/io/flora_file.hpp>
 #include <tensor_adapters/io/glora_file.hpp>
 #include <tensor_adapters/io/peft.hpp>
@@ -45,11 +45,15 @@ namespace io = tensor_adapters::io;
 
 namespace {
 
-int usage() {
-  std::fprintf(stderr,
+// The usage line, with what was wrong (if anything) before it: on stderr with status 2, or for --help
+// on stdout with status 0.
+int usage(const std::string& problem = std::string(), bool asked = false) {
+  std::FILE* to = asked ? stdout : stderr;
+  if (!problem.empty()) std::fprintf(to, "merge_adapter: %s\n", problem.c_str());
+  std::fprintf(to,
                "usage: merge_adapter <base.safetensors> <adapter directory> <merged.safetensors> "
                "[--dtype same|F64|F32|F16|BF16]\n");
-  return 2;
+  return asked ? 0 : 2;
 }
 
 std::string shape_text(const std::vector<ta::index>& s) {
@@ -207,15 +211,17 @@ adapter_plan plan_glora(const std::string& directory) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 2 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) return usage("", true);
   if (argc != 4 && argc != 6) return usage();
   const std::string base_path = argv[1], adapter_dir = argv[2], out_path = argv[3];
   bool same_dtype = true;
   io::dtype out_type = io::dtype::F32;
   if (argc == 6) {
     const std::string flag = argv[4], value = argv[5];
-    if (flag != "--dtype") return usage();
+    if (flag != "--dtype") return usage("unknown option \"" + flag + "\"");
     if (value != "same") {
-      if (!io::parse_dtype(value, out_type) || !io::is_floating(out_type)) return usage();
+      if (!io::parse_dtype(value, out_type) || !io::is_floating(out_type))
+        return usage("--dtype takes same, F64, F32, F16 or BF16, not \"" + value + "\"");
       same_dtype = false;
     }
   }

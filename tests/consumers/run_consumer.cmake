@@ -32,4 +32,8 @@ if(MODE STREQUAL "add_subdirectory")
   if(installed)
     message(FATAL_ERROR "the parent project's install copied tensor_adapters files: ${installed}")
   endif()
+  # A parent that exports its own target linking tensor_adapters generates (CMake needs our target in
+  # an export set, which TENSOR_ADAPTERS_INSTALL=ON gives).
+  run(${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/consumers/add_subdirectory -B ${work}/build_exports ${consumer_flags}
+      -DTENSOR_ADAPTERS_SOURCE_DIR=${SOURCE_DIR} -DCONSUMER_EXPORTS=ON)
 endif()
