@@ -9,8 +9,9 @@
 // kernel addresses in place (p·I·Q + q), so a middle mode is as fast as the first and the packing of
 // u is shared by all P slices. A small output extent of the last mode (J ≤ 16, P ≥ 2J) takes the kernel's
 // dot-product path, which streams x once without packing it; a tiny trailing extent (Q < 8, such as
-// a conv kernel's 3×3, with I·Q ≤ 64, J·Q ≤ 16 and at least 64 slices P) is folded into such a
-// product with op(u) ⊗ 1_Q; any other trailing extent narrower than two registers with J ≤ 16 runs
+// a conv kernel's 3×3, with I·Q ≤ 64, J·Q ≤ 16 and two registers, and at least 64 slices P) is folded
+// into such a product with op(u) ⊗ 1_Q, each x value entering only the lanes of the outputs it
+// feeds (so an Inf or NaN in x reaches those alone, as in the plain sum); any other trailing extent narrower than two registers with J ≤ 16 runs
 // slice by slice with each row x_p[i, :] in registers (short_rows_product), also streaming x once;
 // with a wider J, a trailing extent of 2 to 12 and a contraction I of at least four registers runs
 // slice by slice with J along the vector lanes (short_columns_product). A J ≤ 8 with a trailing
@@ -27,6 +28,7 @@
 // Eigen's TensorMap always is); y must not overlap x or u.
 #pragma once
 
+#include <algorithm>
 #include <string>
 
 #include "detail/check.hpp"
@@ -77,35 +79,34 @@ void mode_product_kernel(const T* x, index p, index i, index q, const T* u, bool
     gemm_packed<T, Isa>(false, !transposed, p, j, i, alpha, x, i, u, ldu, beta, y, j);
     return;
   }
-  if (q < 8 && i * q <= 64 && j * q <= 16 && p >= 64) {
-    // A tiny trailing extent (a conv kernel's 3×3) with small I and J: each slice x_p (I·Q) maps to
-    // y_p (J·Q) by the small matrix K = op(u) ⊗ 1_Q, K[(a, t), (b, s)] = op(u)[a, b]·[t = s], so the
-    // whole product is the narrow y (P, J·Q) = x (P, I·Q)·Kᵀ, which streams x once.
-    const index jq = j * q, iq = i * q;
-    T* kron = gemm_buffers<T, Isa>::local().a.get(jq * iq);
-    for (index a = 0; a < j; ++a)
-      for (index t = 0; t < q; ++t)
-        for (index b = 0; b < i; ++b)
-          for (index s = 0; s < q; ++s)
-            kron[(a * q + t) * iq + b * q + s] = s == t ? (transposed ? u[b * ldu + a] : u[a * ldu + b]) : T(0);
-    gemm_narrow<T, Isa>(p, jq, iq, alpha, x, iq, true, kron, iq, beta, y, jq);
-    return;
+  constexpr int W = simd<T, Isa>::width;
+  if constexpr (W > 1) {
+    if (q < 8 && i * q <= 64 && j * q <= std::min<index>(16, 2 * W) && p >= 64) {
+      // A tiny trailing extent (a conv kernel's 3×3) with small I and J: y (P, J·Q) = x (P, I·Q)·Kᵀ
+      // with K = op(u) ⊗ 1_Q, one narrow product that streams x once (see kron_rows_product).
+      const index u_rs = transposed ? 1 : ldu, u_cs = transposed ? ldu : 1;
+      if (j * q <= W)
+        kron_rows_product<T, Isa, 1>(p, i, q, x, u, u_rs, u_cs, j, alpha, beta, y);
+      else
+        kron_rows_product<T, Isa, 2>(p, i, q, x, u, u_rs, u_cs, j, alpha, beta, y);
+      return;
+    }
   }
-  if ((q < 2 * simd<T, Isa>::width && j <= 16) || (j <= 8 && q < stream_rows_block<T> && simd<T, Isa>::width > 1)) {
+  if ((q < 2 * W && j <= 16) || (j <= 8 && q < stream_rows_block<T> && W > 1)) {
     // A trailing extent of at most two registers (a conv kernel's 3×3 = 9 in mode 1) and a small J: slice
     // by slice, one row of x in one or two registers, x read once in place (see short_rows_product). So
     // too, in strips of two registers, rows shorter than the streaming kernel's block with J ≤ 8.
     short_rows_product<T, Isa>(p, i, q, x, u, transposed ? 1 : ldu, transposed ? ldu : 1, j, alpha, beta, y);
     return;
   }
-  if (q >= 2 && q <= 12 && simd<T, Isa>::width > 1 && i >= 4 * simd<T, Isa>::width) {
+  if (q >= 2 && q <= 12 && W > 1 && i >= 4 * W) {
     // The same short trailing extent with a wide J: J along the lanes instead (see short_columns_product).
     // Its tile is written element by element, which a long contraction (I ≥ 4 registers) amortizes;
     // FLoRA's VJP at ranks 16 (I = 16, J = 256) ran 13 % slower through it than through the GEMM.
     short_columns_product<T, Isa>(p, i, q, x, u, transposed ? 1 : ldu, transposed ? ldu : 1, j, alpha, beta, y);
     return;
   }
-  if (j <= 8 && q >= stream_rows_block<T> && simd<T, Isa>::width > 1) {
+  if (j <= 8 && q >= stream_rows_block<T> && W > 1) {
     // A small J (memory-bound) with a trailing extent of at least one column block (2 KB): x streamed
     // once, y built in L1 tiles (see stream_rows_product). With shorter rows (256³'s middle mode, rows
     // of 1 KB) the tile's stores alias the loads of x 4 KB apart; those take the strips above.
@@ -180,9 +181,10 @@ void mode_inner_product(const_tensor_view<T, N> x, nondeduced<const_tensor_view<
   index p = 1, q = 1;
   for (int d = 0; d < mode; ++d) p *= x.dimension(d);
   for (int d = mode + 1; d < N; ++d) q *= x.dimension(d);
-  if (q == 1 || p == 0) {
-    // out (Jx, Jy) = x (P, Jx)ᵀ · y (P, Jy) (with P = 0 an empty sum: out = beta · out)
-    detail::gemm<T>(true, false, jx, jy, p, alpha, x.data(), jx, y.data(), jy, beta, out.data(), jy);
+  if (q == 1 || p == 0 || q == 0) {
+    // out (Jx, Jy) = x (P, Jx)ᵀ · y (P, Jy); with P = 0 or Q = 0 an empty sum, out = beta · out, at once
+    // (not once per slice)
+    detail::gemm<T>(true, false, jx, jy, q == 0 ? 0 : p, alpha, x.data(), jx, y.data(), jy, beta, out.data(), jy);
     return;
   }
   for (index s = 0; s < p; ++s)

@@ -718,10 +718,13 @@ void dot_columns(index m, index n, index k, T alpha, const T* a, index lda, cons
 }
 
 // R rows of C from R rows of A: each row of C NV registers, accumulating A[r, p] · op(B)[p, :] over the
-// k steps; bp holds op(B) as k rows of NV registers each, zero past n (n > (NV − 1)·width).
-template <class T, class Isa, int R, int NV>
-inline void register_rows_block(index n, index k, T alpha, const T* a, index lda, const T* bp, T beta, T* c,
-                                index ldc) {
+// k steps; bp holds op(B) as k rows of NV registers each, zero past n (n > (NV − 1)·width). With
+// Masked, mp holds a lane mask per entry of bp (simd::load_lanes) and A[r, p] enters only the lanes it
+// keeps (simd::fma_kept): the others add nothing, not 0 · A[r, p], which is NaN for an infinite or NaN
+// A[r, p].
+template <class T, class Isa, int R, int NV, bool Masked = false>
+inline void register_rows_block(index n, index k, T alpha, const T* a, index lda, const T* bp, const T* mp, T beta,
+                                T* c, index ldc) {
   using S = simd<T, Isa>;
   using reg = typename S::reg;
   constexpr int W = S::width;
@@ -732,13 +735,22 @@ inline void register_rows_block(index n, index k, T alpha, const T* a, index lda
     for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
   for (index p = 0; p < k; ++p) {
     reg b[NV];
+    typename S::lanes mask[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = S::load(bp + (p * NV + v) * W);
+    for (int v = 0; v < NV; ++v) {
+      b[v] = S::load(bp + (p * NV + v) * W);
+      if constexpr (Masked) mask[v] = S::load_lanes(mp + (p * NV + v) * W);
+    }
 #pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
       const reg ar = S::broadcast(a[r * lda + p]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = S::fma(ar, b[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) {
+        if constexpr (Masked)
+          acc[r][v] = S::fma_kept(ar, b[v], acc[r][v], mask[v]);
+        else
+          acc[r][v] = S::fma(ar, b[v], acc[r][v]);
+      }
     }
   }
   const reg va = S::broadcast(alpha), vb = S::broadcast(beta);
@@ -748,35 +760,70 @@ inline void register_rows_block(index n, index k, T alpha, const T* a, index lda
     for (int v = 0; v < NV; ++v) store_scaled_first<S>(c + r * ldc + v * W, n - v * W, acc[r][v], va, vb, beta);
 }
 
-// Narrow products with a short k (a conv kernel mode's 3, or 3×3 = 9 through mode_product's Kronecker
-// fold), or whose rows of C each fill more than 3/4 of a register: the dot kernel would pay a sum
-// across lanes per element of C for a few steps of arithmetic (and, with 8 < n ≤ 16, read A twice and
-// 16 rows of B from L2 at every step); here each row of C is NV = ⌈n / width⌉ registers instead,
-// dot_acc / NV rows at a time (their rows of A read in place, side by side), op(B) packed once as k
-// rows of NV registers (zero past n) and taken in blocks of KC steps that stay in L1, C written once
-// per block.
-template <class T, class Isa, int NV>
-void register_rows_product(index m, index n, index k, T alpha, const T* a, index lda, bool trans_b, const T* b,
-                           index ldb, T beta, T* c, index ldc) {
+// C (m, n) = alpha · A (m, k) · op(B) + beta · C with op(B) packed in bp as k rows of NV registers
+// (zero past n) and, with Masked, lane masks in mp (see register_rows_block): dot_acc / NV rows at a
+// time, their rows of A read in place side by side, in blocks of KC steps that stay in L1, C written
+// once per block.
+template <class T, class Isa, int NV, bool Masked>
+void register_rows_packed(index m, index n, index k, T alpha, const T* a, index lda, const T* bp, const T* mp, T beta,
+                          T* c, index ldc) {
   constexpr int W = simd<T, Isa>::width, R = gemm_shape<T, Isa>::dot_acc / NV;
   constexpr index KC = gemm_shape<T, Isa>::kc;
-  assert(n > (NV - 1) * W && n <= NV * W);  // every register of a row holds at least one column
-  T* bp = gemm_buffers<T, Isa>::local().b.get(k * NV * W);
-  for (index p = 0; p < k; ++p)
-    for (index j = 0; j < NV * W; ++j) bp[p * NV * W + j] = j < n ? (trans_b ? b[j * ldb + p] : b[p * ldb + j]) : T(0);
   split_rows(m, gemm_threads(m, n, k * 8), [&](index begin, index end) {
     for (index pc = 0; pc < k; pc += KC) {
       const index kc = std::min(KC, k - pc);
       const T beta_k = pc == 0 ? beta : T(1);
       const T* ap = a + pc;
       const T* bk = bp + pc * NV * W;
+      const T* mk = Masked ? mp + pc * NV * W : nullptr;
       index r = begin;
       for (; r + R <= end; r += R)
-        register_rows_block<T, Isa, R, NV>(n, kc, alpha, ap + r * lda, lda, bk, beta_k, c + r * ldc, ldc);
+        register_rows_block<T, Isa, R, NV, Masked>(n, kc, alpha, ap + r * lda, lda, bk, mk, beta_k, c + r * ldc, ldc);
       for (; r < end; ++r)
-        register_rows_block<T, Isa, 1, NV>(n, kc, alpha, ap + r * lda, lda, bk, beta_k, c + r * ldc, ldc);
+        register_rows_block<T, Isa, 1, NV, Masked>(n, kc, alpha, ap + r * lda, lda, bk, mk, beta_k, c + r * ldc, ldc);
     }
   });
+}
+
+// Narrow products with a short k (a conv kernel mode's 3), or whose rows of C each fill more than 3/4
+// of a register: the dot kernel would pay a sum across lanes per element of C for a few steps of
+// arithmetic (and, with 8 < n ≤ 16, read A twice and 16 rows of B from L2 at every step); here each
+// row of C is NV = ⌈n / width⌉ registers instead (register_rows_packed), op(B) packed once.
+template <class T, class Isa, int NV>
+void register_rows_product(index m, index n, index k, T alpha, const T* a, index lda, bool trans_b, const T* b,
+                           index ldb, T beta, T* c, index ldc) {
+  constexpr int W = simd<T, Isa>::width;
+  assert(n > (NV - 1) * W && n <= NV * W);  // every register of a row holds at least one column
+  T* bp = gemm_buffers<T, Isa>::local().b.get(k * NV * W);
+  for (index p = 0; p < k; ++p)
+    for (index j = 0; j < NV * W; ++j) bp[p * NV * W + j] = j < n ? (trans_b ? b[j * ldb + p] : b[p * ldb + j]) : T(0);
+  register_rows_packed<T, Isa, NV, false>(m, n, k, alpha, a, lda, bp, nullptr, beta, c, ldc);
+}
+
+// A mode product with a tiny trailing extent Q, y_p (J, Q) = op(u) (J, I) · x_p (I, Q) for p < P, as
+// the narrow product y (P, J·Q) = x (P, I·Q) · Kᵀ with K = op(u) ⊗ 1_Q, K[(a, t), (b, s)] =
+// op(u)[a, b]·[t = s], which streams x once, each row of y in NV registers (J·Q ≤ NV·width). op(u) is
+// u[a·u_rs + b·u_cs]. Step (b, s) adds x_p[b, s] only to the lanes (a, s) where K is not zero by
+// construction, so an infinite or NaN x_p[b, s] reaches exactly the outputs that depend on it.
+template <class T, class Isa, int NV>
+void kron_rows_product(index p, index i, index q, const T* x, const T* u, index u_rs, index u_cs, index j, T alpha,
+                       T beta, T* y) {
+  constexpr int W = simd<T, Isa>::width;
+  const index iq = i * q, jq = j * q;
+  assert(jq > (NV - 1) * W && jq <= NV * W);
+  T* bp = gemm_buffers<T, Isa>::local().b.get(iq * NV * W);
+  T* mp = gemm_buffers<T, Isa>::local().a.get(iq * NV * W);
+  T ones;
+  std::memset(&ones, 0xFF, sizeof ones);
+  for (index b = 0; b < i; ++b)
+    for (index s = 0; s < q; ++s)
+      for (index lane = 0; lane < NV * W; ++lane) {
+        const index a = lane / q, t = lane % q, e = (b * q + s) * NV * W + lane;
+        const bool used = lane < jq && t == s;
+        bp[e] = used ? u[a * u_rs + b * u_cs] : T(0);
+        mp[e] = used ? ones : T(0);
+      }
+  register_rows_packed<T, Isa, NV, true>(p, jq, iq, alpha, x, iq, bp, mp, beta, y, jq);
 }
 
 // C (m, n) = alpha · A (m, k) · op(B) + beta · C for n ≤ 16, A row-major. op(B) = Bᵀ is used in
@@ -787,8 +834,7 @@ void register_rows_product(index m, index n, index k, T alpha, const T* a, index
 // register per row of C where k < width, or k < 2·width and n ≥ 3, or n > 3/4 width (1.3–2× faster
 // at n = 16 floats on AVX-512; k 20–31 floats with n 4–12 2–6×; with n 1 and 2 the dot kernel, its
 // tail masked, took 0.35–0.74× and 0.6–1.0× the time), with two where n ≤ 2·width and k < 4·width
-// (doubles with n 9–16: k 9–31 2–3.5×, among them a conv weight's mode 2 with J 3 folded to n = k =
-// 9), and with three or four where k < width (AVX2 doubles with n 9–16), so the dot kernel always has
+// (doubles with n 9–16: k 9–31 2–3.5×), and with three or four where k < width (AVX2 doubles with n 9–16), so the dot kernel always has
 // k ≥ width. (Interleaved, one thread, AVX-512, against the dot kernel.)
 template <class T, class Isa>
 void gemm_narrow(index m, index n, index k, T alpha, const T* a, index lda, bool trans_b, const T* b, index ldb,

@@ -9,6 +9,10 @@
 //   fma(a, b, c)                 a·b + c, fused where the instruction set has it
 //   mul(a, b), add(a, b)         a·b, a + b
 //   sum(v)                       the sum of v's lanes
+//   load_lanes(p)                a lane mask from `width` elements at p, each all ones (kept) or all
+//                                zeros (bits): a register, or on AVX-512 a mask register
+//   fma_kept(a, b, c, m)         a·b + c in the kept lanes, c in the others, whatever a holds there
+//                                (0 · Inf would be NaN)
 //
 //   vector_sum(p, n)             Σ p[0 .. n) on native_isa
 //
@@ -22,6 +26,10 @@
 #pragma once
 
 #include <Eigen/Core>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #if !defined(TA_FORCE_SCALAR) && (defined(__AVX2__) || defined(__AVX512F__))
 #include <immintrin.h>
@@ -55,6 +63,14 @@ struct simd<T, scalar_isa> {
   static reg mul(reg a, reg b) { return a * b; }
   static reg add(reg a, reg b) { return a + b; }
   static T sum(reg v) { return v; }
+  using lanes = reg;
+  static lanes load_lanes(const T* p) { return *p; }
+  static reg fma_kept(reg a, reg b, reg c, lanes mask) {
+    using bits = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+    bits m;
+    std::memcpy(&m, &mask, sizeof m);
+    return m != 0 ? a * b + c : c;
+  }
 };
 
 #if !defined(TA_FORCE_SCALAR) && defined(__AVX2__) && defined(__FMA__)
@@ -76,6 +92,9 @@ struct simd<float, avx2_isa> {
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  using lanes = reg;
+  static lanes load_lanes(const float* p) { return load(p); }
+  static reg fma_kept(reg a, reg b, reg c, lanes mask) { return fma(_mm256_and_ps(a, mask), b, c); }
   static float sum(reg v) {
     const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -98,6 +117,9 @@ struct simd<double, avx2_isa> {
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
   static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
   static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
+  using lanes = reg;
+  static lanes load_lanes(const double* p) { return load(p); }
+  static reg fma_kept(reg a, reg b, reg c, lanes mask) { return fma(_mm256_and_pd(a, mask), b, c); }
   static double sum(reg v) {
     const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
@@ -164,6 +186,11 @@ struct simd<float, avx512_isa> {
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  using lanes = __mmask16;  // a mask register
+  static lanes load_lanes(const float* p) {
+    return _mm512_test_epi32_mask(_mm512_castps_si512(load(p)), _mm512_castps_si512(load(p)));
+  }
+  static reg fma_kept(reg a, reg b, reg c, lanes mask) { return _mm512_mask3_fmadd_ps(a, b, c, mask); }
   static float sum(reg v) {  // (the maskz form: g++ 12 warns about the undefined lanes of the others)
     const __m512d d = _mm512_castps_pd(v);
     const __m256 low = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, d, 0));
@@ -185,6 +212,11 @@ struct simd<double, avx512_isa> {
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
   static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
   static reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
+  using lanes = __mmask8;
+  static lanes load_lanes(const double* p) {
+    return _mm512_test_epi64_mask(_mm512_castpd_si512(load(p)), _mm512_castpd_si512(load(p)));
+  }
+  static reg fma_kept(reg a, reg b, reg c, lanes mask) { return _mm512_mask3_fmadd_pd(a, b, c, mask); }
   static double sum(reg v) {
     const __m256d low = _mm512_maskz_extractf64x4_pd(0xF, v, 0), high = _mm512_maskz_extractf64x4_pd(0xF, v, 1);
     return simd<double, avx2_isa>::sum(_mm256_add_pd(low, high));
