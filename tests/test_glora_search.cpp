@@ -233,6 +233,21 @@ TEST_CASE("bad search input throws argument_error before any fitness call", "[gl
   // parameter_count checks each layer's R: one of 0 does not switch the rank check off.
   const auto config = ta::parse_glora_config("A=lora_100,B=lora_7,C=lora_50,D=none,E=none");
   CHECK_THROWS_AS(ta::parameter_count({config}, {ta::glora_layer_shape{4, 4, 0}}), ta::argument_error);
+  // Layers whose parameter counts do not fit an index, alone (2^62 × 2^62: the counts used to wrap,
+  // and the search returned an over-budget configuration) or added up: two layers of 2^30 × 2^30 at
+  // rank 2^30 count about 2^62.2 each.
+  const std::vector<ta::glora_layer_shape> huge{{ta::index(1) << 62, ta::index(1) << 62, 8}};
+  ta::glora_search_options tight = ok;
+  tight.parameter_budget = 10;
+  CHECK_THROWS_WITH(ta::evolutionary_search(huge, space, f, tight), Catch::Contains("beyond an index"));
+  const ta::index g = ta::index(1) << 30;
+  const std::vector<ta::glora_layer_shape> two(2, {g, g, g});
+  CHECK_THROWS_WITH(ta::evolutionary_search(two, ta::make_glora_space(g), f, ok),
+                    Catch::Contains("add up beyond an index"));
+  const auto lora_g = ta::glora_choice::lora(g);
+  const ta::glora_config dear{lora_g, lora_g, lora_g, ta::glora_choice::vector(), ta::glora_choice::vector()};
+  CHECK_THROWS_WITH(ta::parameter_count({dear, dear}, two), Catch::Contains("add up beyond an index"));
+  CHECK(ta::parameter_count({dear}, {two[0]}) > (ta::index(1) << 62));  // one layer still counts
   // An empty layer.
   std::vector<ta::glora_layer_shape> empty = layers;
   empty[2].in = 0;

@@ -65,6 +65,14 @@ TEST_CASE("adamw rejects gradients or parameters whose shapes changed, before up
   bigger.A.setZero();
   bigger.B.setZero();
   CHECK_THROWS_AS(opt.step(bigger, bigger), ta::argument_error);
+  // The same number of elements in other shapes (another layer, another rank) is refused as well: the
+  // moments belong to the elements of the shapes the optimizer was made for.
+  ta::lora<double> reshaped{ta::tensor<double, 2>(3, 2), ta::tensor<double, 2>(2, 4), 1.0};
+  reshaped.A.setZero();
+  reshaped.B.setZero();
+  CHECK_THROWS_WITH(opt.step(reshaped, reshaped),
+                    Catch::Contains("lora_A.weight (3, 2)") && Catch::Contains("made for (2, 3)"));
+  CHECK(opt.steps() == 0);
 }
 
 TEST_CASE("adamw rejects the options torch.optim.AdamW rejects", "[optim]") {

@@ -121,7 +121,7 @@ class glora_searcher {
     for (const auto* list : lists())
       TA_CHECK(list->size() <= 65535, fn, "the search space lists more than 65535 choices for a support tensor");
     cost_.resize(layers.size() * 5);
-    index cheapest = 0;
+    index cheapest = 0, most_parameters = 0;
     for (std::size_t l = 0; l < layers.size(); ++l) {
       const glora_layer_shape& s = layers[l];
       TA_CHECK(s.out >= 1 && s.in >= 1 && s.max_rank >= 1, fn,
@@ -130,6 +130,9 @@ class glora_searcher {
       TA_CHECK(s.max_rank <= std::min(s.out, s.in), fn,
                "layer " + std::to_string(l) + " (" + std::to_string(s.out) + ", " + std::to_string(s.in) +
                    ") has maximum rank R = " + std::to_string(s.max_rank) + ", above min(out, in)");
+      TA_CHECK(s.out <= (index(1) << 30) && s.in <= (index(1) << 30), fn,
+               "layer " + std::to_string(l) + " (" + std::to_string(s.out) + ", " + std::to_string(s.in) +
+                   ") has a parameter count beyond an index");
       TA_CHECK(max_rank_needed <= s.max_rank, fn,
                "the search space has lora rank " + std::to_string(max_rank_needed) + " but layer " +
                    std::to_string(l) + " (" + std::to_string(s.out) + ", " + std::to_string(s.in) +
@@ -141,6 +144,11 @@ class glora_searcher {
         std::vector<index>& c = cost_[l * 5 + std::size_t(t)];
         for (const auto& choice : *list) c.push_back(glora_choice_parameters(choice, rows, cols));
         cheapest += *std::min_element(c.begin(), c.end());
+        // Every candidate's count, a sum of one entry per list and layer, must fit an index.
+        const index dearest = *std::max_element(c.begin(), c.end());
+        TA_CHECK(dearest <= std::numeric_limits<index>::max() - most_parameters, fn,
+                 "the layers' parameter counts add up beyond an index (at layer " + std::to_string(l) + ")");
+        most_parameters += dearest;
         ++t;
       }
     }
@@ -277,8 +285,9 @@ class glora_searcher {
 // Throws argument_error, before any fitness call, if there are no layers, a layer is empty or its R is
 // above min(out, in), the space is not valid (an empty list, a repeated choice, an illegal kind such as
 // scalar for C) or holds a lora rank above some layer's maximum rank R, the options are out of range
-// (population, mutations and crossovers at most max(index) / 100), or no configuration set meets the
-// parameter budget; and during the search if the fitness returns NaN.
+// (population, mutations and crossovers at most max(index) / 100), a parameter count (a layer of more
+// than 2^30 rows or columns, or the layers' counts added up) does not fit an index, or no configuration
+// set meets the parameter budget; and during the search if the fitness returns NaN.
 template <class Fitness, class Progress>
 glora_search_result evolutionary_search(const std::vector<glora_layer_shape>& layers, const glora_space& space,
                                         Fitness&& fitness, const glora_search_options& options, Progress&& progress) {
@@ -295,7 +304,7 @@ glora_search_result evolutionary_search(const std::vector<glora_layer_shape>& la
 
 // The parameter count of one configuration per layer, summed (official rule). Throws argument_error if
 // the counts of configurations and layers differ, a layer is empty or its R is outside [1, min(out,
-// in)], or a configuration is illegal or above its layer's R.
+// in)], a configuration is illegal or above its layer's R, or the count does not fit an index.
 inline index parameter_count(const std::vector<glora_config>& configs, const std::vector<glora_layer_shape>& layers) {
   const char* fn = "glora parameter_count";
   TA_CHECK(configs.size() == layers.size(), fn,
@@ -307,7 +316,10 @@ inline index parameter_count(const std::vector<glora_config>& configs, const std
              "layer " + std::to_string(l) + " (out " + std::to_string(s.out) + ", in " + std::to_string(s.in) +
                  ", maximum rank " + std::to_string(s.max_rank) + ") needs sizes of at least 1 and R ≤ min(out, in)");
     detail::check_glora_config(configs[l], layers[l].max_rank, fn);
-    p += parameter_count(configs[l], layers[l].out, layers[l].in);
+    const index count = parameter_count(configs[l], layers[l].out, layers[l].in);
+    TA_CHECK(count <= std::numeric_limits<index>::max() - p, fn,
+             "the layers' parameter counts add up beyond an index (at layer " + std::to_string(l) + ")");
+    p += count;
   }
   return p;
 }

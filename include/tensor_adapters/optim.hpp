@@ -8,6 +8,7 @@
 //   opt.step(adapter, grads);
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <string>
@@ -40,21 +41,28 @@ class adamw {
     TA_CHECK(options.weight_decay >= 0, "adamw",
              "weight_decay " + std::to_string(options.weight_decay) + " must be at least 0");
     for_each_parameter(params, [this](const char*, const auto& p) {
+      shapes_.emplace_back(p.dimensions().begin(), p.dimensions().end());
       m_.emplace_back(static_cast<std::size_t>(p.size()), 0.0);
       v_.emplace_back(static_cast<std::size_t>(p.size()), 0.0);
     });
   }
 
-  // One update of params from grads (the adapter's own type). Throws argument_error if the shapes are
-  // not those the optimizer was made for.
+  // One update of params from grads (the adapter's own type). Throws argument_error, before writing, if
+  // the parameters or their gradients do not have the shapes (and number) the optimizer was made for.
   void step(Adapter& params, const Adapter& grads) {
     std::size_t k = 0;
     for_each_parameter(params, grads, [&](const char* name, auto& p, const auto& g) {
-      TA_CHECK(k < m_.size() && p.size() == static_cast<index>(m_[k].size()) && g.dimensions() == p.dimensions(),
-                    "adamw step", std::string("parameter ") + name + " " + detail::shape_string(p) +
-                                      " or its gradient " + detail::shape_string(g) + " changed shape");
+      const bool same = k < shapes_.size() && shapes_[k].size() == static_cast<std::size_t>(p.dimensions().size()) &&
+                        std::equal(shapes_[k].begin(), shapes_[k].end(), p.dimensions().begin()) &&
+                        g.dimensions() == p.dimensions();
+      TA_CHECK(same, "adamw step",
+               std::string("parameter ") + name + " " + detail::shape_string(p) + " or its gradient " +
+                   detail::shape_string(g) + " is not the shape the optimizer was made for" +
+                   (k < shapes_.size() ? " " + detail::dims_string(shapes_[k], int(shapes_[k].size())) : ""));
       ++k;
     });
+    TA_CHECK(k == shapes_.size(), "adamw step",
+             std::to_string(k) + " parameters, but the optimizer was made for " + std::to_string(shapes_.size()));
     ++t_;
     const double c1 = 1.0 - std::pow(options_.beta1, static_cast<double>(t_));
     const double c2 = 1.0 - std::pow(options_.beta2, static_cast<double>(t_));
@@ -89,6 +97,7 @@ class adamw {
   static void check_lr(double lr) { TA_CHECK(lr >= 0, "adamw", "lr " + std::to_string(lr) + " must be at least 0"); }
 
   adamw_options options_;
+  std::vector<std::vector<index>> shapes_;  // each parameter's extents, in visiting order
   std::vector<std::vector<double>> m_, v_;
   long t_ = 0;
 };
