@@ -1228,7 +1228,11 @@ void gemm_packed(bool trans_a, bool trans_b, index m, index n, index k, T alpha,
   keyword template void short_columns_product<T, native_isa>(index, index, index, const T*, const T*, index,      \
                                                              index, index, T, T, T*);                            \
   keyword template void stream_rows_product<T, native_isa>(index, index, index, const T*, const T*, index, index, \
-                                                           index, T, T, T*);
+                                                           index, T, T, T*);                                     \
+  keyword template void kron_rows_product<T, native_isa, 1>(index, index, index, const T*, const T*, index, index, \
+                                                            index, T, T, T*);                                    \
+  keyword template void kron_rows_product<T, native_isa, 2>(index, index, index, const T*, const T*, index, index, \
+                                                            index, T, T, T*);
 
 #ifdef TENSOR_ADAPTERS_SEPARATE_KERNELS
 TA_KERNEL_INSTANCES(extern, float)
