@@ -18,6 +18,10 @@
 #include <string>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace ta = tensor_adapters;
 
 using namespace flora_test;
@@ -294,6 +298,18 @@ TEMPLATE_TEST_CASE("FLoRA's chain and channel plans agree", "[flora]", float, do
   constexpr ta::index in_place = ta::detail::gemm_in_place_columns<TestType>;
   check_plans_agree<TestType, 4>({in_place + 4, 30, 3, 1}, {in_place + 3, 2, 1, 1}, 156);
   check_plans_agree<TestType, 4>({128, 256, 3, 3}, {32, 2, 1, 1}, 149);
+  {
+    // The same transposed grad.U0 over several blocks of 256 columns of gW (I1·S = 300), which it
+    // accumulates block by block on one thread (on several the product runs whole).
+#ifdef _OPENMP
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    check_plans_agree<TestType, 4>({in_place + 8, 100, 3, 1}, {in_place + 4, 1, 1, 1}, 158);
+#ifdef _OPENMP
+    omp_set_num_threads(threads);
+#endif
+  }
   // r0 = the register width (16 floats or 8 doubles on AVX-512): grad.U0 and Y in one pass over gW
   // (thin_pair_product), for a conv weight of several blocks of columns, a linear weight, and a product
   // large enough to be split over threads.

@@ -302,3 +302,23 @@ TEST_CASE("bad search input throws argument_error before any fitness call", "[gl
   too_big[0].A = ta::glora_choice::lora(8);
   CHECK_THROWS_AS(ta::parameter_count(too_big, layers), ta::argument_error);
 }
+
+TEST_CASE("the default random refill draws 100 × population times", "[glora_search]") {
+  // One layer and a budget of 2 parameters: few of the 900 configurations of ranks {4, 8} are within
+  // it. 100 × 50 draws find every one of them in the first generation; 10 × 50 would not.
+  const std::vector<ta::glora_layer_shape> layers{{24, 16, 8}};
+  const ta::glora_space space = ta::make_glora_space(std::vector<ta::index>{4, 8});
+  ta::index within = 0;
+  for (const auto& a : space.A)
+    for (const auto& b : space.B)
+      for (const auto& c : space.C)
+        for (const auto& d : space.D)
+          for (const auto& e : space.E) within += ta::parameter_count(ta::glora_config{a, b, c, d, e}, 24, 16) <= 2;
+  REQUIRE(within >= 5);
+  ta::glora_search_options options;
+  options.parameter_budget = 2;
+  options.generations = 1;
+  options.seed = 1;
+  auto fitness = [](const std::vector<ta::glora_config>&) { return 0.0; };
+  CHECK(ta::evolutionary_search(layers, space, fitness, options).evaluations == within);
+}

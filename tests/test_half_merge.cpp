@@ -20,6 +20,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace ta = tensor_adapters;
@@ -348,6 +349,23 @@ TEMPLATE_TEST_CASE("a merge rounds w + ΔW exactly once: constructed ties", "[ha
     CHECK(to_double(w(0, i)) == it.expected);
     CHECK(bits(w(0, i)) == bits(reference_round<H>(it.w + it.dw)));
   }
+  // A sum that double cannot hold (bfloat16 spans float's exponents): 1 + 2^-8 is a tie, and w = 2^-100
+  // lies above it only in the exact sum, whose double rounding would see the tie and go to 1.
+  if constexpr (std::is_same_v<H, Eigen::bfloat16>) {
+    ta::tensor<H, 2> above(1, 1), below(1, 1);
+    above(0, 0) = H(std::ldexp(1.0f, -100));
+    below(0, 0) = H(-std::ldexp(1.0f, -100));
+    ta::lora<float> tie;
+    tie.A.resize(1, 1);
+    tie.B.resize(1, 1);
+    tie.A(0, 0) = 1.0f + std::ldexp(1.0f, -8);
+    tie.B(0, 0) = 1.0f;
+    tie.scale = 1.0f;
+    ta::merge(tie, above);
+    ta::merge(tie, below);
+    CHECK(to_double(above(0, 0)) == 1.0 + std::ldexp(1.0, -7));
+    CHECK(to_double(below(0, 0)) == 1.0);
+  }
 }
 
 TEMPLATE_TEST_CASE("LoRA merges into half weights within ½ ulp of the float64 result", "[half_merge]", Eigen::half,
@@ -604,6 +622,10 @@ TEMPLATE_TEST_CASE("half merges reject weights that do not fit, writing nothing"
   ta::tensor<H, 2> fits = random_half_weight<H, 2>({8, 12}, 0.05, gen), other(8, 11);
   const ta::tensor<H, 2> before = fits;
   CHECK_THROWS_WITH(ta::unmerge(a, fits, other), Catch::Contains("lora unmerge") && Catch::Contains("(8, 11)"));
+  CHECK(bit_equal(fits, before));
+  ta::tensor<H, 2> transposed(12, 8);  // as many values, in another shape
+  transposed.setConstant(H(1.0f));
+  CHECK_THROWS_WITH(ta::unmerge(a, fits, transposed), Catch::Contains("lora unmerge") && Catch::Contains("(12, 8)"));
   CHECK(bit_equal(fits, before));
   const ta::flora<float, 3> f = ta::make_flora<float, 3>({4, 5, 6}, {2, 2, 2}, 4.0, gen);
   ta::tensor<H, 3> x = random_half_weight<H, 3>({4, 6, 5}, 0.05, gen);

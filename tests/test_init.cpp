@@ -2,6 +2,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -21,13 +22,25 @@ TEMPLATE_TEST_CASE("same seed, same bytes", "[init]", float, double) {
 TEST_CASE("32-bit and 64-bit generators both work", "[init]") {
   std::mt19937 g32(3);
   std::mt19937_64 g64(3);
-  for (int i = 0; i < 1000; ++i) {
+  double sum32 = 0, sum64 = 0, max32 = 0, max64 = 0;
+  const int n = 100000;
+  for (int i = 0; i < n; ++i) {
     const double a = ta::detail::uniform01(g32), b = ta::detail::uniform01(g64);
     REQUIRE(a >= 0.0);
     REQUIRE(a < 1.0);
     REQUIRE(b >= 0.0);
     REQUIRE(b < 1.0);
+    sum32 += a;
+    sum64 += b;
+    max32 = std::max(max32, a);
+    max64 = std::max(max64, b);
   }
+  // Both cover [0, 1): the mean is 1/2 within 5 standard errors (σ = 1/√12), the largest draw near 1.
+  const double tolerance = 5.0 / std::sqrt(12.0 * n);
+  CHECK(std::fabs(sum32 / n - 0.5) < tolerance);
+  CHECK(std::fabs(sum64 / n - 0.5) < tolerance);
+  CHECK(max32 > 0.999);
+  CHECK(max64 > 0.999);
 }
 
 TEMPLATE_TEST_CASE("distributions have the moments they promise", "[init]", float, double) {

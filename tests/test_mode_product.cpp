@@ -194,20 +194,24 @@ TEMPLATE_TEST_CASE("mode_inner_product is the contraction over every other mode"
   ta::fill_normal(x, 0, 1, gen);
   ta::fill_normal(y, 0, 1, gen);
   ta::tensor<TestType, 2> out(5, 7);
-  out.setConstant(1);
-  ta::mode_inner_product<TestType, 4>(ta::view(x), y, 1, ta::writable_view(out), TestType(2), TestType(1));
-  for (ta::index a = 0; a < 5; ++a)
-    for (ta::index b = 0; b < 7; ++b) {
-      long double sum = 0, abs = 0;
-      for (ta::index i = 0; i < 3; ++i)
-        for (ta::index k = 0; k < 4; ++k)
-          for (ta::index l = 0; l < 2; ++l) {
-            sum += (long double)x(i, a, k, l) * y(i, b, k, l);
-            abs += std::fabs((long double)x(i, a, k, l) * y(i, b, k, l));
-          }
-      REQUIRE(std::fabs(double(out(a, b)) - double(2 * sum + 1)) <=
-              64 * std::numeric_limits<TestType>::epsilon() * double(2 * abs + 1));
-    }
+  // beta 1, 0.5 and 0 (out's NaN ignored): beta scales out once, not once per slice of the sum.
+  for (const TestType beta : {TestType(1), TestType(0.5), TestType(0)}) {
+    INFO("beta " << beta);
+    out.setConstant(beta == TestType(0) ? std::numeric_limits<TestType>::quiet_NaN() : TestType(1));
+    ta::mode_inner_product<TestType, 4>(ta::view(x), y, 1, ta::writable_view(out), TestType(2), beta);
+    for (ta::index a = 0; a < 5; ++a)
+      for (ta::index b = 0; b < 7; ++b) {
+        long double sum = 0, abs = 0;
+        for (ta::index i = 0; i < 3; ++i)
+          for (ta::index k = 0; k < 4; ++k)
+            for (ta::index l = 0; l < 2; ++l) {
+              sum += (long double)x(i, a, k, l) * y(i, b, k, l);
+              abs += std::fabs((long double)x(i, a, k, l) * y(i, b, k, l));
+            }
+        REQUIRE(std::fabs(double(out(a, b)) - double(2 * sum + beta)) <=
+                64 * std::numeric_limits<TestType>::epsilon() * double(2 * abs + 1));
+      }
+  }
 }
 
 TEMPLATE_TEST_CASE("mode_inner_product of a last mode, of an empty sum, and with beta 0 into NaN", "[mode_product]",

@@ -79,7 +79,7 @@ TEST_CASE("adamw rejects the options torch.optim.AdamW rejects", "[optim]") {
   ta::lora<double> params{ta::tensor<double, 2>(2, 3), ta::tensor<double, 2>(4, 2), 1.0};
   params.A.setConstant(1.0);
   params.B.setConstant(1.0);
-  for (int k = 0; k < 6; ++k) {
+  for (int k = 0; k < 7; ++k) {
     ta::adamw_options o;
     if (k == 0) o.lr = -1e-3;
     if (k == 1) o.eps = -1e-8;
@@ -87,6 +87,7 @@ TEST_CASE("adamw rejects the options torch.optim.AdamW rejects", "[optim]") {
     if (k == 3) o.beta2 = -0.1;
     if (k == 4) o.weight_decay = -0.01;
     if (k == 5) o.beta1 = 1.5;
+    if (k == 6) o.beta2 = 1.0;  // 1 − β2^t would be 0 too
     INFO("case " << k);
     CHECK_THROWS_AS(ta::adamw<ta::lora<double>>(params, o), ta::argument_error);
   }

@@ -511,6 +511,16 @@ TEST_CASE("malformed PEFT adapters raise clear errors", "[peft]") {
                       w.add("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", m);
                     });
     require_load_error(dir, {"lora_magnitude_vector", "not a PEFT LoRA factor"});
+    // Factors of an empty module name.
+    const std::string empty_dir = scratch_copy("lora_f32", "empty_module");
+    rewrite_tensors(empty_dir, [](const io::tensor_info&) { return true; }, [](io::safetensors_writer& w) {
+      ta::tensor<float, 2> a(4, 8), b(8, 4);
+      a.setZero();
+      b.setZero();
+      w.add("base_model.model..lora_A.weight", a);
+      w.add("base_model.model..lora_B.weight", b);
+    });
+    require_load_error(empty_dir, {"base_model.model..lora_A.weight"});
   }
   SECTION("a module target_modules does not select") {
     const std::string dir = scratch_copy("lora_f32", "untargeted");
@@ -997,6 +1007,20 @@ TEST_CASE("malformed GLoRA and FLoRA adapters raise clear errors", "[glora_file]
                       for (const char* k : {"glora_D", "glora_E"}) w.add(qk + k, v);
                     });
     require_glora_error(dir, {q_proj, "rank 9", "min(O, I) = 8"});
+    // The config's r itself above min(O, I) of a narrow module: (2, 8) at R 4.
+    const std::string narrow = "base_model.model.model.extra.down_proj.";
+    rewrite_tensors(dir, [&](const io::tensor_info&) { return true; }, [&](io::safetensors_writer& w) {
+      ta::tensor<float, 2> d(2, 4), u(4, 8), cd(8, 4), cu(4, 1);
+      ta::tensor<float, 1> v(2);
+      for (auto* t : {&d, &u, &cd, &cu}) t->setZero();
+      v.setZero();
+      for (const char* k : {"glora_Ad", "glora_Bd"}) w.add(narrow + k, d);
+      for (const char* k : {"glora_Au", "glora_Bu"}) w.add(narrow + k, u);
+      w.add(narrow + "glora_Cd", cd);
+      w.add(narrow + "glora_Cu", cu);
+      for (const char* k : {"glora_D", "glora_E"}) w.add(narrow + k, v);
+    });
+    require_glora_error(dir, {"model.extra.down_proj", "rank 4", "min(O, I) = 2"});
   }
   SECTION("GLoRA: keys the format does not have") {
     const std::string dir = scratch_copy("glora_f32", "glora_key");

@@ -161,6 +161,21 @@ TEST_CASE("safetensors narrowing from double rounds once (no double rounding thr
   CHECK(static_cast<float>(hx(3)) == 1.0f);
   CHECK(static_cast<float>(bx(2)) == 1.0f + std::ldexp(1.0f, -7));
   CHECK(static_cast<float>(bx(0)) == 1.0f);
+  // Just below the midpoints, where rounding to float first goes up onto the midpoint (and then to the
+  // even neighbour above): the correctly rounded value is 1.
+  ta::tensor<double, 1> under(2);
+  under(0) = 1.0 + std::ldexp(1.0, -11) - std::ldexp(1.0, -40);
+  under(1) = 1.0 + std::ldexp(1.0, -8) - std::ldexp(1.0, -40);
+  REQUIRE(static_cast<float>(under(0)) == 1.0f + std::ldexp(1.0f, -11));  // float rounds up to the midpoint
+  io::safetensors_writer wu;
+  wu.add("h", under, io::dtype::F16);
+  wu.add("b", under, io::dtype::BF16);
+  wu.add("x", under, io::dtype::F64);
+  const io::safetensors_file fu = parse(wu.serialize());
+  CHECK(fu.load<double, 1>("h")(0) == 1.0);
+  CHECK(fu.load<double, 1>("b")(1) == 1.0);
+  CHECK(static_cast<float>(fu.load<Eigen::half, 1>("x")(0)) == 1.0f);
+  CHECK(static_cast<float>(fu.load<Eigen::bfloat16, 1>("x")(1)) == 1.0f);
   // Overflow and non-finite values.
   ta::tensor<double, 1> big(3);
   big(0) = 1e6;
@@ -224,6 +239,20 @@ TEST_CASE("safetensors hand-written files: layout variants that are valid", "[sa
     CHECK(f.tensors().empty());
   }
   SECTION("integer dtypes are valid and copy raw, but do not load as floating point") {
+    // Every dtype's element size: two elements of each, back to back.
+    const std::pair<const char*, int> sizes[] = {{"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E5M2", 1}, {"F8_E4M3", 1},
+                                                 {"I16", 2},  {"U16", 2}, {"I32", 4}, {"U32", 4},     {"U64", 8}};
+    std::string header = "{";
+    std::size_t offset = 0;
+    for (const auto& [type, size] : sizes) {
+      header += (offset ? "," : "") + entry(std::string("t") + type, type, "[2]", offset, offset + 2 * size);
+      offset += 2 * std::size_t(size);
+    }
+    const auto all = parse(make_file(header + "}", zeros(offset)));
+    for (const auto& [type, size] : sizes) {
+      INFO(type);
+      CHECK(io::dtype_size(all.info(std::string("t") + type).type) == std::size_t(size));
+    }
     const auto f = parse(make_file("{" + entry("ids", "I64", "[2]", 0, 16) + "}", zeros(16)));
     CHECK(f.info("ids").type == io::dtype::I64);
     CHECK(f.raw("ids") != nullptr);

@@ -229,6 +229,12 @@ TEST_CASE("a 16x2 core expanding to 256x3 expands the 16 first", "[tucker]") {
   REQUIRE(flops_of<2>(full, core, {0, 1}) == 24768);
 }
 
+TEST_CASE("with an empty extent every order costs nothing, and the modes keep their order", "[tucker]") {
+  CHECK(ta::expansion_order<3>({0, 2, 4}, {5, 8, 4}) == std::array<int, 3>{0, 1, 2});
+  CHECK(ta::compression_order<3>({5, 8, 4}, {0, 2, 4}) == std::array<int, 3>{0, 1, 2});
+  CHECK(ta::expansion_order<3>({3, 2, 4}, {5, 0, 4}) == std::array<int, 3>{0, 1, 2});
+}
+
 TEMPLATE_TEST_CASE("a reused Tucker workspace stops growing", "[tucker]", float, double) {
   std::mt19937_64 gen(5);
   const ta::shape<3> full{9, 7, 5}, core{3, 4, 2};
