@@ -11,8 +11,9 @@
 // dot-product path, which streams x once without packing it; a tiny trailing extent (Q < 8, such as
 // a conv kernel's 3×3, with I·Q ≤ 64, J·Q ≤ 16 and two registers, and at least 64 slices P) is folded
 // into such a product with op(u) ⊗ 1_Q, each x value entering only the lanes of the outputs it
-// feeds (so an Inf or NaN in x reaches those alone, as in the plain sum); any other trailing extent narrower than two registers with J ≤ 16 runs
-// slice by slice with each row x_p[i, :] in registers (short_rows_product), also streaming x once;
+// feeds (so an Inf or NaN in x reaches those alone, as in the plain sum); any other trailing extent
+// narrower than two registers with J ≤ 16 runs slice by slice with each row x_p[i, :] in registers
+// (short_rows_product), also streaming x once;
 // with a wider J, a trailing extent of 2 to 12 and a contraction I of at least four registers runs
 // slice by slice with J along the vector lanes (short_columns_product). A J ≤ 8 with a trailing
 // extent of 2 KB or more (the first mode, mostly) streams x once too, building y in tiles in L1
