@@ -342,6 +342,10 @@ glora_config random_glora_config(const glora_space& s, Generator& gen) {
 
 namespace detail {
 
+// The largest out and in whose parameter counts stay exact: each term is at most r·(O + I) with
+// r ≤ min(O, I), so bounding O and I by 2^30 keeps every count, and their sum for one layer, in an index.
+constexpr index glora_max_extent = index(1) << 30;
+
 // The official search's count for one support tensor of a (rows, cols) matrix: lora r·(rows + cols),
 // vector rows, scalar 1, none 0.
 inline index glora_choice_parameters(const glora_choice& c, index rows, index cols) {
@@ -370,8 +374,7 @@ inline index parameter_count(const glora_config& c, index out, index in) {
   TA_CHECK(out >= 1 && in >= 1, fn,
            "layer (" + std::to_string(out) + ", " + std::to_string(in) + ") must not be empty");
   detail::check_glora_config(c, std::min(out, in), fn);
-  // Each term is at most r·(O + I) with r ≤ min(O, I), so bounding O + I by √max keeps them all exact.
-  TA_CHECK(out <= (index(1) << 30) && in <= (index(1) << 30), fn,
+  TA_CHECK(out <= detail::glora_max_extent && in <= detail::glora_max_extent, fn,
            "layer (" + std::to_string(out) + ", " + std::to_string(in) + ") has a parameter count beyond an index");
   return detail::glora_choice_parameters(c.A, out, in) + detail::glora_choice_parameters(c.B, out, in) +
          detail::glora_choice_parameters(c.C, in, 1) + detail::glora_choice_parameters(c.D, out, 1) +

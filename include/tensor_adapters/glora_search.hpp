@@ -130,7 +130,7 @@ class glora_searcher {
       TA_CHECK(s.max_rank <= std::min(s.out, s.in), fn,
                "layer " + std::to_string(l) + " (" + std::to_string(s.out) + ", " + std::to_string(s.in) +
                    ") has maximum rank R = " + std::to_string(s.max_rank) + ", above min(out, in)");
-      TA_CHECK(s.out <= (index(1) << 30) && s.in <= (index(1) << 30), fn,
+      TA_CHECK(s.out <= glora_max_extent && s.in <= glora_max_extent, fn,
                "layer " + std::to_string(l) + " (" + std::to_string(s.out) + ", " + std::to_string(s.in) +
                    ") has a parameter count beyond an index");
       TA_CHECK(max_rank_needed <= s.max_rank, fn,

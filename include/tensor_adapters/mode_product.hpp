@@ -135,7 +135,8 @@ void mode_product(const_tensor_view<T, N> x, const T* u, index u_rows, index u_c
 //   x: (I0, …, I(N-1)), u: (J, I_mode), y: x's shape with J in place of I_mode.
 // With beta == 0, y's old contents are ignored. alpha is an ordinary factor: with alpha == 0 a NaN or
 // an infinity in x or u still gives NaN (0 · NaN), as alpha · (x ×mode u) does in PyTorch (BLAS and
-// torch.addmm skip the product instead). With I_mode == 0, an empty sum, x and u are not read (y = beta · y). Throws argument_error, before writing, if the mode is out of range, a shape does not
+// torch.addmm skip the product instead). With I_mode == 0, an empty sum, x and u are not read
+// (y = beta · y). Throws argument_error, before writing, if the mode is out of range, a shape does not
 // fit, or an extent is negative or the product of x's or y's nonzero extents overflows an index.
 template <class T, int N>
 void mode_product(const_tensor_view<T, N> x, nondeduced<const_tensor_view<T, 2>> u, int mode,
@@ -158,9 +159,10 @@ void mode_product_transposed(const_tensor_view<T, N> x, nondeduced<const_tensor_
 //   i.e. out[a, b] = Σ x[i0 … a … i(N-1)] · y[i0 … b … i(N-1)].
 // x and y agree on every extent but that of mode n (Jx and Jy). This is the gradient of a mode-n
 // factor: for z = x ×n u, ∂L/∂u = mode_inner_product(∂L/∂z, x, n). With beta == 0, out's old contents
-// are ignored; alpha is an ordinary factor (as in mode_product); with an empty sum, out = beta · out. out must not overlap x or y. Throws
-// argument_error, before writing, if the mode is out of range, a shape does not fit, or an extent is
-// negative or the product of a tensor's nonzero extents overflows an index.
+// are ignored; alpha is an ordinary factor (as in mode_product); with an empty sum, out = beta · out.
+// out must not overlap x or y. Throws argument_error, before writing, if the mode is out of range, a
+// shape does not fit, or an extent is negative or the product of a tensor's nonzero extents overflows
+// an index.
 template <class T, int N>
 void mode_inner_product(const_tensor_view<T, N> x, nondeduced<const_tensor_view<T, N>> y, int mode,
                         nondeduced<tensor_view<T, 2>> out, T alpha = T(1), T beta = T(0)) {

@@ -834,8 +834,8 @@ void kron_rows_product(index p, index i, index q, const T* x, const T* u, index 
 // register per row of C where k < width, or k < 2·width and n ≥ 3, or n > 3/4 width (1.3–2× faster
 // at n = 16 floats on AVX-512; k 20–31 floats with n 4–12 2–6×; with n 1 and 2 the dot kernel, its
 // tail masked, took 0.35–0.74× and 0.6–1.0× the time), with two where n ≤ 2·width and k < 4·width
-// (doubles with n 9–16: k 9–31 2–3.5×), and with three or four where k < width (AVX2 doubles with n 9–16), so the dot kernel always has
-// k ≥ width. (Interleaved, one thread, AVX-512, against the dot kernel.)
+// (doubles with n 9–16: k 9–31 2–3.5×), and with three or four where k < width (AVX2 doubles with
+// n 9–16), so the dot kernel always has k ≥ width. (Interleaved, one thread, AVX-512, against the dot kernel.)
 template <class T, class Isa>
 void gemm_narrow(index m, index n, index k, T alpha, const T* a, index lda, bool trans_b, const T* b, index ldb,
                  T beta, T* c, index ldc) {

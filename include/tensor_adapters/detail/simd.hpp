@@ -188,7 +188,8 @@ struct simd<float, avx512_isa> {
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   using lanes = __mmask16;  // a mask register
   static lanes load_lanes(const float* p) {
-    return _mm512_test_epi32_mask(_mm512_castps_si512(load(p)), _mm512_castps_si512(load(p)));
+    const __m512i bits = _mm512_castps_si512(load(p));
+    return _mm512_test_epi32_mask(bits, bits);
   }
   static reg fma_kept(reg a, reg b, reg c, lanes mask) { return _mm512_mask3_fmadd_ps(a, b, c, mask); }
   static float sum(reg v) {  // (the maskz form: g++ 12 warns about the undefined lanes of the others)
@@ -214,7 +215,8 @@ struct simd<double, avx512_isa> {
   static reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
   using lanes = __mmask8;
   static lanes load_lanes(const double* p) {
-    return _mm512_test_epi64_mask(_mm512_castpd_si512(load(p)), _mm512_castpd_si512(load(p)));
+    const __m512i bits = _mm512_castpd_si512(load(p));
+    return _mm512_test_epi64_mask(bits, bits);
   }
   static reg fma_kept(reg a, reg b, reg c, lanes mask) { return _mm512_mask3_fmadd_pd(a, b, c, mask); }
   static double sum(reg v) {
