@@ -13,6 +13,8 @@
 #include <fstream>
 #include <iterator>
 #include <random>
+#include <sstream>
+#include <streambuf>
 #include <string>
 #include <vector>
 
@@ -383,6 +385,46 @@ TEST_CASE("safetensors lookups and writer errors", "[safetensors]") {
   // format_error is an argument_error and an invalid_argument.
   REQUIRE_THROWS_AS(f.info("missing"), ta::argument_error);
   REQUIRE_THROWS_AS(f.info("missing"), std::invalid_argument);
+}
+
+TEST_CASE("a writer streams to a file or a stream the bytes it serializes", "[safetensors]") {
+  ta::tensor<double, 2> t(3, 4);
+  for (ta::index i = 0; i < t.size(); ++i) t.data()[i] = 0.1 * double(i) - 0.5;
+  io::safetensors_writer w;
+  w.add("b.half", t, io::dtype::F16);
+  w.add("a.double", t);
+  w.add("c.float", t, io::dtype::F32);
+  w.add_raw("ids", io::dtype::U8, {3}, bytes{1, 2, 3}.data(), 3);
+  w.set_metadata("format", "pt");
+  const bytes expected = w.serialize();
+  REQUIRE(parse(expected).tensors().size() == 4);
+
+  std::ostringstream stream;
+  w.write(stream);
+  CHECK(stream.good());
+  const std::string text = stream.str();
+  CHECK(bytes(text.begin(), text.end()) == expected);
+
+  const std::string path = "test_safetensors_streamed.safetensors";
+  w.write(path);
+  std::ifstream in(path, std::ios::binary);
+  CHECK(bytes(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()) == expected);
+  in.close();
+  std::remove(path.c_str());
+
+  // A stream that takes only the first 100 bytes: the write stops with the stream failed.
+  struct short_buffer : std::streambuf {
+    std::size_t room = 100;
+    int_type overflow(int_type c) override {
+      if (room == 0 || traits_type::eq_int_type(c, traits_type::eof())) return traits_type::eof();
+      --room;
+      return c;
+    }
+  } buffer;
+  std::ostream short_stream(&buffer);
+  w.write(short_stream);
+  CHECK(short_stream.fail());
+  CHECK(buffer.room == 0);
 }
 
 TEST_CASE("safetensors files on disk", "[safetensors]") {

@@ -37,6 +37,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <ostream>
 #include <set>
 #include <string>
 #include <type_traits>
@@ -252,13 +253,20 @@ inline bool shape_overflows(const std::vector<index>& shape, dtype type, std::ui
 // behind. The rename replaces the file in one step for other processes; it does not flush the data to the
 // device. Errors throw format_error, the message starting with `what`.
 
-// Writes the temporary file of `path` in full and returns its name.
-inline std::string write_partial(const std::string& path, const unsigned char* data, std::size_t size,
-                                 const std::string& what) {
+// Writes the temporary file of `path` in full, through fill(stream), and returns its name.
+template <class Fill>
+std::string write_partial(const std::string& path, const std::string& what, Fill&& fill) {
   const std::string partial = path + ".partial";
   std::ofstream out(partial, std::ios::binary | std::ios::trunc);
   if (!out) throw format_error(what + ": cannot open the file for writing (" + partial + ")");
-  out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(size));
+  try {
+    fill(out);
+  } catch (...) {
+    out.close();
+    std::error_code ec;
+    std::filesystem::remove(partial, ec);
+    throw;
+  }
   out.close();
   if (!out) {
     std::error_code ec;
@@ -661,6 +669,40 @@ class safetensors_writer {
 
   // The whole file as bytes.
   std::vector<unsigned char> serialize() const {
+    std::vector<unsigned char> out;
+    emit([&out](const unsigned char* data, std::size_t size) { out.insert(out.end(), data, data + size); },
+         [&out](std::size_t size) { out.reserve(size); });
+    return out;
+  }
+
+  // Writes the whole file to `out`, tensor by tensor (no copy of the file is formed in memory). Sets
+  // the stream's failbit, as its own writes do, if writing fails.
+  void write(std::ostream& out) const {
+    emit([&out](const unsigned char* data, std::size_t size) {
+      out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(size));
+    }, [](std::size_t) {});
+  }
+
+  // Writes the file to `path`, through a temporary file renamed over it once complete, so that a failed
+  // write leaves an existing file as it was (see detail::write_partial). Throws format_error if it cannot
+  // be written.
+  void write(const std::string& path) const {
+    const std::string what = "safetensors " + path;
+    detail::commit_partial(detail::write_partial(path, what, [this](std::ostream& out) { write(out); }), path, what);
+  }
+
+ private:
+  struct entry {
+    std::string name;
+    dtype type;
+    std::vector<index> shape;
+    std::vector<unsigned char> bytes;
+  };
+
+  // The file's bytes in order, through put(data, size): the 8-byte header length, the header, then the
+  // tensors' data; reserve(total size) first.
+  template <class Put, class Reserve>
+  void emit(Put&& put, Reserve&& reserve) const {
     std::vector<const entry*> order;
     for (const entry& e : entries_) order.push_back(&e);
     std::sort(order.begin(), order.end(), [](const entry* a, const entry* b) {
@@ -684,30 +726,13 @@ class safetensors_writer {
     }
     std::string text = header.dump();
     text.append((8 - text.size() % 8) % 8, ' ');
-    std::vector<unsigned char> out;
-    out.reserve(8 + text.size() + offset);
-    for (int b = 0; b < 8; ++b) out.push_back(static_cast<unsigned char>(static_cast<std::uint64_t>(text.size()) >> (8 * b)));
-    out.insert(out.end(), text.begin(), text.end());
-    for (const entry* e : order) out.insert(out.end(), e->bytes.begin(), e->bytes.end());
-    return out;
+    reserve(static_cast<std::size_t>(8 + text.size() + offset));
+    unsigned char length[8];
+    for (int b = 0; b < 8; ++b) length[b] = static_cast<unsigned char>(static_cast<std::uint64_t>(text.size()) >> (8 * b));
+    put(length, sizeof length);
+    put(reinterpret_cast<const unsigned char*>(text.data()), text.size());
+    for (const entry* e : order) put(e->bytes.data(), e->bytes.size());
   }
-
-  // Writes the file to `path`, through a temporary file renamed over it once complete, so that a failed
-  // write leaves an existing file as it was (see detail::write_partial). Throws format_error if it cannot
-  // be written.
-  void write(const std::string& path) const {
-    const std::vector<unsigned char> bytes = serialize();
-    const std::string what = "safetensors " + path;
-    detail::commit_partial(detail::write_partial(path, bytes.data(), bytes.size(), what), path, what);
-  }
-
- private:
-  struct entry {
-    std::string name;
-    dtype type;
-    std::vector<index> shape;
-    std::vector<unsigned char> bytes;
-  };
 
   static index count(const std::vector<index>& shape) {
     index n = 1;

@@ -325,12 +325,11 @@ inline void write_adapter_directory(const std::string& directory, const safetens
   if (ec) throw format_error(directory + ": cannot create the directory (" + ec.message() + ")");
   // Both files are written in full before either replaces its old version (see detail::write_partial).
   const std::string model = (dir / adapter_model_file).string(), config = (dir / adapter_config_file).string();
-  const std::vector<unsigned char> bytes = tensors.serialize();
-  const std::string model_partial = write_partial(model, bytes.data(), bytes.size(), "safetensors " + model);
+  const std::string model_partial =
+      write_partial(model, "safetensors " + model, [&tensors](std::ostream& out) { tensors.write(out); });
   std::string config_partial;
   try {
-    config_partial = write_partial(config, reinterpret_cast<const unsigned char*>(config_json.data()),
-                                   config_json.size(), config);
+    config_partial = write_partial(config, config, [&config_json](std::ostream& out) { out << config_json; });
   } catch (const format_error&) {
     std::error_code ec;
     std::filesystem::remove(model_partial, ec);
