@@ -19,6 +19,9 @@
 //   copy_bandwidth/threads:{1,2}      a 64 MB → 64 MB copy (bytes read + written)
 // and, for the compute-bound float cases (J and the contracted extent ≥ 64):
 //   mode_product_threads_paired<float>/…  one thread and two, call by call (two_over_one)
+//   mode_product_huge_pages_paired<float>/…  one thread, x and y in ordinary memory (as allocated by
+//                                     Eigen) and copies of them on transparent huge pages, call by call
+//                                     (huge_over_small; Linux, where the kernel grants huge pages)
 // Counters: GFLOP/s (2·|y|·I_mode) and GB/s (|x| + |u| + |y| elements, each moved once).
 //
 //   build/<dir>/benchmarks/bench_mode_product --benchmark_min_time=0.1
@@ -30,6 +33,13 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <new>
 #include <random>
 #include <string>
 #include <vector>
@@ -39,6 +49,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#ifdef __linux__
+#include <sys/mman.h>
 #endif
 
 namespace ta = tensor_adapters;
@@ -213,6 +226,72 @@ void mode_product_threads_paired(benchmark::State& state, ta::shape<N> dims, int
   state.counters["two_over_one"] = one / two;
 }
 
+#ifdef __linux__
+// Memory on transparent huge pages (2 MB), asked for with madvise before the first touch, its data
+// `offset` bytes past the start of a page (that of the memory it is compared with: Eigen places a large
+// tensor 64 bytes past one, and that alone moves 256³ mode 0 by a few per cent).
+struct huge_page_buffer {
+  static constexpr std::size_t page = std::size_t(2) << 20;
+  std::size_t bytes, offset;
+  std::unique_ptr<void, void (*)(void*)> memory;
+  huge_page_buffer(std::size_t size, std::size_t offset_)
+      : bytes((size + offset_ + page - 1) / page * page), offset(offset_),
+        memory(std::aligned_alloc(page, bytes), std::free) {
+    if (!memory) throw std::bad_alloc();
+    madvise(memory.get(), bytes, MADV_HUGEPAGE);
+    std::memset(memory.get(), 0, bytes);
+  }
+  template <class T>
+  T* data() const {
+    return reinterpret_cast<T*>(static_cast<char*>(memory.get()) + offset);
+  }
+  // The MB of this buffer the kernel has placed on huge pages (AnonHugePages of its mapping).
+  double huge_mb() const {
+    std::ifstream smaps("/proc/self/smaps");
+    const auto start = reinterpret_cast<std::uintptr_t>(memory.get());
+    bool inside = false;
+    for (std::string line; std::getline(smaps, line);) {
+      unsigned long lo = 0, hi = 0;
+      if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find(':') > line.find(' '))
+        inside = lo <= start && start < hi;
+      else if (inside && line.rfind("AnonHugePages:", 0) == 0)
+        return double(std::strtol(line.c_str() + 14, nullptr, 10)) / 1024.0;
+    }
+    return 0;
+  }
+};
+
+// The same product on the problem's tensors (ordinary memory) and on copies of x and y on huge pages,
+// call by call (paired_calls.hpp), one thread. With 4 KB pages every page of x costs a TLB miss and a
+// page walk, under a hypervisor a two-level one. Counters small_pages_ms, huge_pages_ms,
+// huge_over_small (the time on huge pages over the time on ordinary memory), huge_pages_GFLOPs and
+// huge_pages_MB (AnonHugePages of the mappings holding x and y: how much of them the kernel
+// placed on huge pages).
+template <class T, int N>
+void mode_product_huge_pages_paired(benchmark::State& state, ta::shape<N> dims, int mode, ta::index j) {
+  problem<T, N> pr(dims, mode, j);
+  const auto page_offset = [](const T* p) { return std::size_t(reinterpret_cast<std::uintptr_t>(p) % 4096); };
+  huge_page_buffer hx(std::size_t(pr.x.size()) * sizeof(T), page_offset(pr.x.data()));
+  huge_page_buffer hy(std::size_t(pr.y.size()) * sizeof(T), page_offset(pr.y.data()));
+  std::copy(pr.x.data(), pr.x.data() + pr.x.size(), hx.data<T>());
+  const ta::const_tensor_view<T, N> x_huge(hx.data<T>(), pr.x.dimensions());
+  ta::tensor_view<T, N> y_huge(hy.data<T>(), pr.y.dimensions());
+  set_threads(1);
+  const auto [small, huge] = paired_call_medians<2>(state, [&](std::size_t which) {
+    if (which == 0)
+      ta::mode_product<T, N>(ta::view(pr.x), pr.u, mode, ta::writable_view(pr.y));
+    else
+      ta::mode_product<T, N>(x_huge, pr.u, mode, y_huge);
+    benchmark::DoNotOptimize(which == 0 ? pr.y.data() : y_huge.data());
+  });
+  state.counters["small_pages_ms"] = small * 1e3;
+  state.counters["huge_pages_ms"] = huge * 1e3;
+  state.counters["huge_over_small"] = huge / small;
+  state.counters["huge_pages_GFLOPs"] = pr.flops() / huge * 1e-9;
+  state.counters["huge_pages_MB"] = hx.huge_mb() + hy.huge_mb();
+}
+#endif
+
 // A large copy: the bandwidth a memory-bound product can hope for (bytes read + bytes written).
 void copy_bandwidth(benchmark::State& state, int threads) {
   const std::size_t n = std::size_t(16) << 20;  // 16 Mi floats = 64 MB each way
@@ -256,12 +335,17 @@ void register_case(const ta::shape<N>& dims, int mode, ta::index j) {
     style(benchmark::RegisterBenchmark(("blas_gemm" + t + c).c_str(), blas_gemm<T, N>, dims, mode, j));
   if (sizeof(T) == 4)
     style(benchmark::RegisterBenchmark(("scalar_kernel" + t + c).c_str(), scalar_kernel<T, N>, dims, mode, j));
-  if (sizeof(T) == 4 && j >= 64 && dims[std::size_t(mode)] >= 64)
-    benchmark::RegisterBenchmark(("mode_product_threads_paired" + t + c).c_str(), mode_product_threads_paired<T, N>,
-                                 dims, mode, j)
-        ->UseManualTime()
-        ->Iterations(15)
-        ->Unit(benchmark::kMillisecond);
+  if (sizeof(T) == 4 && j >= 64 && dims[std::size_t(mode)] >= 64) {
+    auto paired = [](benchmark::internal::Benchmark* b) {
+      b->UseManualTime()->Iterations(15)->Unit(benchmark::kMillisecond);
+    };
+    paired(benchmark::RegisterBenchmark(("mode_product_threads_paired" + t + c).c_str(),
+                                        mode_product_threads_paired<T, N>, dims, mode, j));
+#ifdef __linux__
+    paired(benchmark::RegisterBenchmark(("mode_product_huge_pages_paired" + t + c).c_str(),
+                                        mode_product_huge_pages_paired<T, N>, dims, mode, j));
+#endif
+  }
 }
 
 template <class T>

@@ -510,6 +510,18 @@ def mode_product_section(runs, goals):
                       num(vs_con, "**%.2f**"), num(get(run, "eigen_gemm<float>/" + key, "GFLOP/s"), "%.1f"),
                       num(vs_gem), blas_cols, num(sca, "%.1f"), num(gf2, "%.1f"), num(speed2),
                       "" if speed2_paired is None else num(speed2_paired, "**%.2f**")))
+    huge = []
+    for typ, shape, dims, mode, j, _ in mode_product_cases(run, "float"):
+        name = "mode_product_huge_pages_paired<float>/%s/mode:%d/J:%d/iterations:15" % (shape, mode, j)
+        over, gf, mb = get(run, name, "huge_over_small"), get(run, name, "huge_pages_GFLOPs"), get(run, name, "huge_pages_MB")
+        if over is not None:
+            huge.append("%s mode %d J %d: %.3f× (%s of the peak; %.0f MB on huge pages)"
+                        % (shape.replace("x", "×"), mode, j, over, pct(ratio(gf, peak)), mb))
+    if huge:
+        out += ["", "The compute-bound cases with x and y on transparent huge pages (2 MB), against the same product "
+                "in ordinary memory, call by call, one thread (`mode_product_huge_pages_paired`, medians of 15 calls "
+                "each; the time on huge pages over the time in ordinary memory, and the share of the FMA peak on huge "
+                "pages): " + "; ".join(huge) + "."]
     dbl = []
     for typ, shape, dims, mode, j, _ in mode_product_cases(run, "double"):
         key = "%s/mode:%d/J:%d" % (shape, mode, j)
