@@ -19,10 +19,12 @@
 // the config's target_modules selects has adapter tensors; each GLoRA layer has a fixed eval_config; every
 // merged value is finite and representable in the output dtype (a tensor only converted keeps the
 // infinities and NaNs it had, such as a mask's -inf, but none of its finite values may overflow the output
-// dtype). The output file is written beside its path and renamed over it once complete, so a failed write
-// leaves an existing file, the base itself included, as it was. Each problem is reported on its own line
-// naming the tensor. One progress line per tensor goes to stdout. Exit status: 0 on success, 1 on a
-// problem with the files, 2 on bad usage (0 for --help, which prints the usage on stdout).
+// dtype). The output file is written beside its path, tensor by tensor in the file's order (the tool
+// holds the base file and one tensor at a time), and renamed over it once complete, so a check that fails
+// while it is written, or a failed write, leaves an existing file, the base itself included, as it was.
+// Each problem is reported on its own line naming the tensor. One progress line per tensor goes to stdout.
+// Exit status: 0 on success, 1 on a problem with the files, 2 on bad usage (0 for --help, which prints the
+// usage on stdout).
 #include <tensor_adapters/io/flora_file.hpp>
 #include <tensor_adapters/io/glora_file.hpp>
 #include <tensor_adapters/io/peft.hpp>
@@ -36,6 +38,7 @@
 #include <map>
 #include <memory>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <variant>
 #include <vector>
@@ -76,6 +79,11 @@ std::string module_of(const std::string& key, const std::string& suffix) {
   if (key.size() <= suffix.size() || !io::detail::ends_with(key, suffix)) return std::string();
   return key.substr(0, key.size() - suffix.size());
 }
+
+// A merged tensor that fails its checks while the output is written.
+struct merge_refused : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 // What the tool does to one adapted module.
 struct module_plan {
@@ -288,42 +296,61 @@ int main(int argc, char** argv) {
       return 1;
     }
 
-    // GLoRA merges weight and bias together: the first of the two tensors met computes both.
-    std::map<std::string, std::pair<std::vector<double>, std::vector<double>>> glora_results;
-    auto glora_result = [&](const std::string& module, const module_plan& p) -> const auto& {
+    // The output is written tensor by tensor: each merged or converted tensor is computed, checked and
+    // encoded when the writer reaches it (io::safetensors_writer::add_deferred), so the tool holds the
+    // base file and one tensor at a time. A check that fails ends the write, and the output file is left
+    // as it was. GLoRA merges weight and bias together: the first of the two written computes both.
+    struct glora_merged {
+      std::vector<double> weight, bias;
+      int parts_left;
+    };
+    std::map<std::string, glora_merged> glora_results;
+    auto glora_part = [&](const std::string& module, const module_plan& p, bool weight) {
       auto it = glora_results.find(module);
-      if (it != glora_results.end()) return it->second;
-      const std::vector<double> w0 = base.load_values<double>(module + weight_suffix);
-      std::vector<double> b0;
-      const bool has_bias = base.contains(module + bias_suffix);
-      if (has_bias) b0 = base.load_values<double>(module + bias_suffix);
-      auto& r = glora_results[module];
-      p.merge_layer(w0, has_bias ? &b0 : nullptr, r.first, r.second);
-      return r;
+      if (it == glora_results.end()) {
+        const std::vector<double> w0 = base.load_values<double>(module + weight_suffix);
+        std::vector<double> b0;
+        const bool has_bias = base.contains(module + bias_suffix);
+        if (has_bias) b0 = base.load_values<double>(module + bias_suffix);
+        it = glora_results.emplace(module, glora_merged{{}, {}, has_bias || p.adds_bias ? 2 : 1}).first;
+        p.merge_layer(w0, has_bias ? &b0 : nullptr, it->second.weight, it->second.bias);
+      }
+      std::vector<double> part = std::move(weight ? it->second.weight : it->second.bias);
+      if (--it->second.parts_left == 0) glora_results.erase(it);
+      return part;
     };
 
     io::safetensors_writer out;
     for (const auto& [key, value] : base.metadata()) out.set_metadata(key, value);
     const std::size_t n = base.tensors().size() + added.size();
-    std::size_t i = 0, merged = 0;
-    // Checks one result and adds it, or reports the first value that is not finite in `type`. A tensor
-    // only converted keeps the infinities and NaNs it had (a mask's -inf); only a finite value that
-    // overflows `type` is refused.
-    auto add = [&](const std::string& name, const std::vector<double>& w, const std::vector<ta::index>& shape,
-                   io::dtype type, bool converted) {
-      for (std::size_t k = 0; k < w.size(); ++k) {
-        if (!std::isfinite(io::stored_value(w[k], type)) && !(converted && !std::isfinite(w[k]))) {
-          std::fprintf(stderr,
-                       "merge_adapter: tensor \"%s\": element %zu (%g) is not finite in %s; nothing was written\n",
-                       name.c_str(), k, w[k], io::dtype_name(type));
-          return false;
+    std::size_t written = 0, merged = 0;
+    auto progress = [&](const std::string& name, const std::vector<ta::index>& shape, io::dtype type,
+                        const std::string& what) {
+      std::printf("[%zu/%zu] %s %s %s: %s\n", ++written, n, name.c_str(), shape_text(shape).c_str(),
+                  io::dtype_name(type), what.c_str());
+    };
+    // A tensor computed by `compute`, checked: every value must be finite in `type`, except that a
+    // tensor only converted keeps the infinities and NaNs it had (a mask's -inf); only a finite value
+    // that overflows `type` is refused.
+    auto add = [&](const std::string& name, const std::vector<ta::index>& shape, io::dtype type, bool converted,
+                   std::function<std::vector<double>(std::string& what)> compute) {
+      out.add_deferred(name, shape, type, [&progress, name, shape, type, converted, compute] {
+        std::string what;
+        std::vector<double> w;
+        try {
+          w = compute(what);
+        } catch (const ta::argument_error& e) {
+          throw merge_refused("tensor \"" + name + "\": " + e.what() + "; nothing was written");
         }
-      }
-      out.add_values(name, w.data(), shape, type);
-      return true;
+        for (std::size_t k = 0; k < w.size(); ++k)
+          if (!std::isfinite(io::stored_value(w[k], type)) && !(converted && !std::isfinite(w[k])))
+            throw merge_refused("tensor \"" + name + "\": element " + std::to_string(k) + " (" + format("%g", w[k]) +
+                                ") is not finite in " + io::dtype_name(type) + "; nothing was written");
+        progress(name, shape, type, what);
+        return w;
+      });
     };
     for (const io::tensor_info& t : base.tensors()) {
-      ++i;
       const io::dtype type = same_dtype || !io::is_floating(t.type) ? t.type : out_type;
       const std::string weight_module = module_of(t.name, weight_suffix), bias_module = module_of(t.name, bias_suffix);
       auto wp = plan.modules.find(weight_module);
@@ -332,58 +359,50 @@ int main(int argc, char** argv) {
       const bool is_bias = !bias_module.empty() && bp != plan.modules.end() && bp->second.glora;
 
       if (!is_weight && !is_bias && type == t.type) {
-        out.add_raw(t.name, t.type, t.shape, base.raw(t), static_cast<std::size_t>(t.end - t.begin));
-        std::printf("[%zu/%zu] %s %s %s: copied\n", i, n, t.name.c_str(), shape_text(t.shape).c_str(),
-                    io::dtype_name(t.type));
-        continue;
-      }
-      std::vector<double> w;
-      std::string what;
-      try {
-        if (is_weight && wp->second.glora) {
-          w = glora_result(weight_module, wp->second).first;
-          what = wp->second.summary;
-        } else if (is_weight) {
-          w = base.load_values<double>(t.name);
-          wp->second.merge_weight(w, t.shape);
-          what = wp->second.summary;
-        } else if (is_bias) {
-          w = glora_result(bias_module, bp->second).second;
+        out.add_raw_deferred(t.name, t.type, t.shape, [&base, &t, &progress] {
+          const unsigned char* data = base.raw(t);
+          progress(t.name, t.shape, t.type, "copied");
+          return std::vector<unsigned char>(data, data + (t.end - t.begin));
+        });
+      } else if (is_weight) {
+        const module_plan& p = wp->second;
+        add(t.name, t.shape, type, false, [&, module = weight_module](std::string& what) {
+          what = p.summary;
+          ++merged;
+          if (p.glora) return glora_part(module, p, true);
+          std::vector<double> w = base.load_values<double>(t.name);
+          p.merge_weight(w, t.shape);
+          return w;
+        });
+      } else if (is_bias) {
+        const module_plan& p = bp->second;
+        add(t.name, t.shape, type, false, [&, module = bias_module](std::string& what) {
           what = "merged GLoRA bias b + b ⊙ D + E + W · C";
-        } else {
-          w = base.load_values<double>(t.name);
+          return glora_part(module, p, false);
+        });
+      } else {
+        add(t.name, t.shape, type, true, [&](std::string& what) {
           what = std::string("converted from ") + io::dtype_name(t.type);
-        }
-      } catch (const ta::argument_error& e) {
-        std::fprintf(stderr, "merge_adapter: tensor \"%s\": %s; nothing was written\n", t.name.c_str(), e.what());
-        return 1;
+          return base.load_values<double>(t.name);
+        });
       }
-      if (!add(t.name, w, t.shape, type, !is_weight && !is_bias)) return 1;
-      merged += is_weight;
-      std::printf("[%zu/%zu] %s %s %s: %s\n", i, n, t.name.c_str(), shape_text(t.shape).c_str(), io::dtype_name(type),
-                  what.c_str());
     }
     for (const std::string& name : added) {
-      ++i;
       const std::string module = module_of(name, bias_suffix);
       const module_plan& p = plan.modules.at(module);
-      const io::dtype wtype = base.info(module + weight_suffix).type;
-      const io::dtype type = same_dtype ? wtype : out_type;
-      std::vector<double> b;
-      try {
-        b = glora_result(module, p).second;
-      } catch (const ta::argument_error& e) {
-        std::fprintf(stderr, "merge_adapter: tensor \"%s\": %s; nothing was written\n", name.c_str(), e.what());
-        return 1;
-      }
-      if (!add(name, b, {p.out}, type, false)) return 1;
-      std::printf("[%zu/%zu] %s %s %s: added GLoRA bias E + W · C (the base layer has none)\n", i, n, name.c_str(),
-                  shape_text({p.out}).c_str(), io::dtype_name(type));
+      const io::dtype type = same_dtype ? base.info(module + weight_suffix).type : out_type;
+      add(name, {p.out}, type, false, [&, module](std::string& what) {
+        what = "added GLoRA bias E + W · C (the base layer has none)";
+        return glora_part(module, p, false);
+      });
     }
     writing = true;
     out.write(out_path);
     std::printf("merged %zu modules into %s (%zu tensors)\n", merged, out_path.c_str(), n);
     return 0;
+  } catch (const merge_refused& e) {
+    std::fprintf(stderr, "merge_adapter: %s\n", e.what());
+    return 1;
   } catch (const std::exception& e) {
     // A loader reports every problem of a file, one per line.
     const std::string what = e.what();

@@ -14,6 +14,7 @@
 #include <iterator>
 #include <random>
 #include <sstream>
+#include <stdexcept>
 #include <streambuf>
 #include <string>
 #include <vector>
@@ -425,6 +426,66 @@ TEST_CASE("a writer streams to a file or a stream the bytes it serializes", "[sa
   w.write(short_stream);
   CHECK(short_stream.fail());
   CHECK(buffer.room == 0);
+}
+
+TEST_CASE("deferred tensors are produced when the file is written, as their values would be written", "[safetensors]") {
+  ta::tensor<double, 2> t(3, 4);
+  for (ta::index i = 0; i < t.size(); ++i) t.data()[i] = 0.1 * double(i) - 0.5;
+  const bytes ids{7, 8, 9};
+  io::safetensors_writer direct, deferred;
+  direct.add("w", t, io::dtype::BF16);
+  direct.add_raw("ids", io::dtype::U8, {3}, ids.data(), ids.size());
+  direct.set_metadata("format", "pt");
+  int calls = 0;
+  deferred.add_deferred("w", {3, 4}, io::dtype::BF16, [&] {
+    ++calls;
+    return std::vector<double>(t.data(), t.data() + t.size());
+  });
+  deferred.add_raw_deferred("ids", io::dtype::U8, {3}, [&] { return ids; });
+  deferred.set_metadata("format", "pt");
+  CHECK(calls == 0);
+  CHECK(deferred.serialize() == direct.serialize());
+  CHECK(calls == 1);
+  const std::string path = "test_safetensors_deferred.safetensors";
+  deferred.write(path);
+  CHECK(calls == 2);
+  auto file_bytes = [](const std::string& p) {
+    std::ifstream in(p, std::ios::binary);
+    return bytes(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  };
+  CHECK(file_bytes(path) == direct.serialize());
+
+  // A producer that throws ends the write with its exception; one that gives the wrong number of values
+  // with format_error naming the tensor. Either way the file is as it was and nothing partial is left.
+  const bytes before = file_bytes(path);
+  struct refused : std::runtime_error {
+    using std::runtime_error::runtime_error;
+  };
+  io::safetensors_writer failing;
+  failing.add_values("a", t.data(), {12}, io::dtype::F32);
+  failing.add_deferred("b", {3, 4}, io::dtype::F32, []() -> std::vector<float> { throw refused("no values"); });
+  REQUIRE_THROWS_AS(failing.write(path), refused);
+  CHECK(file_bytes(path) == before);
+  CHECK_FALSE(std::filesystem::exists(path + ".partial"));
+  io::safetensors_writer short_values;
+  short_values.add_deferred("b", {3, 4}, io::dtype::F16, [] { return std::vector<float>(11, 1.0f); });
+  REQUIRE_THROWS_WITH(short_values.write(path), Contains("\"b\"") && Contains("needs 24 bytes") && Contains("gave 22"));
+  CHECK(file_bytes(path) == before);
+  CHECK_FALSE(std::filesystem::exists(path + ".partial"));
+  io::safetensors_writer long_raw;
+  long_raw.add_raw_deferred("ids", io::dtype::U8, {3}, [] { return bytes(4, 0); });
+  REQUIRE_THROWS_WITH(long_raw.serialize(), Contains("\"ids\"") && Contains("gave 4"));
+  std::remove(path.c_str());
+
+  // The checks of add_values and add_raw apply when a deferred tensor is added.
+  io::safetensors_writer checks;
+  REQUIRE_THROWS_WITH(checks.add_deferred("i", {2}, io::dtype::I32, [] { return std::vector<double>(2); }),
+                      Contains("cannot be stored as I32"));
+  checks.add_raw_deferred("x", io::dtype::U8, {1}, [] { return bytes(1); });
+  REQUIRE_THROWS_WITH(checks.add_deferred("x", {1}, io::dtype::F32, [] { return std::vector<double>(1); }),
+                      Contains("added twice"));
+  REQUIRE_THROWS_WITH(checks.add_raw_deferred("n", io::dtype::U8, {-1}, [] { return bytes(); }),
+                      Contains("negative extent"));
 }
 
 TEST_CASE("safetensors files on disk", "[safetensors]") {

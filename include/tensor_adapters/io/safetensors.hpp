@@ -35,6 +35,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <map>
 #include <ostream>
@@ -617,7 +618,8 @@ inline safetensors_file read_safetensors(const std::string& path) {
 
 // Collects tensors, then writes them as one safetensors file. Tensors are laid out by decreasing element
 // size, then by name, and the header is padded with spaces to a multiple of 8 bytes, so every tensor
-// starts at an offset aligned to its element size.
+// starts at an offset aligned to its element size. A tensor is added as data (copied into the writer) or
+// deferred (produced when the file is written).
 class safetensors_writer {
  public:
   // Adds `t` (any rank, row-major) as `name`, stored as `type` (default: t's own type; F64, F32, F16 or
@@ -659,6 +661,33 @@ class safetensors_writer {
     entries_.push_back(std::move(e));
   }
 
+  // Adds `name`, stored as `type` (F64, F32, F16 or BF16), whose Π shape values values() returns (a
+  // std::vector of a floating-point type) only when the file is written, each time it is: the writer
+  // holds no copy of them, so a file of many large tensors is written holding one at a time. An
+  // exception from values() ends the write with it (write(path) leaving the file as it was); so does
+  // format_error if values() returns another number of values. Throws format_error as add_values does.
+  template <class Values>
+  void add_deferred(const std::string& name, const std::vector<index>& shape, dtype type, Values values) {
+    if (!is_floating(type))
+      throw format_error("safetensors writer: tensor \"" + name + "\" cannot be stored as " + dtype_name(type) +
+                         " (F64, F32, F16 or BF16 only)");
+    entry e = make_entry(name, type, shape);
+    e.fill = [values = std::move(values), type](std::vector<unsigned char>& bytes) {
+      const auto v = values();
+      detail::encode(v.data(), v.size(), type, bytes);
+    };
+    entries_.push_back(std::move(e));
+  }
+
+  // The same for raw little-endian bytes (any dtype of the format): bytes() returns a
+  // std::vector<unsigned char> of Π shape · dtype_size(type) of them.
+  template <class Bytes>
+  void add_raw_deferred(const std::string& name, dtype type, const std::vector<index>& shape, Bytes bytes) {
+    entry e = make_entry(name, type, shape);
+    e.fill = [bytes = std::move(bytes)](std::vector<unsigned char>& out) { out = bytes(); };
+    entries_.push_back(std::move(e));
+  }
+
   // Sets a "__metadata__" entry. Throws format_error if the key or the value is not valid UTF-8.
   void set_metadata(const std::string& key, const std::string& value) {
     for (const std::string* s : {&key, &value})
@@ -667,7 +696,7 @@ class safetensors_writer {
     metadata_[key] = value;
   }
 
-  // The whole file as bytes.
+  // The whole file as bytes (producing every deferred tensor).
   std::vector<unsigned char> serialize() const {
     std::vector<unsigned char> out;
     emit([&out](const unsigned char* data, std::size_t size) { out.insert(out.end(), data, data + size); },
@@ -696,7 +725,9 @@ class safetensors_writer {
     std::string name;
     dtype type;
     std::vector<index> shape;
-    std::vector<unsigned char> bytes;
+    std::uint64_t size;                                      // in bytes
+    std::vector<unsigned char> bytes;                        // the data, or
+    std::function<void(std::vector<unsigned char>&)> fill;  // what produces it (deferred)
   };
 
   // The file's bytes in order, through put(data, size): the 8-byte header length, the header, then the
@@ -720,9 +751,9 @@ class safetensors_writer {
       nlohmann::ordered_json info = nlohmann::ordered_json::object();
       info["dtype"] = dtype_name(e->type);
       info["shape"] = e->shape;
-      info["data_offsets"] = {offset, offset + e->bytes.size()};
+      info["data_offsets"] = {offset, offset + e->size};
       header[e->name] = info;
-      offset += e->bytes.size();
+      offset += e->size;
     }
     std::string text = header.dump();
     text.append((8 - text.size() % 8) % 8, ' ');
@@ -731,7 +762,20 @@ class safetensors_writer {
     for (int b = 0; b < 8; ++b) length[b] = static_cast<unsigned char>(static_cast<std::uint64_t>(text.size()) >> (8 * b));
     put(length, sizeof length);
     put(reinterpret_cast<const unsigned char*>(text.data()), text.size());
-    for (const entry* e : order) put(e->bytes.data(), e->bytes.size());
+    std::vector<unsigned char> produced;
+    for (const entry* e : order) {
+      if (!e->fill) {
+        put(e->bytes.data(), e->bytes.size());
+        continue;
+      }
+      produced.clear();
+      e->fill(produced);
+      if (produced.size() != e->size)
+        throw format_error("safetensors writer: tensor \"" + e->name + "\" of shape " + detail::shape_text(e->shape) +
+                           " and dtype " + dtype_name(e->type) + " needs " + std::to_string(e->size) +
+                           " bytes, but its deferred values gave " + std::to_string(produced.size()));
+      put(produced.data(), produced.size());
+    }
   }
 
   static index count(const std::vector<index>& shape) {
@@ -753,7 +797,7 @@ class safetensors_writer {
                          " whose size overflows");
     if (!names_.insert(name).second)
       throw format_error("safetensors writer: tensor \"" + name + "\" was added twice");
-    return entry{name, type, shape, {}};
+    return entry{name, type, shape, bytes, {}, {}};
   }
 
   std::vector<entry> entries_;
