@@ -263,7 +263,14 @@ TEST_CASE("safetensors hand-written files: layout variants that are valid", "[sa
     io::safetensors_writer w;
     w.add_raw("ids", io::dtype::I64, {2}, f.raw("ids"), 16);
     CHECK(parse(w.serialize()).info("ids").shape == std::vector<ta::index>{2});
-    REQUIRE_THROWS_AS(w.add_raw("short", io::dtype::I64, {2}, f.raw("ids"), 8), io::format_error);
+    REQUIRE_THROWS_WITH(w.add_raw("short", io::dtype::I64, {2}, f.raw("ids"), 8), Contains("needs 16 bytes, not 8"));
+    // A refused tensor leaves its name free; a shape whose size overflows is refused before any arithmetic
+    // on it (the sanitizer build would report a signed overflow).
+    w.add_raw("short", io::dtype::I64, {1}, f.raw("ids"), 8);
+    CHECK(parse(w.serialize()).info("short").shape == std::vector<ta::index>{1});
+    const ta::index half = ta::index(1) << 62;
+    REQUIRE_THROWS_WITH(w.add_raw("huge", io::dtype::I64, {half, 4}, f.raw("ids"), 16), Contains("overflows"));
+    REQUIRE_THROWS_WITH(w.add_values("huge", f.raw("ids"), {half, 4}, io::dtype::F32), Contains("overflows"));
   }
 }
 

@@ -643,22 +643,21 @@ class safetensors_writer {
       throw format_error("safetensors writer: tensor \"" + name + "\" cannot be stored as " + dtype_name(type) +
                          " (F64, F32, F16 or BF16 only)");
     entry e = make_entry(name, type, shape);
-    detail::encode(data, static_cast<std::size_t>(count(shape)), type, e.bytes);
-    entries_.push_back(std::move(e));
+    detail::encode(data, static_cast<std::size_t>(e.size / dtype_size(type)), type, e.bytes);
+    add_entry(std::move(e));
   }
 
   // Adds raw little-endian bytes as `name` (any dtype of the format, e.g. copied from another file).
   // Throws format_error if size does not equal Π shape · dtype_size(type).
   void add_raw(const std::string& name, dtype type, const std::vector<index>& shape, const unsigned char* data,
                std::size_t size) {
-    const std::uint64_t expected = static_cast<std::uint64_t>(count(shape)) * dtype_size(type);
-    if (expected != size)
-      throw format_error("safetensors writer: tensor \"" + name + "\" of shape " + detail::shape_text(shape) +
-                         " and dtype " + dtype_name(type) + " needs " + std::to_string(expected) + " bytes, not " +
-                         std::to_string(size));
     entry e = make_entry(name, type, shape);
+    if (e.size != size)
+      throw format_error("safetensors writer: tensor \"" + name + "\" of shape " + detail::shape_text(shape) +
+                         " and dtype " + dtype_name(type) + " needs " + std::to_string(e.size) + " bytes, not " +
+                         std::to_string(size));
     e.bytes.assign(data, data + size);
-    entries_.push_back(std::move(e));
+    add_entry(std::move(e));
   }
 
   // Adds `name`, stored as `type` (F64, F32, F16 or BF16), whose Π shape values values() returns (a
@@ -676,7 +675,7 @@ class safetensors_writer {
       const auto v = values();
       detail::encode(v.data(), v.size(), type, bytes);
     };
-    entries_.push_back(std::move(e));
+    add_entry(std::move(e));
   }
 
   // The same for raw little-endian bytes (any dtype of the format): bytes() returns a
@@ -685,7 +684,7 @@ class safetensors_writer {
   void add_raw_deferred(const std::string& name, dtype type, const std::vector<index>& shape, Bytes bytes) {
     entry e = make_entry(name, type, shape);
     e.fill = [bytes = std::move(bytes)](std::vector<unsigned char>& out) { out = bytes(); };
-    entries_.push_back(std::move(e));
+    add_entry(std::move(e));
   }
 
   // Sets a "__metadata__" entry. Throws format_error if the key or the value is not valid UTF-8.
@@ -778,13 +777,8 @@ class safetensors_writer {
     }
   }
 
-  static index count(const std::vector<index>& shape) {
-    index n = 1;
-    for (index d : shape) n *= d;
-    return n;
-  }
-
-  entry make_entry(const std::string& name, dtype type, const std::vector<index>& shape) {
+  // An entry without its data, once every check on it has passed (none of them records anything).
+  entry make_entry(const std::string& name, dtype type, const std::vector<index>& shape) const {
     if (name == "__metadata__")
       throw format_error("safetensors writer: \"" + name + "\" is not a valid tensor name");
     if (!detail::valid_utf8(reinterpret_cast<const unsigned char*>(name.data()), name.size()))
@@ -795,9 +789,14 @@ class safetensors_writer {
     if (detail::shape_overflows(shape, type, bytes))
       throw format_error("safetensors writer: tensor \"" + name + "\" has a shape " + detail::shape_text(shape) +
                          " whose size overflows");
-    if (!names_.insert(name).second)
+    if (names_.count(name) != 0)
       throw format_error("safetensors writer: tensor \"" + name + "\" was added twice");
     return entry{name, type, shape, bytes, {}, {}};
+  }
+
+  void add_entry(entry e) {
+    names_.insert(e.name);
+    entries_.push_back(std::move(e));
   }
 
   std::vector<entry> entries_;
