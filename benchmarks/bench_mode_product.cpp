@@ -228,8 +228,9 @@ void mode_product_threads_paired(benchmark::State& state, ta::shape<N> dims, int
 
 #ifdef __linux__
 // Memory on transparent huge pages (2 MB), asked for with madvise before the first touch, its data
-// `offset` bytes past the start of a page (that of the memory it is compared with: Eigen places a large
-// tensor 64 bytes past one, and that alone moves 256³ mode 0 by a few per cent).
+// `offset` bytes past the start of a page (that of the memory it is compared with: with 64-byte
+// alignment, an AVX-512 build's, Eigen places a large tensor 64 bytes past one, and the offset alone
+// moves 256³ mode 0 by a few per cent).
 struct huge_page_buffer {
   static constexpr std::size_t page = std::size_t(2) << 20;
   std::size_t bytes, offset;
@@ -245,28 +246,31 @@ struct huge_page_buffer {
   T* data() const {
     return reinterpret_cast<T*>(static_cast<char*>(memory.get()) + offset);
   }
-  // The MB of this buffer the kernel has placed on huge pages (AnonHugePages of its mapping).
-  double huge_mb() const {
-    std::ifstream smaps("/proc/self/smaps");
-    const auto start = reinterpret_cast<std::uintptr_t>(memory.get());
-    bool inside = false;
-    for (std::string line; std::getline(smaps, line);) {
-      unsigned long lo = 0, hi = 0;
-      if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find(':') > line.find(' '))
-        inside = lo <= start && start < hi;
-      else if (inside && line.rfind("AnonHugePages:", 0) == 0)
-        return double(std::strtol(line.c_str() + 14, nullptr, 10)) / 1024.0;
-    }
-    return 0;
-  }
 };
+
+// The MB of the mapping holding `address` that the kernel has placed on huge pages (its AnonHugePages
+// in /proc/self/smaps).
+double huge_page_mb(const void* address) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto at = reinterpret_cast<std::uintptr_t>(address);
+  bool inside = false;
+  for (std::string line; std::getline(smaps, line);) {
+    unsigned long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2)  // a mapping's first line
+      inside = lo <= at && at < hi;
+    else if (inside && line.rfind("AnonHugePages:", 0) == 0)
+      return double(std::strtol(line.c_str() + 14, nullptr, 10)) / 1024.0;
+  }
+  return 0;
+}
 
 // The same product on the problem's tensors (ordinary memory) and on copies of x and y on huge pages,
 // call by call (paired_calls.hpp), one thread. With 4 KB pages every page of x costs a TLB miss and a
 // page walk, under a hypervisor a two-level one. Counters small_pages_ms, huge_pages_ms,
-// huge_over_small (the time on huge pages over the time on ordinary memory), huge_pages_GFLOPs and
-// huge_pages_MB (AnonHugePages of the mappings holding x and y: how much of them the kernel
-// placed on huge pages).
+// huge_over_small (the time on huge pages over the time on ordinary memory), huge_pages_GFLOPs,
+// huge_pages_MB and ordinary_huge_MB (how much of the copies and of the problem's own x and y the kernel
+// placed on huge pages: with transparent huge pages set to "always" the ordinary memory has them too,
+// and with "never" the copies have none).
 template <class T, int N>
 void mode_product_huge_pages_paired(benchmark::State& state, ta::shape<N> dims, int mode, ta::index j) {
   problem<T, N> pr(dims, mode, j);
@@ -288,7 +292,8 @@ void mode_product_huge_pages_paired(benchmark::State& state, ta::shape<N> dims, 
   state.counters["huge_pages_ms"] = huge * 1e3;
   state.counters["huge_over_small"] = huge / small;
   state.counters["huge_pages_GFLOPs"] = pr.flops() / huge * 1e-9;
-  state.counters["huge_pages_MB"] = hx.huge_mb() + hy.huge_mb();
+  state.counters["huge_pages_MB"] = huge_page_mb(hx.data<T>()) + huge_page_mb(hy.data<T>());
+  state.counters["ordinary_huge_MB"] = huge_page_mb(pr.x.data()) + huge_page_mb(pr.y.data());
 }
 #endif
 

@@ -476,8 +476,16 @@ def mode_product_section(runs, goals):
     compute, middle, slower, memory, scaling = [], [], [], [], []
     vs_blas, blas_compute = [], []
     scaling_paired = False
+    huge = []  # the huge-pages paragraph's items
     for typ, shape, dims, mode, j, _ in mode_product_cases(run, "float"):
         key = "%s/mode:%d/J:%d" % (shape, mode, j)
+        paired_huge = "mode_product_huge_pages_paired<float>/%s/iterations:15" % key
+        if get(run, paired_huge, "huge_over_small") is not None:
+            huge.append("%s mode %d J %d: %.3f× (%s of the peak; %.0f MB of the copies on huge pages, %.0f MB of "
+                        "the ordinary memory)"
+                        % (shape.replace("x", "×"), mode, j, get(run, paired_huge, "huge_over_small"),
+                           pct(ratio(get(run, paired_huge, "huge_pages_GFLOPs"), peak)),
+                           get(run, paired_huge, "huge_pages_MB"), get(run, paired_huge, "ordinary_huge_MB") or 0))
         t1 = get(run, "mode_product<float>/%s/threads:1" % key)
         t2 = get(run, "mode_product<float>/%s/threads:2" % key)
         gf, gb = get(run, "mode_product<float>/%s/threads:1" % key, "GFLOP/s"), \
@@ -510,13 +518,6 @@ def mode_product_section(runs, goals):
                       num(vs_con, "**%.2f**"), num(get(run, "eigen_gemm<float>/" + key, "GFLOP/s"), "%.1f"),
                       num(vs_gem), blas_cols, num(sca, "%.1f"), num(gf2, "%.1f"), num(speed2),
                       "" if speed2_paired is None else num(speed2_paired, "**%.2f**")))
-    huge = []
-    for typ, shape, dims, mode, j, _ in mode_product_cases(run, "float"):
-        name = "mode_product_huge_pages_paired<float>/%s/mode:%d/J:%d/iterations:15" % (shape, mode, j)
-        over, gf, mb = get(run, name, "huge_over_small"), get(run, name, "huge_pages_GFLOPs"), get(run, name, "huge_pages_MB")
-        if over is not None:
-            huge.append("%s mode %d J %d: %.3f× (%s of the peak; %.0f MB on huge pages)"
-                        % (shape.replace("x", "×"), mode, j, over, pct(ratio(gf, peak)), mb))
     if huge:
         out += ["", "The compute-bound cases with x and y on transparent huge pages (2 MB), against the same product "
                 "in ordinary memory, call by call, one thread (`mode_product_huge_pages_paired`, medians of 15 calls "

@@ -19,10 +19,12 @@
 // the config's target_modules selects has adapter tensors; each GLoRA layer has a fixed eval_config; every
 // merged value is finite and representable in the output dtype (a tensor only converted keeps the
 // infinities and NaNs it had, such as a mask's -inf, but none of its finite values may overflow the output
-// dtype). The output file is written beside its path, tensor by tensor in the file's order (the tool
-// holds the base file and one tensor at a time), and renamed over it once complete, so a check that fails
-// while it is written, or a failed write, leaves an existing file, the base itself included, as it was.
-// Each problem is reported on its own line naming the tensor. One progress line per tensor goes to stdout.
+// dtype). The output file is written beside its path, tensor by tensor in the file's order (by element
+// size, then name), holding the base file and one merged tensor at a time (a GLoRA layer's weight and
+// bias are merged together, and the one written second is kept until its turn), and renamed over it once
+// complete, so a check that fails while it is written, or a failed write, leaves an existing file, the
+// base itself included, as it was. Each problem is reported on its own line naming the tensor. One
+// progress line per tensor goes to stdout, as it is written.
 // Exit status: 0 on success, 1 on a problem with the files, 2 on bad usage (0 for --help, which prints the
 // usage on stdout).
 #include <tensor_adapters/io/flora_file.hpp>
@@ -299,7 +301,8 @@ int main(int argc, char** argv) {
     // The output is written tensor by tensor: each merged or converted tensor is computed, checked and
     // encoded when the writer reaches it (io::safetensors_writer::add_deferred), so the tool holds the
     // base file and one tensor at a time. A check that fails ends the write, and the output file is left
-    // as it was. GLoRA merges weight and bias together: the first of the two written computes both.
+    // as it was. GLoRA merges weight and bias together: the first of the two written computes both, and
+    // the other is kept until it is written.
     struct glora_merged {
       std::vector<double> weight, bias;
       int parts_left;
@@ -312,8 +315,9 @@ int main(int argc, char** argv) {
         std::vector<double> b0;
         const bool has_bias = base.contains(module + bias_suffix);
         if (has_bias) b0 = base.load_values<double>(module + bias_suffix);
-        it = glora_results.emplace(module, glora_merged{{}, {}, has_bias || p.adds_bias ? 2 : 1}).first;
-        p.merge_layer(w0, has_bias ? &b0 : nullptr, it->second.weight, it->second.bias);
+        glora_merged m{{}, {}, has_bias || p.adds_bias ? 2 : 1};
+        p.merge_layer(w0, has_bias ? &b0 : nullptr, m.weight, m.bias);
+        it = glora_results.emplace(module, std::move(m)).first;
       }
       std::vector<double> part = std::move(weight ? it->second.weight : it->second.bias);
       if (--it->second.parts_left == 0) glora_results.erase(it);
@@ -339,7 +343,7 @@ int main(int argc, char** argv) {
         std::vector<double> w;
         try {
           w = compute(what);
-        } catch (const ta::argument_error& e) {
+        } catch (const std::exception& e) {  // a merge's argument_error, or no memory for it
           throw merge_refused("tensor \"" + name + "\": " + e.what() + "; nothing was written");
         }
         for (std::size_t k = 0; k < w.size(); ++k)

@@ -420,7 +420,13 @@ TEST_CASE("a writer streams to a file or a stream the bytes it serializes", "[sa
   in.close();
   std::remove(path.c_str());
 
-  // A stream that takes only the first 100 bytes: the write stops with the stream failed.
+  // A stream that takes only the first 100 bytes: the write stops with the stream failed, before it
+  // produces the deferred tensor after the failure.
+  int produced = 0;
+  w.add_deferred("z.last", {2}, io::dtype::F32, [&produced] {
+    ++produced;
+    return std::vector<float>{1.0f, 2.0f};
+  });
   struct short_buffer : std::streambuf {
     std::size_t room = 100;
     int_type overflow(int_type c) override {
@@ -433,6 +439,7 @@ TEST_CASE("a writer streams to a file or a stream the bytes it serializes", "[sa
   w.write(short_stream);
   CHECK(short_stream.fail());
   CHECK(buffer.room == 0);
+  CHECK(produced == 0);
 }
 
 TEST_CASE("deferred tensors are produced when the file is written, as their values would be written", "[safetensors]") {
@@ -476,13 +483,21 @@ TEST_CASE("deferred tensors are produced when the file is written, as their valu
   CHECK_FALSE(std::filesystem::exists(path + ".partial"));
   io::safetensors_writer short_values;
   short_values.add_deferred("b", {3, 4}, io::dtype::F16, [] { return std::vector<float>(11, 1.0f); });
-  REQUIRE_THROWS_WITH(short_values.write(path), Contains("\"b\"") && Contains("needs 24 bytes") && Contains("gave 22"));
+  REQUIRE_THROWS_WITH(short_values.write(path), Contains("\"b\"") && Contains("needs 12 values") && Contains("gave 11"));
   CHECK(file_bytes(path) == before);
   CHECK_FALSE(std::filesystem::exists(path + ".partial"));
   io::safetensors_writer long_raw;
   long_raw.add_raw_deferred("ids", io::dtype::U8, {3}, [] { return bytes(4, 0); });
-  REQUIRE_THROWS_WITH(long_raw.serialize(), Contains("\"ids\"") && Contains("gave 4"));
+  REQUIRE_THROWS_WITH(long_raw.serialize(), Contains("\"ids\"") && Contains("needs 3 bytes") && Contains("were 4"));
   std::remove(path.c_str());
+
+  // Through a stream: an exception leaves the part of the file before the tensor that threw.
+  std::ostringstream stream;
+  REQUIRE_THROWS_AS(failing.write(stream), refused);
+  const std::string part = stream.str();
+  REQUIRE(part.size() > 8 + 48);
+  const std::size_t header = static_cast<unsigned char>(part[0]) | std::size_t(static_cast<unsigned char>(part[1])) << 8;
+  CHECK(part.size() == 8 + header + 48);  // the length field, the header, then "a"
 
   // The checks of add_values and add_raw apply when a deferred tensor is added.
   io::safetensors_writer checks;

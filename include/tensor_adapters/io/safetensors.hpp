@@ -639,9 +639,7 @@ class safetensors_writer {
   // Adds `count` = Π shape values from `data` as `name`, stored as `type`.
   template <class T>
   void add_values(const std::string& name, const T* data, const std::vector<index>& shape, dtype type = dtype_of<T>()) {
-    if (!is_floating(type))
-      throw format_error("safetensors writer: tensor \"" + name + "\" cannot be stored as " + dtype_name(type) +
-                         " (F64, F32, F16 or BF16 only)");
+    check_floating(name, type);
     entry e = make_entry(name, type, shape);
     detail::encode(data, static_cast<std::size_t>(e.size / dtype_size(type)), type, e.bytes);
     add_entry(std::move(e));
@@ -662,17 +660,22 @@ class safetensors_writer {
 
   // Adds `name`, stored as `type` (F64, F32, F16 or BF16), whose Π shape values values() returns (a
   // std::vector of a floating-point type) only when the file is written, each time it is: the writer
-  // holds no copy of them, so a file of many large tensors is written holding one at a time. An
+  // holds no copy of them, so a file of many large tensors is written holding one at a time. values is
+  // copied into the writer and called as const (a lambda without `mutable`, its captures copyable). An
   // exception from values() ends the write with it (write(path) leaving the file as it was); so does
   // format_error if values() returns another number of values. Throws format_error as add_values does.
   template <class Values>
   void add_deferred(const std::string& name, const std::vector<index>& shape, dtype type, Values values) {
-    if (!is_floating(type))
-      throw format_error("safetensors writer: tensor \"" + name + "\" cannot be stored as " + dtype_name(type) +
-                         " (F64, F32, F16 or BF16 only)");
+    static_assert(std::is_copy_constructible<Values>::value && std::is_invocable<const Values&>::value,
+                  "add_deferred: values must be copyable and callable as const, with no arguments");
+    check_floating(name, type);
     entry e = make_entry(name, type, shape);
-    e.fill = [values = std::move(values), type](std::vector<unsigned char>& bytes) {
+    const std::uint64_t count = e.size / dtype_size(type);
+    e.fill = [values = std::move(values), name, type, count](std::vector<unsigned char>& bytes) {
       const auto v = values();
+      if (v.size() != count)
+        throw format_error("safetensors writer: tensor \"" + name + "\" needs " + std::to_string(count) +
+                           " values, but its deferred values gave " + std::to_string(v.size()));
       detail::encode(v.data(), v.size(), type, bytes);
     };
     add_entry(std::move(e));
@@ -682,6 +685,8 @@ class safetensors_writer {
   // std::vector<unsigned char> of Π shape · dtype_size(type) of them.
   template <class Bytes>
   void add_raw_deferred(const std::string& name, dtype type, const std::vector<index>& shape, Bytes bytes) {
+    static_assert(std::is_copy_constructible<Bytes>::value && std::is_invocable<const Bytes&>::value,
+                  "add_raw_deferred: bytes must be copyable and callable as const, with no arguments");
     entry e = make_entry(name, type, shape);
     e.fill = [bytes = std::move(bytes)](std::vector<unsigned char>& out) { out = bytes(); };
     add_entry(std::move(e));
@@ -698,17 +703,25 @@ class safetensors_writer {
   // The whole file as bytes (producing every deferred tensor).
   std::vector<unsigned char> serialize() const {
     std::vector<unsigned char> out;
-    emit([&out](const unsigned char* data, std::size_t size) { out.insert(out.end(), data, data + size); },
-         [&out](std::size_t size) { out.reserve(size); });
+    emit(
+        [&out](const unsigned char* data, std::size_t size) {
+          out.insert(out.end(), data, data + size);
+          return true;
+        },
+        [&out](std::size_t size) { out.reserve(size); });
     return out;
   }
 
-  // Writes the whole file to `out`, tensor by tensor (no copy of the file is formed in memory). Sets
-  // the stream's failbit, as its own writes do, if writing fails.
+  // Writes the whole file to `out` (a binary stream), tensor by tensor, producing the deferred tensors
+  // as it reaches them (on every call): no copy of the file is formed in memory. A failed write sets the
+  // stream's failbit, as its own writes do, and stops there, before the next deferred tensor is produced.
+  // An exception from a deferred tensor leaves the stream with the part of the file before it.
   void write(std::ostream& out) const {
-    emit([&out](const unsigned char* data, std::size_t size) {
-      out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(size));
-    }, [](std::size_t) {});
+    emit(
+        [&out](const unsigned char* data, std::size_t size) {
+          return bool(out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(size)));
+        },
+        [](std::size_t) {});
   }
 
   // Writes the file to `path`, through a temporary file renamed over it once complete, so that a failed
@@ -729,8 +742,8 @@ class safetensors_writer {
     std::function<void(std::vector<unsigned char>&)> fill;  // what produces it (deferred)
   };
 
-  // The file's bytes in order, through put(data, size): the 8-byte header length, the header, then the
-  // tensors' data; reserve(total size) first.
+  // The file's bytes in order, through put(data, size) (false: stop): the 8-byte header length, the
+  // header, then the tensors' data; reserve(total size) first.
   template <class Put, class Reserve>
   void emit(Put&& put, Reserve&& reserve) const {
     std::vector<const entry*> order;
@@ -758,13 +771,14 @@ class safetensors_writer {
     text.append((8 - text.size() % 8) % 8, ' ');
     reserve(static_cast<std::size_t>(8 + text.size() + offset));
     unsigned char length[8];
-    for (int b = 0; b < 8; ++b) length[b] = static_cast<unsigned char>(static_cast<std::uint64_t>(text.size()) >> (8 * b));
-    put(length, sizeof length);
-    put(reinterpret_cast<const unsigned char*>(text.data()), text.size());
+    const auto header_size = static_cast<std::uint64_t>(text.size());
+    for (int b = 0; b < 8; ++b) length[b] = static_cast<unsigned char>(header_size >> (8 * b));
+    if (!put(length, sizeof length)) return;
+    if (!put(reinterpret_cast<const unsigned char*>(text.data()), text.size())) return;
     std::vector<unsigned char> produced;
     for (const entry* e : order) {
       if (!e->fill) {
-        put(e->bytes.data(), e->bytes.size());
+        if (!put(e->bytes.data(), e->bytes.size())) return;
         continue;
       }
       produced.clear();
@@ -772,9 +786,15 @@ class safetensors_writer {
       if (produced.size() != e->size)
         throw format_error("safetensors writer: tensor \"" + e->name + "\" of shape " + detail::shape_text(e->shape) +
                            " and dtype " + dtype_name(e->type) + " needs " + std::to_string(e->size) +
-                           " bytes, but its deferred values gave " + std::to_string(produced.size()));
-      put(produced.data(), produced.size());
+                           " bytes, but its deferred bytes were " + std::to_string(produced.size()));
+      if (!put(produced.data(), produced.size())) return;
     }
+  }
+
+  static void check_floating(const std::string& name, dtype type) {
+    if (!is_floating(type))
+      throw format_error("safetensors writer: tensor \"" + name + "\" cannot be stored as " + dtype_name(type) +
+                         " (F64, F32, F16 or BF16 only)");
   }
 
   // An entry without its data, once every check on it has passed (none of them records anything).

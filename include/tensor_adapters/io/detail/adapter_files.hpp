@@ -330,7 +330,7 @@ inline void write_adapter_directory(const std::string& directory, const safetens
   std::string config_partial;
   try {
     config_partial = write_partial(config, config, [&config_json](std::ostream& out) { out << config_json; });
-  } catch (const format_error&) {
+  } catch (...) {
     std::error_code ec;
     std::filesystem::remove(model_partial, ec);
     throw;
