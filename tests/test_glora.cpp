@@ -815,6 +815,9 @@ TEMPLATE_TEST_CASE("make_glora: zeros and kaiming- or xavier-uniform up factors,
   CHECK(double(max_abs(xv.Au)) <= bx);
   CHECK(double(max_abs(xv.Au)) > 0.95 * bx);
   CHECK(double(max_abs(xv.Cu)) <= bc);
+  // Cu's fan-in is 1: with I's, its bound would be √(6 / (I + R)), below a quarter of bc (8 draws all
+  // under bc / 4 by chance: 4^-8).
+  CHECK(double(max_abs(xv.Cu)) > 0.25 * bc);
   CHECK(max_abs(xv.Ad) == T(0));
 
   // Every configuration of a new store is an exact no-op.
@@ -915,6 +918,9 @@ TEST_CASE("parameter_count follows the official search's rule", "[glora]") {
   // A rank no store of the layer can hold, and a count beyond an index.
   CHECK_THROWS_AS(ta::parameter_count(ta::parse_glora_config("A=lora_100,B=none,C=none,D=none,E=none"), 4, 4),
                   ta::argument_error);
+  // A rank of up to 9 digits is read; one of 10 is refused as text (it could overflow the rank's reading).
+  CHECK_THROWS_WITH(ta::parse_glora_config("A=lora_1234567890,B=none,C=none,D=none,E=none"),
+                    Catch::Contains("\"lora_1234567890\"") && Catch::Contains("is not lora_<rank>"));
   CHECK_THROWS_AS(ta::parameter_count(ta::parse_glora_config("A=lora_999999999,B=none,C=none,D=none,E=none"),
                                       ta::index(1) << 62, ta::index(1) << 62),
                   ta::argument_error);

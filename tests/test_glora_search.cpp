@@ -225,6 +225,9 @@ TEST_CASE("bad search input throws argument_error before any fitness call", "[gl
   std::vector<ta::glora_layer_shape> small = layers;
   small[1].max_rank = 2;
   CHECK_THROWS_WITH(ta::evolutionary_search(small, space, f, ok), Catch::Contains("layer 1") && Catch::Contains("R = 2"));
+  // The boundary: a space of rank R + 1 for layers of rank R.
+  CHECK_THROWS_WITH(ta::evolutionary_search(layers, ta::make_glora_space(5), f, ok),
+                    Catch::Contains("lora rank 5") && Catch::Contains("R = 4"));
   // A maximum rank above min(out, in), which no store of that layer can hold.
   std::vector<ta::glora_layer_shape> narrow = layers;
   narrow[0] = {16, 3, 4};
@@ -301,6 +304,27 @@ TEST_CASE("bad search input throws argument_error before any fitness call", "[gl
   std::vector<ta::glora_config> too_big(3);
   too_big[0].A = ta::glora_choice::lora(8);
   CHECK_THROWS_AS(ta::parameter_count(too_big, layers), ta::argument_error);
+}
+
+TEST_CASE("a generation makes `mutations` new mutants, drawing again where one repeats a candidate",
+          "[glora_search]") {
+  // One small layer and a mutation probability of 0.2: many mutants equal their parent (the only one,
+  // with a population and top-k of 1) or an earlier candidate. Up to 10 × mutations draws still give
+  // `mutations` new candidates in every generation after the first.
+  const std::vector<ta::glora_layer_shape> layers{{16, 16, 4}};
+  const ta::glora_space space = ta::make_glora_space(std::vector<ta::index>{4, 2});
+  ta::glora_search_options options;
+  options.population = 1;
+  options.top_k = 1;
+  options.mutations = 5;
+  options.crossovers = 0;
+  options.generations = 4;
+  options.seed = 1;
+  std::vector<ta::index> evaluated;
+  auto fitness = [](const std::vector<ta::glora_config>& c) { return double(ta::parameter_count(c[0], 16, 16)); };
+  ta::evolutionary_search(layers, space, fitness, options,
+                          [&](const ta::glora_search_progress& p) { evaluated.push_back(p.evaluated); });
+  CHECK(evaluated == std::vector<ta::index>{1, 5, 5, 5});
 }
 
 TEST_CASE("the default random refill draws 100 × population times", "[glora_search]") {

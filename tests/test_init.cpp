@@ -43,6 +43,38 @@ TEST_CASE("32-bit and 64-bit generators both work", "[init]") {
   CHECK(max64 > 0.999);
 }
 
+TEST_CASE("the draws are the values of the header's formulas", "[init]") {
+  // Expected values from an independent implementation of MT19937 and MT19937-64 (the reference
+  // algorithms, checked against the standard's 10000th outputs) and the formulas: uniform01 = (64 bits
+  // >> 11) · 2^-53, a 32-bit generator's 64 bits being (first << 32) | second; fill_uniform = (2u − 1) ·
+  // bound; fill_normal = √(−2 ln(1 − u1)) · cos(2π u2).
+  std::mt19937 g32(0);
+  CHECK(ta::detail::uniform01(g32) == 0.5488135024422883);
+  CHECK(ta::detail::uniform01(g32) == 0.7151893651681639);
+  CHECK(ta::detail::uniform01(g32) == 0.6027633705776989);
+  std::mt19937_64 g64(0);
+  CHECK(ta::detail::uniform01(g64) == 0.1597933633704608);
+  CHECK(ta::detail::uniform01(g64) == 0.9921452096298288);
+  CHECK(ta::detail::uniform01(g64) == 0.03956902584486566);
+
+  ta::tensor<double, 1> u(3), z(3);
+  std::mt19937_64 gu(0), gz(0);
+  ta::fill_uniform(u, 1.0, gu);
+  CHECK(u(0) == -0.6804132732590784);
+  CHECK(u(1) == 0.9842904192596575);
+  CHECK(u(2) == -0.9208619483102687);
+  ta::fill_normal(z, 0.0, 1.0, gz);
+  // (log and cos may differ in the last bit between math libraries)
+  CHECK(z(0) == Approx(0.5893788037363092).epsilon(1e-15));
+  CHECK(z(1) == Approx(-0.23249007105176506).epsilon(1e-15));
+  CHECK(z(2) == Approx(1.1704404331107556).epsilon(1e-15));
+  std::mt19937 gz32(0);
+  ta::fill_normal(z, 0.0, 1.0, gz32);
+  CHECK(z(0) == Approx(-0.2737542390493669).epsilon(1e-15));
+  CHECK(z(1) == Approx(-1.305163431072571).epsilon(1e-15));
+  CHECK(z(2) == Approx(-0.638764535801038).epsilon(1e-15));
+}
+
 TEMPLATE_TEST_CASE("distributions have the moments they promise", "[init]", float, double) {
   std::mt19937_64 gen(11);
   const ta::index n = 200000;

@@ -331,6 +331,14 @@ TEMPLATE_TEST_CASE("forward and backward make no allocation with a warm workspac
     CHECK(counting.allocations() == 0);
   }
   CHECK(max_abs_diff(dx, dx_first) == T(0));
+  // A forward without a bias right after one with a bias, on the same workspace, gives what a fresh
+  // workspace gives (nothing of the bias is left in it).
+  ta::forward(a, x, w0, b0, y, ws);
+  ta::forward(a, x, w0, y, ws);
+  ta::lora_workspace<T> fresh;
+  ta::tensor<T, 2> y_fresh(y.dimensions());
+  ta::forward(a, x, w0, y_fresh, fresh);
+  CHECK(max_abs_diff(y, y_fresh) == T(0));
 }
 
 TEMPLATE_TEST_CASE("bad input throws argument_error naming the function and shapes, and writes nothing", "[lora]",
@@ -378,6 +386,12 @@ TEMPLATE_TEST_CASE("bad input throws argument_error naming the function and shap
   CHECK_THROWS_AS((ta::delta_weight<T, 3>(a, ta::shape<3>{4, ta::index(1) << 62, 4})), ta::argument_error);
   CHECK_THROWS_AS((ta::delta_weight<T, 2>(a, ta::shape<2>{5, 6})), ta::argument_error);
   CHECK((ta::delta_weight<T, 3>(a, ta::shape<3>{4, 2, 3})).dimensions() == ta::shape<3>{4, 2, 3});
+  // The right fan-in with another number of output rows (w_bad is (5, 6), the adapter's B has 4 rows).
+  CHECK_THROWS_WITH(ta::merge(a, w_bad), Catch::Contains("lora merge") && Catch::Contains("needs (4, …)"));
+  CHECK_THROWS_AS(ta::unmerge(a, w_bad), ta::argument_error);
+  CHECK_THROWS_AS(ta::safe_merge(a, w_bad), ta::argument_error);
+  CHECK_THROWS_AS(ta::delta_weight_vjp(a, w_bad), ta::argument_error);
+  CHECK_THROWS_WITH(ta::forward(a, x, w_bad, y_bad, ws), Catch::Contains("needs (4, …)"));
   ta::lora<T> mismatched = a;
   mismatched.B.resize(4, 3);
   CHECK_THROWS_WITH(ta::merge(mismatched, w0), Catch::Contains("disagree on the rank"));
