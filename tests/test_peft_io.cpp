@@ -679,6 +679,71 @@ TEST_CASE("hostile PEFT patterns and configs are refused or matched in bounded t
   }
 }
 
+TEST_CASE("PEFT limits hold exactly at their boundaries", "[peft]") {
+  SECTION("repetition counts: 6 digits are accepted, 7 refused") {
+    CHECK_NOTHROW(io::parse_peft_lora_config(config_with("\"target_modules\": \"a{000001}\""), "c"));
+    require_config_error(config_with("\"target_modules\": \"a{0000001}\""),
+                         {"adapter_config.json target_modules", "more than 6 digits"});
+    require_config_error(config_with("\"rank_pattern\": {\"a{1,0000001}\": 1}"),
+                         {"rank_pattern", "more than 6 digits"});
+  }
+  SECTION("lookaheads: exactly max_pattern_lookaheads (2) are accepted, 3 refused") {
+    const io::peft_lora_config c =
+        io::parse_peft_lora_config(config_with("\"target_modules\": \"(?=a)(?=a)a\""), "adapter_config.json");
+    CHECK(io::peft_targets(c, "a"));
+    CHECK_FALSE(io::peft_targets(c, "b"));
+    require_config_error(config_with("\"target_modules\": \"(?=a)(?=a)(?=a)a\""), {"more than 2 lookaheads"});
+  }
+  SECTION("r: 2^30 is accepted, 2^30 + 1 refused") {
+    CHECK(io::parse_peft_lora_config(R"({"r": 1073741824, "lora_alpha": 8})", "c").r == ta::index(1) << 30);
+    require_config_error(R"({"r": 1073741825, "lora_alpha": 8})", {"\"r\""});
+  }
+  SECTION("a layer index of 19 digits is no layer (not a std::stoll overflow)") {
+    const io::peft_lora_config c = io::parse_peft_lora_config(
+        R"({"r": 2, "lora_alpha": 8, "target_modules": ["q_proj"], "layers_to_transform": [0]})", "c");
+    bool selected = true;
+    CHECK_NOTHROW(selected = io::peft_targets(c, "model.layers.9999999999999999999.q_proj"));
+    CHECK_FALSE(selected);
+    CHECK(io::peft_targets(c, "model.layers.0.q_proj"));
+  }
+}
+
+namespace {
+
+// load_peft_lora of a file holding one module "m" with factors of these shapes (zeros), under `config`.
+io::peft_lora_adapter<float> load_lora_factors(const std::vector<ta::index>& a_shape,
+                                               const std::vector<ta::index>& b_shape,
+                                               const std::string& config = R"({"r": 2, "lora_alpha": 8})") {
+  io::safetensors_writer w;
+  for (const auto& [key, shape] : {std::make_pair(io::peft_prefix + "m" + io::peft_a_suffix, a_shape),
+                                   std::make_pair(io::peft_prefix + "m" + io::peft_b_suffix, b_shape)}) {
+    ta::index size = 1;
+    for (ta::index d : shape) size *= d;
+    const std::vector<float> zero(static_cast<std::size_t>(size), 0.0f);
+    w.add_values(key, zero.data(), shape);
+  }
+  const auto bytes = w.serialize();
+  const io::safetensors_file file = io::safetensors_file::parse(bytes.data(), bytes.size(), "lora.safetensors");
+  return io::load_peft_lora<float>(io::parse_peft_lora_config(config, "adapter_config.json"), file);
+}
+
+}  // namespace
+
+TEST_CASE("PEFT factor shapes at the edges of what loads", "[peft]") {
+  // The shapes that load: linear, and conv3d (rank 5) with B's trailing extents 1.
+  CHECK(load_lora_factors({2, 3}, {4, 2}).layers.at("m").weight_shape == std::vector<ta::index>{4, 3});
+  CHECK(load_lora_factors({2, 3, 1, 1, 1}, {4, 2, 1, 1, 1}).layers.at("m").weight_shape.size() == 5);
+  // Factors of rank 6 are refused, even with B's trailing extents 1.
+  REQUIRE_THROWS_WITH(load_lora_factors({2, 3, 1, 1, 1, 1}, {4, 2, 1, 1, 1, 1}),
+                      Contains("lora.safetensors") && Contains("module \"m\"") && Contains("rank 2 to 5"));
+  // B's first trailing extent (its third) must be 1 too, not only the later ones.
+  REQUIRE_THROWS_WITH(load_lora_factors({2, 3, 1, 1}, {4, 2, 2, 1}),
+                      Contains("(4, 2, 2, 1)") && Contains("B must be (out, r, 1…)"));
+  // A rank within out but above fan_in is refused: min(out, fan_in), not out alone.
+  REQUIRE_THROWS_WITH(load_lora_factors({4, 2}, {8, 4}, R"({"r": 4, "lora_alpha": 8})"),
+                      Contains("module \"m\"") && Contains("rank 4") && Contains("above min(out, fan_in) = 2"));
+}
+
 // ---------------------------------------------------------------------------------------------------
 // GLoRA and FLoRA files
 
@@ -1144,6 +1209,86 @@ TEST_CASE("malformed GLoRA and FLoRA adapters raise clear errors", "[glora_file]
     const io::safetensors_file file = io::safetensors_file::parse(bytes.data(), bytes.size(), "huge.safetensors");
     REQUIRE_THROWS_WITH(io::load_flora_adapter<float>(R"({"peft_type": "FLORA", "scale": 1})", "cfg", file),
                         Contains("module \"m\"") && Contains("beyond the largest index"));
+  }
+}
+
+namespace {
+
+// A file (in memory, named `name`) of F32 tensors of these names and shapes, filled with 0.5.
+io::safetensors_file tensors_file(const std::vector<std::pair<std::string, std::vector<ta::index>>>& tensors,
+                                  const std::string& name) {
+  io::safetensors_writer w;
+  for (const auto& [key, shape] : tensors) {
+    ta::index size = 1;
+    for (ta::index d : shape) size *= d;
+    const std::vector<float> values(static_cast<std::size_t>(size), 0.5f);
+    w.add_values(key, values.data(), shape);
+  }
+  const auto bytes = w.serialize();
+  return io::safetensors_file::parse(bytes.data(), bytes.size(), name);
+}
+
+// The eight GLoRA store tensors of `module` for (O, I, R).
+std::vector<std::pair<std::string, std::vector<ta::index>>> glora_store_tensors(const std::string& module, ta::index o,
+                                                                                ta::index i, ta::index r) {
+  const std::string p = io::peft_prefix + module + ".";
+  return {{p + "glora_Ad", {o, r}}, {p + "glora_Au", {r, i}}, {p + "glora_Bd", {o, r}}, {p + "glora_Bu", {r, i}},
+          {p + "glora_Cd", {i, r}}, {p + "glora_Cu", {r, 1}}, {p + "glora_D", {o}},     {p + "glora_E", {o}}};
+}
+
+}  // namespace
+
+TEST_CASE("GLoRA and FLoRA files at the edges of what loads", "[glora_file][flora_file]") {
+  const std::string glora_r2 = R"({"peft_type": "GLORA", "r": 2})";
+  const std::string flora_cfg = R"({"peft_type": "FLORA", "scale": 1})";
+
+  SECTION("GLoRA: an eval_config object with a key besides A … E") {
+    const std::string dict = R"({"A": "LoRA_2", "B": "vector", "C": "none", "D": "constant", "E": "vector")";
+    CHECK_NOTHROW(io::parse_glora_adapter_config(
+        R"({"peft_type": "GLORA", "r": 2, "eval_config": {"m": )" + dict + "}}}", "glora.json"));
+    REQUIRE_THROWS_WITH(io::parse_glora_adapter_config(
+                            R"({"peft_type": "GLORA", "r": 2, "eval_config": {"m": )" + dict + R"(, "F": "none"}}})",
+                            "glora.json"),
+                        Contains("eval_config[\"m\"]") && Contains("keys other than A, B, C, D, E"));
+  }
+  SECTION("GLoRA: a store of an empty module name") {
+    // The store loads under a module name; the same tensors without one are refused (as for LoRA).
+    CHECK(io::load_glora_adapter<float>(glora_r2, "cfg", tensors_file(glora_store_tensors("m", 2, 2, 2), "g.st"))
+              .layers.count("m") == 1);
+    REQUIRE_THROWS_WITH(
+        io::load_glora_adapter<float>(glora_r2, "cfg", tensors_file(glora_store_tensors("", 2, 2, 2), "g.st")),
+        Contains("\"base_model.model..glora_Ad\"") && Contains("\"base_model.model..glora_D\"") &&
+            Contains("not a GLoRA store tensor"));
+  }
+  SECTION("GLoRA: a rank within O but above I") {
+    // O = 8, I = 2, R = 4: min(O, I), not O alone.
+    REQUIRE_THROWS_WITH(io::load_glora_adapter<float>(R"({"peft_type": "GLORA", "r": 4})", "cfg",
+                                                      tensors_file(glora_store_tensors("m", 8, 2, 4), "g.st")),
+                        Contains("module \"m\"") && Contains("rank 4") && Contains("above min(O, I) = 2"));
+  }
+  SECTION("FLoRA: param_<n> takes a single digit") {
+    REQUIRE_THROWS_WITH(io::load_flora_adapter<float>(flora_cfg, "cfg",
+                                                      tensors_file({{"m.flora_layer.param_G", {2, 2}},
+                                                                    {"m.flora_layer.param_00", {4, 2}},
+                                                                    {"m.flora_layer.param_1", {3, 2}}},
+                                                                   "f.st")),
+                        Contains("\"m.flora_layer.param_00\"") && Contains("not an official FLoRA parameter"));
+  }
+  SECTION("FLoRA: a core of 6 modes") {
+    std::vector<std::pair<std::string, std::vector<ta::index>>> t = {{"m.flora_layer.param_G", {1, 1, 1, 1, 1, 2}}};
+    for (int n = 0; n < 6; ++n) t.push_back({"m.flora_layer.param_" + std::to_string(n), {2, n == 5 ? 2 : 1}});
+    REQUIRE_THROWS_WITH(io::load_flora_adapter<float>(flora_cfg, "cfg", tensors_file(t, "f.st")),
+                        Contains("module \"m\"") && Contains("(1, 1, 1, 1, 1, 2)") &&
+                            Contains("the core has rank 2 (linear) to 5 (conv3d)"));
+  }
+  SECTION("FLoRA: a factor whose extent is below its rank is a format_error naming the file and tensor") {
+    const io::safetensors_file file = tensors_file(
+        {{"m.flora_layer.param_G", {3, 2}}, {"m.flora_layer.param_0", {2, 3}}, {"m.flora_layer.param_1", {4, 2}}},
+        "narrow.safetensors");
+    REQUIRE_THROWS_AS(io::load_flora_adapter<float>(flora_cfg, "cfg", file), io::format_error);
+    REQUIRE_THROWS_WITH(io::load_flora_adapter<float>(flora_cfg, "cfg", file),
+                        Contains("narrow.safetensors") && Contains("m.flora_layer.param_0") &&
+                            Contains("(2, 3)") && Contains("extent ≥ 3"));
   }
 }
 

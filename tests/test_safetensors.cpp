@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <random>
 #include <sstream>
 #include <stdexcept>
@@ -552,4 +553,72 @@ TEST_CASE("safetensors files on disk", "[safetensors]") {
   CHECK(std::filesystem::is_directory(target_dir));
   std::filesystem::remove_all(target_dir);
   std::remove(path.c_str());
+}
+
+TEST_CASE("safetensors names and metadata ending in a multi-byte character round trip", "[safetensors]") {
+  // A name or value whose last character takes 2, 3 or 4 bytes is valid UTF-8 to its very end (the
+  // validator must not ask for a byte past the end of the text).
+  ta::tensor<float, 1> t(2);
+  t(0) = 1.5f;
+  t(1) = -2.0f;
+  const std::vector<std::string> names = {"w\xC3\xA9", "w\xE2\x82\xAC", "w\xF0\x9F\x98\x80"};  // wé, w€, w😀
+  io::safetensors_writer w;
+  for (const std::string& name : names) CHECK_NOTHROW(w.add(name, t));
+  CHECK_NOTHROW(w.set_metadata("note", "caf\xC3\xA9"));
+  CHECK_NOTHROW(w.set_metadata("cl\xC3\xA9", "\xE2\x82\xAC"));
+  const io::safetensors_file f = parse(w.serialize());
+  auto metadata = [&f](const std::string& key) {
+    const auto it = f.metadata().find(key);
+    return it == f.metadata().end() ? std::string("<absent>") : it->second;
+  };
+  CHECK(metadata("note") == "caf\xC3\xA9");
+  CHECK(metadata("cl\xC3\xA9") == "\xE2\x82\xAC");
+  for (const std::string& name : names) {
+    INFO(name);
+    REQUIRE(f.contains(name));
+    CHECK(f.load<float, 1>(name)(1) == -2.0f);
+  }
+  // A multi-byte character cut short at the end is still refused.
+  REQUIRE_THROWS_WITH(w.add("w\xC3", t), Contains("not valid UTF-8"));
+  REQUIRE_THROWS_WITH(w.set_metadata("note", "caf\xE2\x82"), Contains("not valid UTF-8"));
+}
+
+TEST_CASE("safetensors boundaries of the data area tiling and of shapes", "[safetensors]") {
+  // A gap of a single byte between two tensors is refused as unused bytes.
+  require_rejected(make_file("{" + entry("w", "F32", "[4]", 0, 16) + "," + entry("b", "F32", "[2]", 17, 25) + "}",
+                             zeros(25)),
+                   {"unused bytes [16, 17)", "\"b\""});
+  // An extent of exactly the largest index, in an empty tensor, is valid.
+  const auto f = parse(make_file("{" + entry("e", "F32", "[9223372036854775807,0]", 0, 0) + "}", zeros(0)));
+  CHECK(f.info("e").shape == std::vector<ta::index>{std::numeric_limits<ta::index>::max(), 0});
+  CHECK(f.info("e").size() == 0);
+  // One above it is refused.
+  require_rejected(make_file("{" + entry("e", "F32", "[9223372036854775808,0]", 0, 0) + "}", zeros(0)),
+                   {"\"e\"", "overflows"});
+}
+
+TEST_CASE("safetensors writer pads the header to a multiple of 8 with fewer than 8 spaces", "[safetensors]") {
+  // One F32[1] tensor under names of 1 to 8 characters: the header text takes every length modulo 8, one
+  // of them a multiple of 8 already, which must get no padding at all.
+  ta::tensor<float, 1> t(1);
+  t(0) = 3.0f;
+  bool unpadded = false;
+  for (std::size_t length = 1; length <= 8; ++length) {
+    const std::string name(length, 'a');
+    INFO("name " << name);
+    io::safetensors_writer w;
+    w.add(name, t);
+    const bytes b = w.serialize();
+    std::uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | b[static_cast<std::size_t>(i)];
+    CHECK(n % 8 == 0);
+    REQUIRE(b.size() == 8 + n + 4);
+    const std::string header(b.begin() + 8, b.begin() + 8 + static_cast<std::ptrdiff_t>(n));
+    const std::size_t json_end = header.find_last_not_of(' ') + 1;
+    CHECK(header[json_end - 1] == '}');
+    CHECK(header.size() - json_end < 8);
+    if (json_end == header.size()) unpadded = true;
+    CHECK(parse(b).load<float, 1>(name)(0) == 3.0f);
+  }
+  CHECK(unpadded);  // the case of a header already a multiple of 8 was met
 }
