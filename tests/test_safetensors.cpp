@@ -484,7 +484,8 @@ TEST_CASE("deferred tensors are produced when the file is written, as their valu
   CHECK_FALSE(std::filesystem::exists(path + ".partial"));
   io::safetensors_writer short_values;
   short_values.add_deferred("b", {3, 4}, io::dtype::F16, [] { return std::vector<float>(11, 1.0f); });
-  REQUIRE_THROWS_WITH(short_values.write(path), Contains("\"b\"") && Contains("needs 12 values") && Contains("gave 11"));
+  REQUIRE_THROWS_WITH(short_values.write(path),
+                      Contains("\"b\"") && Contains("needs 12 values") && Contains("gave 11"));
   CHECK(file_bytes(path) == before);
   CHECK_FALSE(std::filesystem::exists(path + ".partial"));
   io::safetensors_writer long_raw;
@@ -497,7 +498,8 @@ TEST_CASE("deferred tensors are produced when the file is written, as their valu
   REQUIRE_THROWS_AS(failing.write(stream), refused);
   const std::string part = stream.str();
   REQUIRE(part.size() > 8 + 48);
-  const std::size_t header = static_cast<unsigned char>(part[0]) | std::size_t(static_cast<unsigned char>(part[1])) << 8;
+  const std::size_t header =
+      static_cast<unsigned char>(part[0]) | std::size_t(static_cast<unsigned char>(part[1])) << 8;
   CHECK(part.size() == 8 + header + 48);  // the length field, the header, then "a"
 
   // The checks of add_values and add_raw apply when a deferred tensor is added.
