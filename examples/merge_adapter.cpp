@@ -19,12 +19,13 @@
 // the config's target_modules selects has adapter tensors; each GLoRA layer has a fixed eval_config; every
 // merged value is finite and representable in the output dtype (a tensor only converted keeps the
 // infinities and NaNs it had, such as a mask's -inf, but none of its finite values may overflow the output
-// dtype). The output file is written beside its path, tensor by tensor in the file's order (by element
-// size, then name), holding the base file and one merged tensor at a time (a GLoRA layer's weight and
-// bias are merged together, and the one written second is kept until its turn), and renamed over it once
-// complete, so a check that fails while it is written, or a failed write, leaves an existing file, the
-// base itself included, as it was. Each problem is reported on its own line naming the tensor. One
-// progress line per tensor goes to stdout, as it is written.
+// dtype). The base file is mapped, not read whole: its tensors are read from it as they are used. The
+// output file is written beside its path, tensor by tensor in the file's order (by element size, then
+// name), holding one merged tensor at a time (a GLoRA layer's weight and bias are merged together, and
+// the one written second is kept until its turn), and renamed over it once complete, so a check that
+// fails while it is written, or a failed write, leaves an existing file, the base itself included, as it
+// was. Each problem is reported on its own line naming the tensor. One progress line per tensor goes to
+// stdout, as it is written.
 // Exit status: 0 on success, 1 on a problem with the files, 2 on bad usage (0 for --help, which prints the
 // usage on stdout).
 #include <tensor_adapters/io/flora_file.hpp>
@@ -238,7 +239,7 @@ int main(int argc, char** argv) {
 
   bool writing = false;
   try {
-    const io::safetensors_file base = io::read_safetensors(base_path);
+    const io::safetensors_file base = io::map_safetensors(base_path);
     const std::string type = peft_type_of(adapter_dir);
     adapter_plan plan;
     if (type == "LORA") plan = plan_lora(adapter_dir);

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -554,6 +555,78 @@ TEST_CASE("safetensors files on disk", "[safetensors]") {
   CHECK_FALSE(std::filesystem::exists(target_dir + ".partial"));
   CHECK(std::filesystem::is_directory(target_dir));
   std::filesystem::remove_all(target_dir);
+  std::remove(path.c_str());
+}
+
+TEST_CASE("a mapped safetensors file reads as the same file read into memory", "[safetensors]") {
+  const std::string path = "test_safetensors_mapped.safetensors";
+  std::mt19937 gen(31);
+  std::normal_distribution<double> normal;
+  ta::tensor<double, 3> t(4, 3, 5);
+  for (ta::index i = 0; i < t.size(); ++i) t.data()[i] = normal(gen);
+  ta::tensor<float, 2> s(7, 2);
+  for (ta::index i = 0; i < s.size(); ++i) s.data()[i] = static_cast<float>(normal(gen));
+  io::safetensors_writer w;
+  w.add("t", t);
+  w.add("t_bf16", t, io::dtype::BF16);
+  w.add("s", s);
+  const bytes flags{1, 0, 1};
+  w.add_raw("flags", io::dtype::U8, {3}, flags.data(), flags.size());
+  w.set_metadata("format", "pt");
+  w.write(path);
+
+  const io::safetensors_file read = io::read_safetensors(path);
+  io::safetensors_file mapped = io::map_safetensors(path);
+  CHECK(mapped.name() == path);
+  CHECK(mapped.metadata() == read.metadata());
+  REQUIRE(mapped.tensors().size() == read.tensors().size());
+  for (std::size_t i = 0; i < read.tensors().size(); ++i) {
+    const io::tensor_info& a = read.tensors()[i];
+    const io::tensor_info& b = mapped.tensors()[i];
+    CHECK(a.name == b.name);
+    CHECK(a.type == b.type);
+    CHECK(a.shape == b.shape);
+    CHECK(a.begin == b.begin);
+    CHECK(a.end == b.end);
+    CHECK(std::memcmp(read.raw(a), mapped.raw(b), static_cast<std::size_t>(a.end - a.begin)) == 0);
+  }
+  const ta::tensor<double, 3> back = mapped.load<double, 3>("t");
+  for (ta::index i = 0; i < t.size(); ++i) CHECK(back.data()[i] == t.data()[i]);
+  CHECK(mapped.load_values<double>("t_bf16") == read.load_values<double>("t_bf16"));
+
+  // The mapping outlives the file's name and the file object it came from: a copy keeps it.
+  std::remove(path.c_str());
+  io::safetensors_file copy = mapped;
+  mapped = io::safetensors_file();
+  CHECK(copy.load<float, 2>("s")(6, 1) == s(6, 1));
+
+  // The errors are read_safetensors's, for the same files.
+  REQUIRE_THROWS_WITH(io::map_safetensors(path), Contains(path) && Contains("cannot open"));
+  const std::string dir = "test_safetensors_mapped_directory";
+  std::filesystem::create_directories(dir);
+  REQUIRE_THROWS_WITH(io::map_safetensors(dir), Contains(dir) && Contains("not a regular file"));
+  std::filesystem::remove_all(dir);
+  auto write_bytes = [&](const bytes& b) {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
+  };
+  write_bytes(bytes());  // an empty file, which mmap cannot map
+  REQUIRE_THROWS_WITH(io::map_safetensors(path), Contains(path) && Contains("fewer than the 8"));
+  const bytes truncated = make_file(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", zeros(4));
+  write_bytes(truncated);
+  std::string message_read, message_mapped;
+  try {
+    io::read_safetensors(path);
+  } catch (const io::format_error& e) {
+    message_read = e.what();
+  }
+  try {
+    io::map_safetensors(path);
+  } catch (const io::format_error& e) {
+    message_mapped = e.what();
+  }
+  CHECK_THAT(message_read, Contains("beyond the data area"));
+  CHECK(message_mapped == message_read);
   std::remove(path.c_str());
 }
 

@@ -21,7 +21,7 @@
 //
 // Example:
 //   namespace io = tensor_adapters::io;
-//   io::safetensors_file f = io::read_safetensors("model.safetensors");
+//   io::safetensors_file f = io::read_safetensors("model.safetensors");  // or map_safetensors: read on use
 //   tensor_adapters::tensor<float, 2> w = f.load<float, 2>("layer.weight");
 //   io::safetensors_writer out;
 //   out.add("layer.weight", w);                       // F32
@@ -38,6 +38,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <memory>
 #include <ostream>
 #include <set>
 #include <string>
@@ -46,6 +47,13 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#endif
 
 #include "../detail/check.hpp"
 #include "../error.hpp"
@@ -406,21 +414,31 @@ inline double stored_value(double x, dtype type) {
   }
 }
 
-// A parsed, fully validated safetensors file held in memory.
+// A parsed, fully validated safetensors file: its bytes held in memory (parse, read_safetensors) or
+// mapped from the file (map_safetensors). The bytes are never written; copies share them.
 class safetensors_file {
  public:
   safetensors_file() = default;
 
-  // Parses and validates `size` bytes. `name` names the source in error messages. Throws format_error.
+  // Parses and validates `size` bytes (copied). `name` names the source in error messages. Throws
+  // format_error.
   static safetensors_file parse(const void* bytes, std::size_t size, const std::string& name = "<memory>") {
     return parse(std::vector<unsigned char>(static_cast<const unsigned char*>(bytes),
                                             static_cast<const unsigned char*>(bytes) + size),
                  name);
   }
   static safetensors_file parse(std::vector<unsigned char> bytes, const std::string& name) {
+    auto owner = std::make_shared<const std::vector<unsigned char>>(std::move(bytes));
+    return parse(std::shared_ptr<const unsigned char>(owner, owner->data()), owner->size(), name);
+  }
+  // Parses and validates `size` bytes at `bytes`, which the file keeps (and its copies share) for as
+  // long as any of them lives. Throws format_error.
+  static safetensors_file parse(std::shared_ptr<const unsigned char> bytes, std::size_t size,
+                                const std::string& name) {
     safetensors_file f;
     f.name_ = name;
     f.bytes_ = std::move(bytes);
+    f.size_ = size;
     f.validate();
     return f;
   }
@@ -445,7 +463,7 @@ class safetensors_file {
 
   // The raw little-endian bytes of `tensor` (info(tensor).end − begin of them).
   const unsigned char* raw(const std::string& tensor) const { return raw(info(tensor)); }
-  const unsigned char* raw(const tensor_info& t) const { return bytes_.data() + data_start_ + t.begin; }
+  const unsigned char* raw(const tensor_info& t) const { return bytes_.get() + data_start_ + t.begin; }
 
   // The values of `tensor` converted to T, row-major. Throws format_error if its dtype is not one of
   // F64, F32, F16, BF16.
@@ -482,23 +500,23 @@ class safetensors_file {
   }
 
   void validate() {
-    const std::size_t size = bytes_.size();
+    const std::size_t size = size_;
     if (size < 8)
       detail::fail(name_, "the file has " + std::to_string(size) + " bytes, fewer than the 8 of the header length");
-    const std::uint64_t n = detail::read_u64_le(bytes_.data());
+    const std::uint64_t n = detail::read_u64_le(bytes_.get());
     if (n > detail::max_header_size)
       detail::fail(name_, "the header length " + std::to_string(n) + " exceeds the limit of " +
                               std::to_string(detail::max_header_size) + " bytes");
     if (n > size - 8)
       detail::fail(name_, "the header length " + std::to_string(n) + " runs past the end of the file (" +
                               std::to_string(size) + " bytes)");
-    if (n < 2 || bytes_[8] != '{')
+    if (n < 2 || bytes_.get()[8] != '{')
       detail::fail(name_, "the header does not start with '{'");
     data_start_ = 8 + static_cast<std::size_t>(n);
     const std::uint64_t data_size = size - data_start_;
 
     const nlohmann::ordered_json header = detail::parse_json_strict(
-        reinterpret_cast<const char*>(bytes_.data() + 8), static_cast<std::size_t>(n), "safetensors " + name_ + " header");
+        reinterpret_cast<const char*>(bytes_.get() + 8), static_cast<std::size_t>(n), "safetensors " + name_ + " header");
     if (!header.is_object()) detail::fail(name_, "the header is not a JSON object");
 
     for (auto it = header.begin(); it != header.end(); ++it) {
@@ -593,7 +611,8 @@ class safetensors_file {
   }
 
   std::string name_;
-  std::vector<unsigned char> bytes_;
+  std::shared_ptr<const unsigned char> bytes_;
+  std::size_t size_ = 0;
   std::size_t data_start_ = 0;
   std::vector<tensor_info> tensors_;
   std::map<std::string, std::size_t> by_name_;
@@ -614,6 +633,43 @@ inline safetensors_file read_safetensors(const std::string& path) {
   if (size > 0 && !in.read(reinterpret_cast<char*>(bytes.data()), size))
     throw format_error("safetensors " + path + ": cannot read the file");
   return safetensors_file::parse(std::move(bytes), path);
+}
+
+// Maps the file at `path` into memory read-only and validates it, as read_safetensors does, without
+// reading the tensors' bytes: a tensor's pages are read from the file when it is loaded or its raw bytes
+// are used, so a large checkpoint costs only the tensors taken from it (the pages are the system's file
+// cache, which it can reclaim). The mapping lives as long as the returned file or a copy of it; removing
+// or renaming the file meanwhile does not affect it, but the file must not be truncated or rewritten in
+// place (reading a page cut off by truncation ends the process with SIGBUS, as with any mapping). On
+// systems without POSIX mmap it reads the file, as read_safetensors. Throws format_error as
+// read_safetensors does, and if the file cannot be mapped.
+inline safetensors_file map_safetensors(const std::string& path) {
+#if defined(__unix__) || defined(__APPLE__)
+  const std::string what = "safetensors " + path;
+  detail::check_regular_file(path, what);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw format_error(what + ": cannot open the file");
+  struct ::stat st;
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size < 0) {
+    ::close(fd);
+    throw format_error(what + ": cannot determine the file size");
+  }
+  const auto size = static_cast<std::size_t>(st.st_size);
+  if (size == 0) {  // nothing to map (mmap refuses a length of 0); parse reports the missing header
+    ::close(fd);
+    return safetensors_file::parse(std::vector<unsigned char>(), path);
+  }
+  void* address = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);  // the mapping keeps the file open
+  if (address == MAP_FAILED) throw format_error(what + ": cannot map the file");
+  const std::shared_ptr<const unsigned char> bytes(static_cast<const unsigned char*>(address),
+                                                   [size](const unsigned char* p) {
+                                                     ::munmap(const_cast<unsigned char*>(p), size);
+                                                   });
+  return safetensors_file::parse(bytes, size, path);
+#else
+  return read_safetensors(path);
+#endif
 }
 
 // Collects tensors, then writes them as one safetensors file. Tensors are laid out by decreasing element
