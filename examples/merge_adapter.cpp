@@ -240,6 +240,12 @@ int main(int argc, char** argv) {
   bool writing = false;
   try {
     const io::safetensors_file base = io::map_safetensors(base_path);
+    // The output is written to <output>.partial and renamed over <output>: a base of that name would be
+    // replaced by the output, and so lost.
+    std::error_code ec;
+    if (std::filesystem::equivalent(base_path, out_path + ".partial", ec))
+      throw io::format_error("the base " + base_path +
+                             " is the file the output is written to before it is renamed to " + out_path);
     const std::string type = peft_type_of(adapter_dir);
     adapter_plan plan;
     if (type == "LORA") plan = plan_lora(adapter_dir);
@@ -300,10 +306,10 @@ int main(int argc, char** argv) {
     }
 
     // The output is written tensor by tensor: each merged or converted tensor is computed, checked and
-    // encoded when the writer reaches it (io::safetensors_writer::add_deferred), so the tool holds the
-    // base file and one tensor at a time. A check that fails ends the write, and the output file is left
-    // as it was. GLoRA merges weight and bias together: the first of the two written computes both, and
-    // the other is kept until it is written.
+    // encoded when the writer reaches it (io::safetensors_writer::add_deferred), so the tool holds one
+    // merged tensor at a time beside the mapped base. A check that fails ends the write, and the output
+    // file is left as it was. GLoRA merges weight and bias together: the first of the two written
+    // computes both, and the other is kept until it is written.
     struct glora_merged {
       std::vector<double> weight, bias;
       int parts_left;

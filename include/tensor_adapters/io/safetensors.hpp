@@ -262,10 +262,14 @@ inline bool shape_overflows(const std::vector<index>& shape, dtype type, std::ui
 // behind. The rename replaces the file in one step for other processes; it does not flush the data to the
 // device. Errors throw format_error, the message starting with `what`.
 
-// Writes the temporary file of `path` in full, through fill(stream), and returns its name.
+// Writes the temporary file of `path` in full, through fill(stream), and returns its name. A file of
+// that name is removed first, not truncated, so that a mapping of it (map_safetensors) keeps its bytes
+// (a directory of that name is left alone, and opening it fails).
 template <class Fill>
 std::string write_partial(const std::string& path, const std::string& what, Fill&& fill) {
   const std::string partial = path + ".partial";
+  std::error_code ec;
+  if (!std::filesystem::is_directory(partial, ec)) std::filesystem::remove(partial, ec);
   std::ofstream out(partial, std::ios::binary | std::ios::trunc);
   if (!out) throw format_error(what + ": cannot open the file for writing (" + partial + ")");
   try {
@@ -438,8 +442,7 @@ class safetensors_file {
     safetensors_file f;
     f.name_ = name;
     f.bytes_ = std::move(bytes);
-    f.size_ = size;
-    f.validate();
+    f.validate(size);
     return f;
   }
 
@@ -499,8 +502,7 @@ class safetensors_file {
                               ", which does not load as floating point (F64, F32, F16 or BF16)");
   }
 
-  void validate() {
-    const std::size_t size = size_;
+  void validate(std::size_t size) {
     if (size < 8)
       detail::fail(name_, "the file has " + std::to_string(size) + " bytes, fewer than the 8 of the header length");
     const std::uint64_t n = detail::read_u64_le(bytes_.get());
@@ -612,7 +614,6 @@ class safetensors_file {
 
   std::string name_;
   std::shared_ptr<const unsigned char> bytes_;
-  std::size_t size_ = 0;
   std::size_t data_start_ = 0;
   std::vector<tensor_info> tensors_;
   std::map<std::string, std::size_t> by_name_;
@@ -637,36 +638,38 @@ inline safetensors_file read_safetensors(const std::string& path) {
 
 // Maps the file at `path` into memory read-only and validates it, as read_safetensors does, without
 // reading the tensors' bytes: a tensor's pages are read from the file when it is loaded or its raw bytes
-// are used, so a large checkpoint costs only the tensors taken from it (the pages are the system's file
-// cache, which it can reclaim). The mapping lives as long as the returned file or a copy of it; removing
-// or renaming the file meanwhile does not affect it, but the file must not be truncated or rewritten in
-// place (reading a page cut off by truncation ends the process with SIGBUS, as with any mapping). On
-// systems without POSIX mmap it reads the file, as read_safetensors. Throws format_error as
-// read_safetensors does, and if the file cannot be mapped.
+// are used, so a large checkpoint costs only the tensors taken from it (the pages are file-backed
+// memory, which the system can drop and read again). The mapping lives as long as the returned file or
+// a copy of it; removing the file or renaming another over it meanwhile does not affect it on a local
+// file system (safetensors_writer::write(path) does the latter), but the file must not be truncated or
+// rewritten in place (reading a page cut off by truncation ends the process with SIGBUS, as with any
+// mapping). Where the file cannot be mapped (an empty file, a file system without mmap, a system
+// without POSIX mmap) it is read, as read_safetensors does. Throws format_error as read_safetensors
+// does.
 inline safetensors_file map_safetensors(const std::string& path) {
 #if defined(__unix__) || defined(__APPLE__)
-  const std::string what = "safetensors " + path;
-  detail::check_regular_file(path, what);
+  detail::check_regular_file(path, "safetensors " + path);
+#ifdef O_CLOEXEC
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw format_error(what + ": cannot open the file");
+#else
+  const int fd = ::open(path.c_str(), O_RDONLY);
+#endif
+  if (fd < 0) return read_safetensors(path);  // which says why it cannot be opened
   struct ::stat st;
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size < 0) {
-    ::close(fd);
-    throw format_error(what + ": cannot determine the file size");
+  void* address = MAP_FAILED;
+  std::size_t size = 0;
+  if (::fstat(fd, &st) == 0 && st.st_size > 0 &&
+      static_cast<std::uintmax_t>(st.st_size) <= std::numeric_limits<std::size_t>::max()) {
+    size = static_cast<std::size_t>(st.st_size);
+    address = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
   }
-  const auto size = static_cast<std::size_t>(st.st_size);
-  if (size == 0) {  // nothing to map (mmap refuses a length of 0); parse reports the missing header
-    ::close(fd);
-    return safetensors_file::parse(std::vector<unsigned char>(), path);
-  }
-  void* address = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);  // the mapping keeps the file open
-  if (address == MAP_FAILED) throw format_error(what + ": cannot map the file");
-  const std::shared_ptr<const unsigned char> bytes(static_cast<const unsigned char*>(address),
-                                                   [size](const unsigned char* p) {
-                                                     ::munmap(const_cast<unsigned char*>(p), size);
-                                                   });
-  return safetensors_file::parse(bytes, size, path);
+  ::close(fd);  // a mapping keeps the file open
+  if (address == MAP_FAILED) return read_safetensors(path);
+  std::shared_ptr<const unsigned char> bytes(static_cast<const unsigned char*>(address),
+                                             [size](const unsigned char* p) {
+                                               ::munmap(const_cast<unsigned char*>(p), size);
+                                             });
+  return safetensors_file::parse(std::move(bytes), size, path);
 #else
   return read_safetensors(path);
 #endif
