@@ -467,6 +467,16 @@ TEMPLATE_TEST_CASE("backward equals the weight-space VJPs of gW = dyᵀ·x and g
     const auto g = ta::backward(a, c, x, w0, b0, dy);
     ta::delta_weight_vjp<T, 2>(a, c, ta::view(w0), ta::view(gw), g_w, ws);
     ta::delta_bias_vjp<T, 2>(a, c, ta::view(w0), ta::view(b0), ta::view(gb), g_b, ws);
+    // The value-returning forms give the same gradients (with and without a bias).
+    const ta::glora<T> g_w_value = ta::delta_weight_vjp(a, c, w0, gw);
+    const ta::glora<T> g_b_value = ta::delta_bias_vjp(a, c, w0, b0, gb);
+    ta::glora<T> g_b_unbiased;
+    ta::delta_bias_vjp<T, 2>(a, c, ta::view(w0), ta::view(gb), g_b_unbiased, ws);
+    const ta::glora<T> g_b_unbiased_value = ta::delta_bias_vjp(a, c, w0, gb);
+    const auto same = [](const char*, const auto& p, const auto& q) { CHECK(max_abs_diff(p, q) == T(0)); };
+    ta::for_each_parameter(g_w, g_w_value, same);
+    ta::for_each_parameter(g_b, g_b_value, same);
+    ta::for_each_parameter(g_b_unbiased, g_b_unbiased_value, same);
     ta::for_each_parameter(g_w, g_b, [&](const char* name, auto& pw, const auto& pb) {
       ta::tensor<T, 1> sum(pw.size()), got(pw.size());
       for (ta::index i = 0; i < pw.size(); ++i) sum(i) = pw.data()[i] + pb.data()[i];
@@ -836,10 +846,12 @@ TEMPLATE_TEST_CASE("make_glora: zeros and kaiming- or xavier-uniform up factors,
     CHECK(max_abs_diff(m.bias, b0) == T(0));
   }
 
-  // A conv weight (O, C, kh, kw) has fan-in C·kh·kw.
-  const auto conv = ta::make_glora<T, 4>(ta::shape<4>{8, 3, 3, 3}, {4}, gen);
+  // A conv weight (O, C, kh, kw) has fan-in C·kh·kw; its rank is deduced from the shape.
+  const auto conv = ta::make_glora<T>(ta::shape<4>{8, 3, 3, 3}, {4}, gen);
   CHECK(ta::shape_of(conv.Au) == ta::shape<2>{4, 27});
   CHECK(ta::shape_of(conv.Cd) == ta::shape<2>{27, 4});
+  const ta::tensor<T, 3> w3(6, 2, 5);
+  CHECK(ta::shape_of(ta::make_glora<T>(ta::shape_of(w3), {2}, gen).Bu) == ta::shape<2>{2, 10});
 }
 
 TEMPLATE_TEST_CASE("parameters are visited under stable names; the gradient has the store's type", "[glora]", float,
@@ -915,9 +927,10 @@ TEST_CASE("parameter_count follows the official search's rule", "[glora]") {
         O + 1 + I + O + 1);
   CHECK(ta::parameter_count(ta::parse_glora_config("A=lora_8,B=lora_8,C=lora_8,D=vector,E=vector"), O, I) ==
         2 * 8 * (O + I) + 8 * (I + 1) + 2 * O);
-  // A rank no store of the layer can hold, and a count beyond an index.
-  CHECK_THROWS_AS(ta::parameter_count(ta::parse_glora_config("A=lora_100,B=none,C=none,D=none,E=none"), 4, 4),
-                  ta::argument_error);
+  // A rank no store of the layer can hold (the message names the layer, not a store), and a count beyond
+  // an index.
+  CHECK_THROWS_WITH(ta::parameter_count(ta::parse_glora_config("A=lora_100,B=none,C=none,D=none,E=none"), 4, 6),
+                    Catch::Contains("rank 100 outside [1, R] for the layer (4, 6), R = min(out, in) = 4"));
   // A rank of up to 9 digits is read; one of 10 is refused as text (it could overflow the rank's reading).
   CHECK_THROWS_WITH(ta::parse_glora_config("A=lora_1234567890,B=none,C=none,D=none,E=none"),
                     Catch::Contains("\"lora_1234567890\"") && Catch::Contains("is not lora_<rank>"));

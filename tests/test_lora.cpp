@@ -639,6 +639,27 @@ TEMPLATE_TEST_CASE("merges near the largest and the subnormal values of T", "[lo
     ta::merge(b, v);
     CHECK(std::isinf(v(0, 0)));
   }
+  SECTION("scale · (B · A) beyond max but w + ΔW in range: finite where the build fuses the two steps") {
+    // B · A = max/2, scale 4: scale · (B · A) = 2·max alone, w + ΔW = −max + 2·max = max. Through the
+    // narrow kernel (fan-in 3) and the packed one (fan-in 40).
+    for (const ta::index fan_in : {ta::index(3), ta::index(40)}) {
+      const auto a = constant_lora<T>(3, fan_in, 1, max / 2, T(1), T(4));
+      ta::tensor<T, 2> w(3, fan_in);
+      w.setConstant(-max);
+      ta::tensor<T, 2> safe = w;
+      ta::merge(a, w);
+      if (ta::detail::simd<T, ta::detail::native_isa>::fused) {
+        for (ta::index i = 0; i < w.size(); ++i) CHECK(w.data()[i] == max);
+        ta::safe_merge(a, safe);
+        CHECK(same_bits(safe, w));
+      } else {  // rounded apart on some paths: merge and safe_merge still agree
+        bool finite = true;
+        for (ta::index i = 0; i < w.size(); ++i) finite = finite && std::isfinite(w.data()[i]);
+        if (finite) CHECK_NOTHROW(ta::safe_merge(a, safe));
+        else CHECK_THROWS_AS(ta::safe_merge(a, safe), ta::argument_error);
+      }
+    }
+  }
   SECTION("subnormal values: exact results, no flush to zero") {
     const T tiny = limits::denorm_min();
     const int e = limits::min_exponent - limits::digits + 4;  // 2^e = 16 · tiny

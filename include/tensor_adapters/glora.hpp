@@ -128,8 +128,10 @@ inline std::string glora_choice_text(const glora_choice& c) {
   return "unknown(" + std::to_string(static_cast<int>(c.kind)) + ")";
 }
 
-// Checks one choice of support tensor `tensor` against the maximum rank R (R < 1: rank unchecked).
-inline void check_glora_choice(const glora_choice& c, char tensor, index max_rank, const char* function) {
+// Checks one choice of support tensor `tensor` against the maximum rank R (R < 1: rank unchecked), which
+// `bound` names in a message (empty: the store's maximum rank).
+inline void check_glora_choice(const glora_choice& c, char tensor, index max_rank, const char* function,
+                               const std::string& bound = {}) {
   TA_CHECK(glora_kind_known(c.kind), function,
            std::string("support tensor ") + tensor + " has an unknown kind (" +
                std::to_string(static_cast<int>(c.kind)) + ")");
@@ -140,16 +142,19 @@ inline void check_glora_choice(const glora_choice& c, char tensor, index max_ran
     TA_CHECK(c.rank >= 1 && (max_rank < 1 || c.rank <= max_rank), function,
              std::string("support tensor ") + tensor + " has lora rank " + std::to_string(c.rank) +
                  (max_rank < 1 ? std::string(" below 1")
-                               : " outside [1, R] for the store's maximum rank R = " + std::to_string(max_rank)));
+                               : " outside [1, R] for " +
+                                     (bound.empty() ? "the store's maximum rank R = " + std::to_string(max_rank)
+                                                    : bound)));
   }
 }
 
-inline void check_glora_config(const glora_config& c, index max_rank, const char* function) {
-  check_glora_choice(c.A, 'A', max_rank, function);
-  check_glora_choice(c.B, 'B', max_rank, function);
-  check_glora_choice(c.C, 'C', max_rank, function);
-  check_glora_choice(c.D, 'D', max_rank, function);
-  check_glora_choice(c.E, 'E', max_rank, function);
+inline void check_glora_config(const glora_config& c, index max_rank, const char* function,
+                               const std::string& bound = {}) {
+  check_glora_choice(c.A, 'A', max_rank, function, bound);
+  check_glora_choice(c.B, 'B', max_rank, function, bound);
+  check_glora_choice(c.C, 'C', max_rank, function, bound);
+  check_glora_choice(c.D, 'D', max_rank, function, bound);
+  check_glora_choice(c.E, 'E', max_rank, function, bound);
 }
 
 }  // namespace detail
@@ -373,7 +378,9 @@ inline index parameter_count(const glora_config& c, index out, index in) {
   const char* fn = "glora parameter_count";
   TA_CHECK(out >= 1 && in >= 1, fn,
            "layer (" + std::to_string(out) + ", " + std::to_string(in) + ") must not be empty");
-  detail::check_glora_config(c, std::min(out, in), fn);
+  detail::check_glora_config(c, std::min(out, in), fn,
+                             "the layer (" + std::to_string(out) + ", " + std::to_string(in) +
+                                 "), R = min(out, in) = " + std::to_string(std::min(out, in)));
   TA_CHECK(out <= detail::glora_max_extent && in <= detail::glora_max_extent, fn,
            "layer (" + std::to_string(out) + ", " + std::to_string(in) + ") has a parameter count beyond an index");
   return detail::glora_choice_parameters(c.A, out, in) + detail::glora_choice_parameters(c.B, out, in) +
@@ -455,13 +462,14 @@ glora<T> make_glora(index out, index in, const glora_options& options, Generator
 
 // The same for a weight of any rank: shape (O, I1, …, Ik) is treated as (O, I1·…·Ik). Throws
 // argument_error also if an extent is < 1 or the fan-in is more than an index can count.
-template <class T, int N, class Generator>
-glora<T> make_glora(const shape<N>& weight_shape, const glora_options& options, Generator& gen) {
+// (N is a std::size_t so that it is deduced from a shape<N> argument.)
+template <class T, std::size_t N, class Generator>
+glora<T> make_glora(const std::array<index, N>& weight_shape, const glora_options& options, Generator& gen) {
   static_assert(N >= 2, "a GLoRA weight has rank 2 or more");
-  const index fan_in = detail::bounded_product([&](int d) { return weight_shape[std::size_t(d)]; }, 1, N,
+  const index fan_in = detail::bounded_product([&](int d) { return weight_shape[std::size_t(d)]; }, 1, int(N),
                                                 std::numeric_limits<index>::max());
   TA_CHECK(fan_in > 0, "make_glora",
-           "weight shape " + detail::dims_string(weight_shape, N) +
+           "weight shape " + detail::dims_string(weight_shape, int(N)) +
                " needs extents of at least 1 and a fan-in an index can count");
   return make_glora<T>(weight_shape[0], fan_in, options, gen);
 }
@@ -1232,6 +1240,21 @@ void delta_bias_vjp(const glora<T>& a, const glora_config& c, nondeduced<const_t
   detail::glora_grow(ws.col, d.in);
   detail::glora_bias_grad(c, d, static_cast<const T*>(nullptr), gb.data(), grad);
   detail::glora_backward_rows(a, c, d, w0.data(), static_cast<T*>(nullptr), gb.data(), ws.col.data(), ws, grad);
+}
+template <class T, int N>
+glora<T> delta_bias_vjp(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0, const tensor<T, 1>& b0,
+                        const tensor<T, 1>& gb) {
+  glora<T> grad;
+  glora_workspace<T> ws;
+  delta_bias_vjp<T, N>(a, c, view(w0), view(b0), view(gb), grad, ws);
+  return grad;
+}
+template <class T, int N>
+glora<T> delta_bias_vjp(const glora<T>& a, const glora_config& c, const tensor<T, N>& w0, const tensor<T, 1>& gb) {
+  glora<T> grad;
+  glora_workspace<T> ws;
+  delta_bias_vjp<T, N>(a, c, view(w0), view(gb), grad, ws);
+  return grad;
 }
 
 // The merged layer for inference.

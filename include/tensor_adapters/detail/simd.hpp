@@ -6,7 +6,9 @@
 //   load_first(p, n), store_first(p, n, v)
 //                                the first min(n, width) lanes only (the others read as 0, left
 //                                unwritten; memory past p[n − 1] is not touched); n ≥ width: all
-//   fma(a, b, c)                 a·b + c, fused where the instruction set has it
+//   fma(a, b, c)                 a·b + c, rounded once where `fused` is true: on every vector set, and
+//                                on the scalar one where the target has FMA instructions (-mfma, or
+//                                -march= a machine with them); otherwise rounded twice
 //   mul(a, b), add(a, b)         a·b, a + b
 //   sum(v)                       the sum of v's lanes
 //   load_lanes(p)                a lane mask from `width` elements at p, each all ones (kept) or all
@@ -27,6 +29,7 @@
 
 #include <Eigen/Core>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -59,7 +62,14 @@ struct simd<T, scalar_isa> {
   static void store_first(T* p, Eigen::Index n, reg v) {
     if (n > 0) *p = v;
   }
+#ifdef __FMA__
+  static constexpr bool fused = true;  // std::fma is one instruction
+  static reg fma(reg a, reg b, reg c) { return std::fma(a, b, c); }
+#else
+  // Without FMA instructions std::fma is a library call, too slow for the kernels' inner loops.
+  static constexpr bool fused = false;
   static reg fma(reg a, reg b, reg c) { return a * b + c; }
+#endif
   static reg mul(reg a, reg b) { return a * b; }
   static reg add(reg a, reg b) { return a + b; }
   static T sum(reg v) { return v; }
@@ -69,7 +79,7 @@ struct simd<T, scalar_isa> {
     using bits = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
     bits m;
     std::memcpy(&m, &mask, sizeof m);
-    return m != 0 ? a * b + c : c;
+    return m != 0 ? fma(a, b, c) : c;
   }
 };
 
@@ -80,6 +90,7 @@ template <>
 struct simd<float, avx2_isa> {
   using reg = __m256;
   static constexpr int width = 8;
+  static constexpr bool fused = true;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg broadcast(float x) { return _mm256_set1_ps(x); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
@@ -105,6 +116,7 @@ template <>
 struct simd<double, avx2_isa> {
   using reg = __m256d;
   static constexpr int width = 4;
+  static constexpr bool fused = true;
   static reg zero() { return _mm256_setzero_pd(); }
   static reg broadcast(double x) { return _mm256_set1_pd(x); }
   static reg load(const double* p) { return _mm256_loadu_pd(p); }
@@ -176,6 +188,7 @@ template <>
 struct simd<float, avx512_isa> {
   using reg = __m512;
   static constexpr int width = 16;
+  static constexpr bool fused = true;
   static reg zero() { return _mm512_setzero_ps(); }
   static reg broadcast(float x) { return _mm512_set1_ps(x); }
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
@@ -203,6 +216,7 @@ template <>
 struct simd<double, avx512_isa> {
   using reg = __m512d;
   static constexpr int width = 8;
+  static constexpr bool fused = true;
   static reg zero() { return _mm512_setzero_pd(); }
   static reg broadcast(double x) { return _mm512_set1_pd(x); }
   static reg load(const double* p) { return _mm512_loadu_pd(p); }

@@ -25,10 +25,10 @@
 // Errors raise io::format_error naming the file, the module and the tensor; every module is checked and all
 // problems are reported together, one per line.
 //
-// Example:
+// Example (a layer is a flora_any<T>, a std::variant over the ranks 2 to 5; a conv weight's is rank 4):
 //   auto adapter = tensor_adapters::io::load_flora_adapter<float>("out/flora");
-//   std::visit([&](const auto& layer) { tensor_adapters::merge(layer, my_weight_view); },
-//              adapter.layers.at("features.3.dwconv"));
+//   const auto& layer = std::get<tensor_adapters::flora<float, 4>>(adapter.layers.at("features.3.dwconv"));
+//   tensor_adapters::merge(layer, my_weight_view);  // a tensor_view<float, 4> of the conv weight
 #pragma once
 
 #include <algorithm>
