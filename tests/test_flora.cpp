@@ -16,6 +16,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -81,6 +82,30 @@ TEMPLATE_TEST_CASE("a new FLoRA adapter has the official init and is a no-op", "
   ta::tensor<TestType, 4> w0 = random_tensor<TestType, 4>(w, 5), w1 = w0;
   ta::merge(a, w1);
   CHECK(bit_identical<TestType>(w0, w1));
+}
+
+TEST_CASE("make_flora and flora_parameter_count deduce N from shape<N> arguments", "[flora]") {
+  const ta::tensor<float, 4> w0(8, 6, 3, 3);
+  std::mt19937_64 gen(4), same(4), again(4);
+  auto a = ta::make_flora<float>(ta::shape_of(w0), ta::shape<4>{2, 2, 2, 2}, 1.0, gen);
+  static_assert(std::is_same<decltype(a), ta::flora<float, 4>>::value, "N = 4 deduced");
+  const auto b = ta::make_flora<float, 4>(ta::shape_of(w0), {2, 2, 2, 2}, 1.0, same);  // N named, as before
+  const auto c = ta::make_flora<float>(ta::shape_of(w0), {2, 2, 2, 2}, 1.0, again);   // N from the first argument
+  CHECK(ta::weight_shape(a) == ta::shape_of(w0));
+  CHECK(ta::ranks(a) == ta::shape<4>{2, 2, 2, 2});
+  ta::for_each_parameter(a, b, [](const char*, auto& p, const auto& q) { CHECK(bit_identical<float>(p, q)); });
+  ta::for_each_parameter(a, c, [](const char*, auto& p, const auto& q) { CHECK(bit_identical<float>(p, q)); });
+  const auto d = ta::make_flora<double>(ta::shape<2>{5, 4}, ta::shape<2>{2, 3}, 2.0, gen);
+  static_assert(std::is_same<decltype(d), const ta::flora<double, 2>>::value, "N = 2 deduced");
+  CHECK(d.scale == 2.0);
+  CHECK_THROWS_WITH(ta::make_flora<float>(ta::shape<2>{8, 6}, ta::shape<2>{2, 7}, 1.0, gen),
+                    Catch::Contains("make_flora"));
+
+  CHECK(ta::flora_parameter_count(ta::shape_of(w0), ta::shape<4>{2, 2, 2, 2}) == ta::parameter_count(a));
+  CHECK(ta::flora_parameter_count(ta::weight_shape(d), ta::ranks(d)) == ta::parameter_count(d));
+  CHECK(ta::flora_parameter_count(ta::shape_of(w0), {2, 2, 2, 2}) ==
+        ta::flora_parameter_count<4>({8, 6, 3, 3}, {2, 2, 2, 2}));
+  CHECK_THROWS_AS(ta::flora_parameter_count(ta::shape<2>{4, 5}, ta::shape<2>{5, 1}), ta::argument_error);
 }
 
 TEST_CASE("FLoRA factors are normal with variance 1/(2 r_n)", "[flora]") {
@@ -361,6 +386,23 @@ TEMPLATE_TEST_CASE("FLoRA delta_weight_vjp reuses its gradient and workspace", "
   ta::for_each_parameter(grad, expected_b, [](const char*, auto& g, const auto& e) { CHECK(bit_identical<T>(g, e)); });
   ta::delta_weight_vjp(a, gw, grad, ws);
   ta::for_each_parameter(grad, expected_a, [](const char*, auto& g, const auto& e) { CHECK(bit_identical<T>(g, e)); });
+
+  // The chain plan keeps tucker_compress_all_but_one's shared compressions in the workspace: adapters of
+  // other ranks in turn on one workspace give what a fresh one gives.
+  auto c = random_flora<T, 3>({24, 4, 4}, {24, 1, 1}, 2.0, 54);
+  auto e = random_flora<T, 3>({24, 4, 4}, {20, 2, 1}, 2.0, 55);
+  REQUIRE_FALSE(ta::detail::use_channel_plan(c));
+  REQUIRE_FALSE(ta::detail::use_channel_plan(e));
+  const auto gw3 = random_tensor<T, 3>({24, 4, 4}, 56);
+  const auto expected_c = ta::delta_weight_vjp(c, gw3);
+  const auto expected_e = ta::delta_weight_vjp(e, gw3);
+  ta::flora<T, 3> grad3;
+  ta::flora_weight_workspace<T, 3> ws3;
+  for (const auto* adapter : {&c, &e, &c, &e}) {
+    ta::delta_weight_vjp(*adapter, gw3, grad3, ws3);
+    const auto& expected = adapter == &c ? expected_c : expected_e;
+    ta::for_each_parameter(grad3, expected, [](const char*, auto& g, const auto& x) { CHECK(bit_identical<T>(g, x)); });
+  }
 }
 
 TEMPLATE_TEST_CASE("FLoRA merge, unmerge and safe_merge", "[flora]", float, double) {

@@ -1,6 +1,7 @@
 // FLoRA's hot paths make no allocation once their workspace is warm: the weight-space operations on
-// the channel plan (conv and linear weights) and the linear layer's forward and backward. (A program
-// of its own, since allocation_counter.hpp replaces the global operator new.)
+// both plans (conv and linear weights) and the linear layer's forward and backward, whichever call
+// warmed the workspace. (A program of its own, since allocation_counter.hpp replaces the global
+// operator new.)
 #include "allocation_counter.hpp"
 
 #include <tensor_adapters/flora.hpp>
@@ -69,6 +70,45 @@ TEMPLATE_TEST_CASE("FLoRA weight space makes no allocation with a warm workspace
     allocations = counting.allocations();
   }
   CHECK(allocations == 0);
+
+  // The chain plan (tucker.hpp's chains and its shared compressions), N = 3 and N = 5.
+  const auto c = random_flora<T, 3>({24, 4, 4}, {24, 1, 1}, 2.0, 55);
+  REQUIRE_FALSE(ta::detail::use_channel_plan(c));
+  const auto cgw = random_tensor<T, 3>({24, 4, 4}, 56);
+  ta::tensor<T, 3> cdw(24, 4, 4), cw = random_tensor<T, 3>({24, 4, 4}, 57);
+  ta::flora<T, 3> cgrad;
+  ta::flora_weight_workspace<T, 3> cws;
+  ta::delta_weight(c, cdw, cws);
+  ta::delta_weight_vjp(c, cgw, cgrad, cws);
+  const ta::flora<T, 3> cgrad_first = cgrad;
+  {
+    allocation_counter::scope counting;
+    ta::delta_weight(c, cdw, cws);
+    ta::delta_weight_vjp(c, cgw, cgrad, cws);
+    ta::merge(c, cw, cws);
+    ta::unmerge(c, cw, cws);
+    allocations = counting.allocations();
+  }
+  CHECK(allocations == 0);
+  ta::for_each_parameter(cgrad, cgrad_first,
+                         [](const char*, auto& g, const auto& e) { CHECK(bit_identical<T>(g, e)); });
+
+  const ta::shape<5> s5{20, 5, 3, 2, 3};
+  const auto f = random_flora<T, 5>(s5, {20, 2, 2, 1, 3}, 2.0, 58);
+  REQUIRE_FALSE(ta::detail::use_channel_plan(f));
+  const auto fgw = random_tensor<T, 5>(s5, 59);
+  ta::tensor<T, 5> fdw(s5);
+  ta::flora<T, 5> fgrad;
+  ta::flora_weight_workspace<T, 5> fws;
+  ta::delta_weight(f, fdw, fws);
+  ta::delta_weight_vjp(f, fgw, fgrad, fws);
+  {
+    allocation_counter::scope counting;
+    ta::delta_weight(f, fdw, fws);
+    ta::delta_weight_vjp(f, fgw, fgrad, fws);
+    allocations = counting.allocations();
+  }
+  CHECK(allocations == 0);
 }
 
 
@@ -101,4 +141,71 @@ TEMPLATE_TEST_CASE("FLoRA linear path makes no allocation once its workspace is 
   CHECK(allocations == 0);
   CHECK(bit_identical<T>(y, y_first));
   CHECK(bit_identical<T>(dx, dx_first));
+}
+
+namespace {
+
+enum class linear_call { forward, forward_with_bias, backward };
+
+const char* call_name(linear_call c) {
+  return c == linear_call::forward ? "forward" : c == linear_call::forward_with_bias ? "forward with bias" : "backward";
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("FLoRA linear path: one call of n rows sizes the workspace for every call of up to n rows",
+                   "[flora]", float, double) {
+  using T = TestType;
+  const ta::index n = 16, in = 48, out = 64, r0 = 8, r1 = 6;
+  const auto a = random_flora<T, 2>({out, in}, {r0, r1}, 2.0, 111);
+  const auto x = random_tensor<T, 2>({n, in}, 112);
+  const auto w0 = random_tensor<T, 2>({out, in}, 113);
+  const auto b0 = random_tensor<T, 1>({out}, 114);
+  const auto dy = random_tensor<T, 2>({n, out}, 115);
+  ta::tensor<T, 2> y(n, out), dx(n, in);
+  ta::flora<T, 2> grad;
+  const auto run = [&](linear_call c, ta::index rows, ta::flora_workspace<T>& ws) {
+    const ta::const_tensor_view<T, 2> xs(x.data(), rows, in), dys(dy.data(), rows, out);
+    if (c == linear_call::backward)
+      ta::backward(a, xs, w0, dys, ta::tensor_view<T, 2>(dx.data(), rows, in), grad, ws);
+    else if (c == linear_call::forward_with_bias)
+      ta::forward(a, xs, w0, b0, ta::tensor_view<T, 2>(y.data(), rows, out), ws);
+    else
+      ta::forward(a, xs, w0, ta::tensor_view<T, 2>(y.data(), rows, out), ws);
+  };
+  // What each call gives on a fresh workspace. These also warm the product kernel's buffers of this
+  // thread for every call, so that the counts below see the workspace alone.
+  const auto results = [&](linear_call c) {
+    ta::flora_workspace<T> fresh;
+    run(c, n, fresh);
+    return c == linear_call::backward ? dx : y;
+  };
+  const ta::tensor<T, 2> y_plain = results(linear_call::forward), y_bias = results(linear_call::forward_with_bias);
+  const ta::tensor<T, 2> dx_fresh = results(linear_call::backward);
+  const ta::flora<T, 2> grad_fresh = grad;
+
+  const linear_call calls[] = {linear_call::forward, linear_call::forward_with_bias, linear_call::backward};
+  for (linear_call first : calls)
+    for (linear_call second : calls) {
+      INFO(call_name(first) << " of " << n << " rows, then " << call_name(second));
+      ta::flora_workspace<T> ws;
+      run(first, n, ws);
+      long allocations = 0;
+      {
+        allocation_counter::scope counting;
+        run(second, n, ws);
+        run(second, n / 2, ws);  // fewer rows fit as well
+        run(second, n, ws);
+        allocations = counting.allocations();
+      }
+      CHECK(allocations == 0);
+      if (second == linear_call::backward) {
+        CHECK(bit_identical<T>(dx, dx_fresh));
+        ta::for_each_parameter(grad, grad_fresh, [](const char*, auto& g, const auto& e) {
+          CHECK(bit_identical<T>(g, e));
+        });
+      } else {
+        CHECK(bit_identical<T>(y, second == linear_call::forward ? y_plain : y_bias));
+      }
+    }
 }

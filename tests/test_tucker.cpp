@@ -1,3 +1,8 @@
+// Tucker chains: each chain ≡ plain nested loops (N = 1 to 5), the chosen orders ≡ the cheapest by brute
+// force and ≡ std::stable_sort's, N deduced from shape<N> arguments, bad input rejected before writing,
+// and no allocation with a warm workspace.
+#include "allocation_counter.hpp"
+
 #include <tensor_adapters/init.hpp>
 #include <tensor_adapters/tucker.hpp>
 
@@ -5,13 +10,23 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
+#include <type_traits>
+#include <vector>
 
 namespace ta = tensor_adapters;
 
 namespace {
+
+template <class T, class Tensor>
+bool bit_identical(const Tensor& a, const Tensor& b) {
+  return a.dimensions() == b.dimensions() &&
+         std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0;
+}
 
 template <int N>
 ta::shape<N> unravel(ta::index flat, const ta::shape<N>& dims) {
@@ -144,6 +159,12 @@ void check_chains(std::mt19937_64& gen) {
       reference_chain<T, N>(x, u, false, others, z_want, abs_sum);
       require_close<T, N>(z[std::size_t(n)], z_want, abs_sum, depth);
     }
+    // The same with the workspace the expansion used (other shapes, left over from it), twice.
+    std::array<ta::tensor<T, N>, N> z_ws;
+    for (int pass = 0; pass < 2; ++pass) {
+      ta::tucker_compress_all_but_one(ta::view(x), views<T, N>(u), z_ws, ws);
+      for (std::size_t n = 0; n < std::size_t(N); ++n) REQUIRE(bit_identical<T>(z_ws[n], z[n]));
+    }
   }
 }
 
@@ -178,6 +199,17 @@ bool is_permutation_of_modes(std::array<int, N> order) {
   return true;
 }
 
+// The order std::stable_sort gives `modes` by the library's comparison (ties keep their positions):
+// what cheapest_order sorted until it was made allocation-free.
+template <int N>
+std::vector<int> stable_sorted(const ta::shape<N>& from, const ta::shape<N>& to, std::vector<int> modes) {
+  std::stable_sort(modes.begin(), modes.end(), [&](int n, int m) {
+    const auto un = std::size_t(n), um = std::size_t(m);
+    return ta::detail::mode_goes_first(from[un], to[un], from[um], to[um]);
+  });
+  return modes;
+}
+
 template <int N>
 void check_orders(std::mt19937_64& gen) {
   for (int trial = 0; trial < 1000; ++trial) {
@@ -191,6 +223,18 @@ void check_orders(std::mt19937_64& gen) {
     const auto c = ta::compression_order<N>(full, core);
     REQUIRE(is_permutation_of_modes<N>(c));
     REQUIRE(flops_of<N>(full, core, c) == cheapest_by_brute_force<N>(full, core));
+    // Among orders of equal cost, the same one as std::stable_sort: the whole chain, and a subsequence
+    // of the modes in a scrambled order (as tucker_compress_all_but_one sorts them).
+    std::vector<int> all(static_cast<std::size_t>(N));
+    std::iota(all.begin(), all.end(), 0);
+    REQUIRE(std::vector<int>(e.begin(), e.end()) == stable_sorted<N>(core, full, all));
+    REQUIRE(std::vector<int>(c.begin(), c.end()) == stable_sorted<N>(full, core, all));
+    std::vector<int> some = all;
+    std::shuffle(some.begin(), some.end(), gen);
+    some.resize(std::size_t(1 + trial % N));
+    std::vector<int> sorted = some;
+    ta::detail::cheapest_order<N>(full, core, sorted.data(), int(sorted.size()));
+    REQUIRE(sorted == stable_sorted<N>(full, core, some));
   }
 }
 
@@ -229,6 +273,22 @@ TEST_CASE("a 16x2 core expanding to 256x3 expands the 16 first", "[tucker]") {
   REQUIRE(flops_of<2>(full, core, {0, 1}) == 24768);
 }
 
+TEST_CASE("the orders deduce N from shape<N> arguments", "[tucker]") {
+  const auto e = ta::expansion_order(ta::shape<2>{16, 2}, ta::shape<2>{256, 3});
+  static_assert(std::is_same<decltype(e), const std::array<int, 2>>::value, "expansion_order returns an order of N");
+  CHECK(e == std::array<int, 2>{0, 1});
+  CHECK(ta::compression_order(ta::shape<2>{256, 3}, ta::shape<2>{16, 2}) == std::array<int, 2>{1, 0});
+  // From the extents of tensors, and with a braced list for the second argument (N from the first).
+  const ta::tensor<double, 3> g(2, 3, 2), y(5, 7, 4);
+  CHECK(ta::expansion_order(ta::shape_of(g), ta::shape_of(y)) == ta::expansion_order<3>({2, 3, 2}, {5, 7, 4}));
+  CHECK(ta::compression_order(ta::shape_of(y), ta::shape_of(g)) == ta::compression_order<3>({5, 7, 4}, {2, 3, 2}));
+  CHECK(ta::expansion_order(ta::shape_of(g), {5, 7, 4}) == ta::expansion_order<3>({2, 3, 2}, {5, 7, 4}));
+  CHECK(ta::compression_order(ta::shape_of(y), {2, 3, 2}) == ta::compression_order<3>({5, 7, 4}, {2, 3, 2}));
+  REQUIRE_THROWS_WITH(ta::expansion_order(ta::shape<2>{2, -3}, ta::shape<2>{4, 5}), Catch::Contains("the core"));
+  REQUIRE_THROWS_WITH(ta::expansion_order(ta::shape<2>{2, 3}, ta::shape<2>{4, -5}),
+                      Catch::Contains("expansion_order: the expanded tensor has extents (4, -5)"));
+}
+
 TEST_CASE("with an empty extent every order costs nothing, and the modes keep their order", "[tucker]") {
   CHECK(ta::expansion_order<3>({0, 2, 4}, {5, 8, 4}) == std::array<int, 3>{0, 1, 2});
   CHECK(ta::compression_order<3>({5, 8, 4}, {0, 2, 4}) == std::array<int, 3>{0, 1, 2});
@@ -250,6 +310,63 @@ TEMPLATE_TEST_CASE("a reused Tucker workspace stops growing", "[tucker]", float,
   REQUIRE(ws.buffer[0].data() == b0);
   REQUIRE(ws.buffer[1].data() == b1);
   for (ta::index e = 0; e < y.size(); ++e) REQUIRE(y.data()[e] == first.data()[e]);
+}
+
+namespace {
+
+// tucker_expand, tucker_compress and tucker_compress_all_but_one, all on one workspace, called once to
+// warm it (and the product kernel's buffers of this thread), then again: the second round allocates
+// nothing and gives the same bits.
+template <class T, int N>
+void check_no_allocation_when_warm(const ta::shape<N>& full, const ta::shape<N>& core, std::uint64_t seed) {
+  INFO("N " << N << " full " << ta::detail::dims_string(full, N) << " core " << ta::detail::dims_string(core, N));
+  std::mt19937_64 gen(seed);
+  const auto u = random_factors<T, N>(full, core, gen);
+  const auto factors = views<T, N>(u);
+  ta::tensor<T, N> g(core), x(full), y(full), h(core);
+  ta::fill_normal(g, 0, 1, gen);
+  ta::fill_normal(x, 0, 1, gen);
+  ta::fill_normal(y, 0, 1, gen);
+  std::array<ta::tensor<T, N>, N> z;
+  ta::tucker_workspace<T> ws;
+  const auto round = [&] {
+    ta::tucker_expand<T, N>(ta::view(g), factors, ta::writable_view(y), ws);
+    ta::tucker_expand<T, N>(ta::view(g), factors, ta::writable_view(y), ws, T(0.5), T(-1));
+    ta::tucker_compress<T, N>(ta::view(x), factors, ta::writable_view(h), ws);
+    ta::tucker_compress<T, N>(ta::view(x), factors, ta::writable_view(h), ws, T(2), T(1));
+    ta::tucker_compress_all_but_one<T, N>(ta::view(x), factors, z, ws);
+    return ta::expansion_order<N>(core, full)[0] + ta::compression_order<N>(full, core)[0];
+  };
+  const ta::tensor<T, N> y0 = y, h0 = h;
+  const int orders = round();
+  const ta::tensor<T, N> y1 = y, h1 = h;
+  const std::array<ta::tensor<T, N>, N> z1 = z;
+  y = y0;
+  h = h0;
+  long allocations = 0;
+  int again = 0;
+  {
+    allocation_counter::scope counting;
+    again = round();
+    allocations = counting.allocations();
+  }
+  CHECK(allocations == 0);
+  CHECK(again == orders);
+  CHECK(bit_identical<T>(y, y1));
+  CHECK(bit_identical<T>(h, h1));
+  for (std::size_t n = 0; n < std::size_t(N); ++n) CHECK(bit_identical<T>(z[n], z1[n]));
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("a warm Tucker workspace makes no allocation", "[tucker]", float, double) {
+  // The core (2, 3, 2) of the audit that found two allocations per warm expansion and one per compression.
+  check_no_allocation_when_warm<TestType, 3>({5, 7, 4}, {2, 3, 2}, 8);
+  check_no_allocation_when_warm<TestType, 1>({9}, {4}, 9);
+  check_no_allocation_when_warm<TestType, 2>({16, 256}, {2, 16}, 10);
+  // Two and three levels of shared compressions in tucker_compress_all_but_one.
+  check_no_allocation_when_warm<TestType, 4>({12, 8, 3, 3}, {4, 3, 2, 2}, 11);
+  check_no_allocation_when_warm<TestType, 5>({6, 5, 3, 2, 3}, {2, 5, 1, 2, 2}, 12);
 }
 
 TEMPLATE_TEST_CASE("Tucker chains reject factors that do not fit, before writing", "[tucker]", float, double) {

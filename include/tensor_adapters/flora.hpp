@@ -17,8 +17,8 @@
 // Weight space runs one of two plans (see detail::channel_dims): tucker.hpp's chains of mode products in
 // the flop-minimal order, or, for conv weights, a plan that folds the kernel modes into one Kronecker
 // factor so that ΔW is written by a single GEMM and gW read in one pass; either way the gradient shares its
-// partial products between modes. The workspace forms (flora_weight_workspace for the channel plan,
-// flora_workspace) make no allocation once warm.
+// partial products between modes. The workspace forms (flora_weight_workspace, flora_workspace) make no
+// allocation once warm.
 //
 // Example:
 //   std::mt19937_64 gen(0);
@@ -56,8 +56,7 @@ struct flora {
 
 // Scratch for the weight-space operations (delta_weight, merge, unmerge, delta_weight_vjp). Its
 // buffers grow when needed and never shrink, so reusing one for adapters of the same shapes makes no
-// further allocation in the channel plan (see detail::use_channel_plan); the chain plan allocates
-// inside tucker.hpp (its mode ordering and its shared compression).
+// further allocation, in either plan (see detail::use_channel_plan).
 template <class T, int N>
 struct flora_weight_workspace {
   tucker_workspace<T> chain;              // intermediates of the Tucker chains
@@ -168,20 +167,13 @@ channel_dims channel_plan_dims(const flora<T, N>& a) {
   return d;
 }
 
-// expansion_order(r, w) computed by an insertion sort: the same stable order, without the allocation
-// of std::stable_sort's buffer (the plan is chosen on every call of the workspace forms).
+// expansion_order(r, w) without its checks (an adapter's extents are checked already), and like it
+// without allocating (the plan is chosen on every call of the workspace forms).
 template <int N>
 std::array<int, N> flora_expansion_order(const shape<N>& r, const shape<N>& w) {
   std::array<int, N> order{};
-  for (int k = 0; k < N; ++k) {
-    int j = k;
-    for (; j > 0; --j) {
-      const auto n = static_cast<std::size_t>(k), m = static_cast<std::size_t>(order[static_cast<std::size_t>(j - 1)]);
-      if (!mode_goes_first(r[n], w[n], r[m], w[m])) break;
-      order[static_cast<std::size_t>(j)] = order[static_cast<std::size_t>(j - 1)];
-    }
-    order[static_cast<std::size_t>(j)] = k;
-  }
+  for (int k = 0; k < N; ++k) order[static_cast<std::size_t>(k)] = k;
+  cheapest_order<N>(r, w, order.data(), N);
   return order;
 }
 
@@ -392,16 +384,18 @@ tensor<T, N> swap_first_two_modes(const tensor<T, N>& in) {
 // Π r_n + Σ I_n · r_n: the number of trainable scalars of an adapter with these extents and ranks
 // (parameter_count(adapter) gives the same for an existing adapter). Throws argument_error where
 // make_flora would, or if the count is more than an index can count.
-template <int N>
-index flora_parameter_count(const shape<N>& weight_extents, const shape<N>& rank_extents) {
+// (N is a std::size_t so that it is deduced from a shape<N> argument: flora_parameter_count(shape_of(w0), r).)
+template <std::size_t N>
+index flora_parameter_count(const std::array<index, N>& weight_extents, const std::array<index, N>& rank_extents) {
   const char* fn = "flora_parameter_count";
-  detail::check_flora_shapes<N>(weight_extents, rank_extents, fn);
+  constexpr int rank = static_cast<int>(N);
+  detail::check_flora_shapes<rank>(weight_extents, rank_extents, fn);
   index n = detail::product(rank_extents);  // at most Π I_n, which check_flora_shapes bounds
-  for (std::size_t d = 0; d < static_cast<std::size_t>(N); ++d) {
+  for (std::size_t d = 0; d < N; ++d) {
     index term = 0;
     TA_CHECK(!__builtin_mul_overflow(weight_extents[d], rank_extents[d], &term) && !__builtin_add_overflow(n, term, &n),
-             fn, "the parameter count for a weight " + detail::dims_string(weight_extents, N) + " and ranks " +
-                     detail::dims_string(rank_extents, N) + " is more than an index can count");
+             fn, "the parameter count for a weight " + detail::dims_string(weight_extents, rank) + " and ranks " +
+                     detail::dims_string(rank_extents, rank) + " is more than an index can count");
   }
   return n;
 }
@@ -410,14 +404,16 @@ index flora_parameter_count(const shape<N>& weight_extents, const shape<N>& rank
 // official code does: G = 0 and every U_n ~ N(0, 1/(2·r_n)) (kaiming-normal with a = √3 and fan-in
 // r_n), drawn from `gen` in the order U0, U1, …; ΔW = 0. Same generator state, same bytes.
 // Throws argument_error if an extent is < 1, a rank is outside [1, I_n], or the weight has more
-// elements than an index can count.
-template <class T, int N, class Generator>
-flora<T, N> make_flora(const shape<N>& weight_extents, const shape<N>& rank_extents, double scale, Generator& gen) {
-  detail::check_flora_shapes<N>(weight_extents, rank_extents, "make_flora");
-  flora<T, N> a;
+// elements than an index can count. (N is a std::size_t so that it is deduced from a shape<N> argument:
+// make_flora<float>(shape_of(w0), ranks, 4.0, gen); make_flora<float, 4>(…) names it.)
+template <class T, std::size_t N, class Generator>
+flora<T, static_cast<int>(N)> make_flora(const std::array<index, N>& weight_extents,
+                                         const std::array<index, N>& rank_extents, double scale, Generator& gen) {
+  detail::check_flora_shapes<static_cast<int>(N)>(weight_extents, rank_extents, "make_flora");
+  flora<T, static_cast<int>(N)> a;
   a.G.resize(rank_extents);
   a.G.setZero();
-  for (std::size_t n = 0; n < static_cast<std::size_t>(N); ++n) {
+  for (std::size_t n = 0; n < N; ++n) {
     a.U[n].resize(weight_extents[n], rank_extents[n]);
     fill_normal(a.U[n], 0.0, 1.0 / std::sqrt(2.0 * static_cast<double>(rank_extents[n])), gen);
   }
@@ -523,7 +519,7 @@ void vjp(const flora<T, N>& a, const const_tensor_view<T, N>& gw, flora<T, N>& g
     return;
   }
   const auto factors = factor_views(a);
-  tucker_compress_all_but_one<T, N>(gw, factors, ws.z);
+  tucker_compress_all_but_one<T, N>(gw, factors, ws.z, ws.chain);
   int k = 0;
   for (int n = 1; n < N; ++n)
     if (a.U[static_cast<std::size_t>(n)].dimension(0) < a.U[static_cast<std::size_t>(k)].dimension(0)) k = n;
@@ -546,8 +542,7 @@ void vjp(const flora<T, N>& a, const const_tensor_view<T, N>& gw, flora<T, N>& g
 // factorisation written above detail::channel_dims. grad is resized to the adapter's shapes if needed
 // and overwritten; it must not be the adapter itself. Throws argument_error, before writing, if gW
 // does not have the weight's shape. With a workspace that has served an adapter of the same shapes,
-// the channel plan makes no allocation (the chain plan's shared compression allocates its
-// intermediates).
+// and grad of the adapter's shapes, makes no allocation.
 template <class T, int N>
 void delta_weight_vjp(const flora<T, N>& a, nondeduced<const_tensor_view<T, N>> gw, flora<T, N>& grad,
                       flora_weight_workspace<T, N>& ws) {
@@ -625,8 +620,10 @@ void safe_merge(const flora<T, N>& a, tensor<T, N>& w) {
 // ---------------------------------------------------------------------------------------------------
 // Linear layers in activation space (N = 2: W0 (O, I), U0 (O, r0), U1 (I, r1), G (r0, r1))
 
-// Scratch for forward and backward. Sized on first use; a workspace that has seen a batch of n rows
-// serves every batch of up to n rows without allocating.
+// Scratch for forward and backward. Whichever call comes first (a forward with or without a bias, or a
+// backward) sizes every buffer for all three, so that after one call of n rows no later call of up to n
+// rows grows the workspace. The product kernel keeps buffers of its own per thread: once a forward with
+// a bias and a backward of n rows have also run on a thread, no call of up to n rows there allocates.
 template <class T>
 struct flora_workspace {
   // Backward keeps the rank-sized activations transposed, (r, n): the products that make and use them
@@ -651,6 +648,18 @@ void check_flora_linear(const flora<T, 2>& a, const const_tensor_view<T, 2>& x, 
             std::to_string(w0.dimension(1)) + ")");
 }
 
+// Every buffer at the size any call of n rows needs: h1 n·r1, h0 n·(r0 + 1) (a forward with a bias),
+// dh0 n·r0, dh1 n·r1, t max((r0 + 1)·O (a forward with a bias), r1·I (backward)). So no call grows the
+// workspace after another of at least as many rows.
+template <class T>
+void reserve(flora_workspace<T>& ws, index n, index r0, index r1, index in, index out) {
+  grow_buffer(ws.h1, n * r1);
+  grow_buffer(ws.h0, n * (r0 + 1));
+  grow_buffer(ws.dh0, n * r0);
+  grow_buffer(ws.dh1, n * r1);
+  grow_buffer(ws.t, std::max((r0 + 1) * out, r1 * in));
+}
+
 template <class T>
 void check_flora_matrix(const char* function, const char* name, const Eigen::DSizes<index, 2>& dims, index rows,
                         index cols) {
@@ -667,9 +676,7 @@ void flora_linear_forward(const flora<T, 2>& a, const const_tensor_view<T, 2>& x
   // h1 = x · U1 (n, r1); h0 = h1 · Gᵀ (n, r0), with a column of ones beside it when there is a bias;
   // u = [scale · U0, b0]ᵀ (r0 + 1, O), or scale · U0ᵀ (r0, O) without a bias.
   const index k = b0 != nullptr ? r0 + 1 : r0;
-  grow_buffer(ws.h1, n * r1);
-  grow_buffer(ws.h0, n * k);
-  grow_buffer(ws.t, out * k);
+  reserve(ws, n, r0, r1, in, out);
   T* h1 = ws.h1.data();
   T* h0 = ws.h0.data();
   T* u = ws.t.data();
@@ -693,7 +700,8 @@ void flora_linear_forward(const flora<T, 2>& a, const const_tensor_view<T, 2>& x
 // y (n, O) = x · W0ᵀ + b0 + scale · ((x · U1) · Gᵀ) · U0ᵀ
 //   x: (n, I), w0: (O, I), b0: (O), y: (n, O).  y must not overlap x, w0 or b0.
 // Throws argument_error, before writing anything, if a shape does not fit. Makes no allocation when
-// the workspace has already served a batch of at least n rows.
+// the workspace has already served a call (forward with or without a bias, or backward) of at least n
+// rows and a forward with a bias of at least n rows has run on this thread (see flora_workspace).
 template <class T>
 void forward(const flora<T, 2>& a, nondeduced<const_tensor_view<T, 2>> x, nondeduced<const_tensor_view<T, 2>> w0,
              nondeduced<const_tensor_view<T, 1>> b0, nondeduced<tensor_view<T, 2>> y, flora_workspace<T>& ws) {
@@ -739,7 +747,9 @@ tensor<T, 2> forward(const flora<T, 2>& a, const tensor<T, 2>& x, const tensor<T
 //   must not be the adapter itself, and dx must not overlap dy or w0 (it may be x).
 // (The bias does not enter: ∂L/∂b0 would be Σ_rows dy, and b0 is frozen.)
 // Throws argument_error, before writing anything, if a shape does not fit. Makes no allocation when
-// the workspace has already served a batch of at least n rows and grad has the adapter's shapes.
+// the workspace has already served a call (forward with or without a bias, or backward) of at least n
+// rows, a backward of at least n rows has run on this thread (see flora_workspace), and grad has the
+// adapter's shapes.
 template <class T>
 void backward(const flora<T, 2>& a, nondeduced<const_tensor_view<T, 2>> x, nondeduced<const_tensor_view<T, 2>> w0,
               nondeduced<const_tensor_view<T, 2>> dy, nondeduced<tensor_view<T, 2>> dx, flora<T, 2>& grad,
@@ -751,11 +761,7 @@ void backward(const flora<T, 2>& a, nondeduced<const_tensor_view<T, 2>> x, nonde
   detail::check_flora_matrix<T>(fn, "dy", dy.dimensions(), n, out);
   detail::check_flora_matrix<T>(fn, "dx", dx.dimensions(), n, in);
   detail::shape_like(a, grad);
-  detail::grow_buffer(ws.h1, n * r1);
-  detail::grow_buffer(ws.h0, n * r0);
-  detail::grow_buffer(ws.dh0, n * r0);
-  detail::grow_buffer(ws.dh1, n * r1);
-  detail::grow_buffer(ws.t, std::max(r0 * out, r1 * in));
+  detail::reserve(ws, n, r0, r1, in, out);
   T* h1 = ws.h1.data();
   T* h0 = ws.h0.data();
   T* dh0 = ws.dh0.data();

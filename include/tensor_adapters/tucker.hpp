@@ -12,15 +12,17 @@
 // 1/r_n − 1/I_n. Example: core 16×2 → 256×3 expands mode 0 first, 19,456 flops against 24,768.
 //
 // The factor arrays are kept out of template deduction (std::array's extent is a std::size_t, N an
-// int), so T and N come from the core or x: tucker_expand(view(core), factors, writable_view(y)).
+// int), so T and N come from the core or x: tucker_expand(view(core), factors, writable_view(y)). The
+// orders take std::size_t N, deduced from their shape<N> arguments: expansion_order(shape_of(g), shape_of(y)).
 //
 // Every product goes through mode_product.hpp's kernel. Intermediates live in a tucker_workspace<T>;
-// the overloads without one use a temporary workspace (one or two allocations per call). An output (y, g,
-// z) must not overlap the inputs (the core or x, and the factors).
+// the overloads without one use a temporary workspace (allocations on every call). An output (y, g, z)
+// must not overlap the inputs (the core or x, and the factors).
 #pragma once
 
 #include <algorithm>
 #include <array>
+#include <cstddef>
 #include <numeric>
 #include <string>
 #include <utility>
@@ -33,10 +35,12 @@
 namespace tensor_adapters {
 
 // Scratch for the intermediates of a chain. Grows when needed and never shrinks, so a workspace reused
-// for calls of the same shapes makes no allocation after the first.
+// for calls of the same shapes (tucker_expand, tucker_compress, tucker_compress_all_but_one) makes no
+// allocation after the first (nor does the product kernel, on the same thread: mode_product.hpp).
 template <class T>
 struct tucker_workspace {
-  std::vector<T> buffer[2];
+  std::vector<T> buffer[2];             // a chain's intermediates, alternately
+  std::vector<std::vector<T>> partial;  // tucker_compress_all_but_one: the shared compression of each level
 };
 
 namespace detail {
@@ -48,17 +52,32 @@ inline bool mode_goes_first(index a_n, index b_n, index a_m, index b_m) {
   return wide(a_n - b_n) * wide(a_m) * wide(b_m) > wide(a_m - b_m) * wide(a_n) * wide(b_n);
 }
 
+// cheapest_order on the extents from[0..N) and to[0..N): a stable insertion sort (count ≤ N, a
+// handful), which orders as std::stable_sort does, without the buffer std::stable_sort allocates.
+inline void cheapest_order(const index* from, const index* to, int* modes, int count) {
+  for (int k = 0; k < count; ++k)
+    if (from[modes[k]] == 0 || to[modes[k]] == 0) return;
+  for (int k = 1; k < count; ++k) {
+    const int n = modes[k];
+    int j = k;
+    for (; j > 0 && mode_goes_first(from[n], to[n], from[modes[j - 1]], to[modes[j - 1]]); --j) modes[j] = modes[j - 1];
+    modes[j] = n;
+  }
+}
+
 // The cheapest order of the modes in `modes` (a subsequence of 0..N-1) for products mapping from[n] →
 // to[n]; ties keep the lower mode first. With an empty extent every order costs nothing: the modes
-// keep their order.
+// keep their order. Makes no allocation.
 template <int N>
 void cheapest_order(const shape<N>& from, const shape<N>& to, int* modes, int count) {
-  for (int k = 0; k < count; ++k)
-    if (from[static_cast<std::size_t>(modes[k])] == 0 || to[static_cast<std::size_t>(modes[k])] == 0) return;
-  std::stable_sort(modes, modes + count, [&](int n, int m) {
-    const auto un = static_cast<std::size_t>(n), um = static_cast<std::size_t>(m);
-    return mode_goes_first(from[un], to[un], from[um], to[um]);
-  });
+  cheapest_order(from.data(), to.data(), modes, count);
+}
+
+// check_extents, with the std::string of `name` built only to throw: a name past the small-string
+// buffer ("the expanded tensor") would otherwise be allocated on every call.
+template <class Dims>
+void check_extents_quietly(const Dims& dims, int rank, const char* function, const char* name) {
+  if (!extents_fit(dims, rank)) check_extents(dims, rank, function, name);
 }
 
 // The flops of applying `modes` in that order to a tensor of extents `dims`, mapping from[n] → to[n].
@@ -114,7 +133,7 @@ void mode_chain(const T* x, shape<N> dims, const std::array<const T*, N>& u, con
 template <class T, int N>
 void check_factors(const std::array<const_tensor_view<T, 2>, N>& factors, const shape<N>& full, const shape<N>& core,
                    const char* function, const char* full_name, const char* core_name) {
-  check_extents(full, N, function, full_name);
+  check_extents_quietly(full, N, function, full_name);
   for (int n = 0; n < N; ++n) {
     const auto un = static_cast<std::size_t>(n);
     const auto& f = factors[un];
@@ -148,27 +167,32 @@ std::array<const_tensor_view<T, 2>, N> factor_views(const std::array<tensor<T, 2
 }  // namespace detail
 
 // The flop-minimal order of an expansion core (r0, …) → (I0, …): the modes by 1/I_n − 1/r_n, largest
-// first (ties: lower mode first). The first entry is the mode to apply first. Throws argument_error if an
-// extent is negative or a tensor's size overflows an index.
-template <int N>
-std::array<int, N> expansion_order(const shape<N>& core_extents, const shape<N>& full_extents) {
-  detail::check_extents(core_extents, N, "expansion_order", "the core");
-  detail::check_extents(full_extents, N, "expansion_order", "the expanded tensor");
+// first (ties: lower mode first). The first entry is the mode to apply first. Makes no allocation.
+// Throws argument_error if an extent is negative or a tensor's size overflows an index.
+// (N is a std::size_t so that it is deduced from shape<N> arguments: expansion_order(shape_of(g), shape_of(y)).)
+template <std::size_t N>
+std::array<int, N> expansion_order(const std::array<index, N>& core_extents, const std::array<index, N>& full_extents) {
+  constexpr int rank = static_cast<int>(N);
+  detail::check_extents_quietly(core_extents, rank, "expansion_order", "the core");
+  detail::check_extents_quietly(full_extents, rank, "expansion_order", "the expanded tensor");
   std::array<int, N> order{};
   std::iota(order.begin(), order.end(), 0);
-  detail::cheapest_order<N>(core_extents, full_extents, order.data(), N);
+  detail::cheapest_order<rank>(core_extents, full_extents, order.data(), rank);
   return order;
 }
 
 // The flop-minimal order of a compression (I0, …) → (r0, …): the modes by 1/r_n − 1/I_n, largest first.
-// Throws argument_error if an extent is negative or a tensor's size overflows an index.
-template <int N>
-std::array<int, N> compression_order(const shape<N>& full_extents, const shape<N>& core_extents) {
-  detail::check_extents(full_extents, N, "compression_order", "the tensor");
-  detail::check_extents(core_extents, N, "compression_order", "the core");
+// Makes no allocation. Throws argument_error if an extent is negative or a tensor's size overflows an
+// index. (N is a std::size_t, deduced from shape<N> arguments, as for expansion_order.)
+template <std::size_t N>
+std::array<int, N> compression_order(const std::array<index, N>& full_extents,
+                                     const std::array<index, N>& core_extents) {
+  constexpr int rank = static_cast<int>(N);
+  detail::check_extents_quietly(full_extents, rank, "compression_order", "the tensor");
+  detail::check_extents_quietly(core_extents, rank, "compression_order", "the core");
   std::array<int, N> order{};
   std::iota(order.begin(), order.end(), 0);
-  detail::cheapest_order<N>(full_extents, core_extents, order.data(), N);
+  detail::cheapest_order<rank>(full_extents, core_extents, order.data(), rank);
   return order;
 }
 
@@ -214,33 +238,48 @@ void tucker_compress(const_tensor_view<T, N> x, const nondeduced<std::array<cons
 
 namespace detail {
 
+// The levels of compress_all_but_one's recursion below the top: halving `count` modes (the larger half
+// keeps ⌈count/2⌉) down to one.
+inline int all_but_one_depth(int count) {
+  int depth = 0;
+  for (; count > 1; count -= count / 2) ++depth;
+  return depth;
+}
+
 // z[n] for every n in modes[0..count): t has every mode in `modes` at full extent and every other
 // mode compressed already. The modes split in two halves; each half's outputs need the other half
 // compressed, which is computed once and shared by the whole half (N·log2 N mode products in all,
-// instead of N·(N-1)).
+// instead of N·(N-1)). The shared compression of recursion level `level` goes to ws.partial[level]
+// (sized to all_but_one_depth(N) levels by the caller); the chains' intermediates to ws.buffer.
 template <class T, int N>
 void compress_all_but_one(const T* t, const shape<N>& dims, const std::array<const T*, N>& u, const shape<N>& r,
-                          const int* modes, int count, std::array<tensor<T, N>, N>& z) {
+                          const int* modes, int count, std::array<tensor<T, N>, N>& z, tucker_workspace<T>& ws,
+                          std::size_t level = 0) {
   if (count == 1) {
     const auto n = static_cast<std::size_t>(modes[0]);
     std::copy(t, t + product(dims), z[n].data());
     return;
   }
   const int half = count / 2;
-  tucker_workspace<T> ws;
+  std::vector<T>& next = ws.partial[level];  // t is the level above's (or x): never this one
   for (int side = 0; side < 2; ++side) {
     const int* keep = side == 0 ? modes : modes + half;  // modes left at full extent
     const int keep_count = side == 0 ? half : count - half;
     std::array<int, N> other{};
     int other_count = 0;
     for (int k = 0; k < count; ++k)
-      if (std::find(keep, keep + keep_count, modes[k]) == keep + keep_count) other[std::size_t(other_count++)] = modes[k];
+      if (std::find(keep, keep + keep_count, modes[k]) == keep + keep_count)
+        other[std::size_t(other_count++)] = modes[k];
     cheapest_order<N>(dims, r, other.data(), other_count);
     shape<N> reduced = dims;
-    for (int k = 0; k < other_count; ++k) reduced[std::size_t(other[std::size_t(k)])] = r[std::size_t(other[std::size_t(k)])];
-    std::vector<T> next(static_cast<std::size_t>(product(reduced)));
+    for (int k = 0; k < other_count; ++k) {
+      const auto m = static_cast<std::size_t>(other[std::size_t(k)]);
+      reduced[m] = r[m];
+    }
+    // The first side's recursion has finished with `next` before the second side overwrites it.
+    if (index(next.size()) < product(reduced)) next.resize(static_cast<std::size_t>(product(reduced)));
     mode_chain<T, N>(t, dims, u, r, true, other.data(), other_count, T(1), T(0), next.data(), ws);
-    compress_all_but_one<T, N>(next.data(), reduced, u, r, keep, keep_count, z);
+    compress_all_but_one<T, N>(next.data(), reduced, u, r, keep, keep_count, z, ws, level + 1);
   }
 }
 
@@ -250,12 +289,13 @@ void compress_all_but_one(const T* t, const shape<N>& dims, const std::array<con
 // Tucker gradient needs for factor n. Partial products are shared: the modes are split in halves
 // recursively, and each half's common compression is computed once, each in the cheapest order.
 //   x: (I0, …, I(N-1)), factors[n]: (I_n, r_n). z is resized to fit (kept if it fits already).
-// Throws argument_error, before writing, if a factor does not contract its mode of x, or a rank r_n is 0
-// or above I_n.
+// With z of those shapes already and a workspace that has served a call of the same shapes, makes no
+// allocation. Throws argument_error, before writing, if a factor does not contract its mode of x, or a
+// rank r_n is 0 or above I_n.
 template <class T, int N>
 void tucker_compress_all_but_one(const_tensor_view<T, N> x,
                                  const nondeduced<std::array<const_tensor_view<T, 2>, N>>& factors,
-                                 nondeduced<std::array<tensor<T, N>, N>>& z) {
+                                 nondeduced<std::array<tensor<T, N>, N>>& z, tucker_workspace<T>& ws) {
   const shape<N> full = shape_of(x);
   shape<N> r{};
   for (std::size_t n = 0; n < std::size_t(N); ++n) r[n] = factors[n].dimension(1);
@@ -265,9 +305,18 @@ void tucker_compress_all_but_one(const_tensor_view<T, N> x,
     d[std::size_t(n)] = full[std::size_t(n)];
     if (shape_of(z[std::size_t(n)]) != d) z[std::size_t(n)].resize(d);
   }
+  const auto levels = static_cast<std::size_t>(detail::all_but_one_depth(N));
+  if (ws.partial.size() < levels) ws.partial.resize(levels);  // before the recursion holds any of them
   std::array<int, N> modes{};
   std::iota(modes.begin(), modes.end(), 0);
-  detail::compress_all_but_one<T, N>(x.data(), full, detail::factor_data<T, N>(factors), r, modes.data(), N, z);
+  detail::compress_all_but_one<T, N>(x.data(), full, detail::factor_data<T, N>(factors), r, modes.data(), N, z, ws);
+}
+template <class T, int N>
+void tucker_compress_all_but_one(const_tensor_view<T, N> x,
+                                 const nondeduced<std::array<const_tensor_view<T, 2>, N>>& factors,
+                                 nondeduced<std::array<tensor<T, N>, N>>& z) {
+  tucker_workspace<T> ws;
+  tucker_compress_all_but_one<T, N>(x, factors, z, ws);
 }
 
 // Value-returning forms.
