@@ -15,6 +15,7 @@
 #endif
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <new>
 
@@ -29,8 +30,16 @@ inline std::atomic<bool>& counting() {
   return on;
 }
 
-// Eigen's checks, including "malloc is not allowed here", land here while a scope is open.
-inline void eigen_assert_failed() { ++count(); }
+// Eigen's checks land here. While a scope is open each counts as an allocation ("malloc is not allowed
+// here" is one of them), so a scope that meets any failed check fails its count; outside a scope a failed
+// check ends the program, as Eigen's own eigen_assert does.
+inline void eigen_assert_failed() {
+  if (!counting()) {
+    std::fputs("allocation_counter: an Eigen assertion failed\n", stderr);
+    std::abort();
+  }
+  ++count();
+}
 
 }  // namespace allocation_counter
 
