@@ -16,7 +16,6 @@
 
 namespace ta = tensor_adapters;
 
-
 using namespace flora_test;
 
 namespace {
@@ -26,21 +25,20 @@ bool bit_identical(const Tensor& a, const Tensor& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0;
 }
 
-}  // namespace
-
-TEMPLATE_TEST_CASE("FLoRA weight space makes no allocation with a warm workspace", "[flora]", float, double) {
-  using T = TestType;
-  const ta::shape<4> s{12, 8, 3, 3};
-  const auto a = random_flora<T, 4>(s, {4, 3, 2, 2}, 2.0, 49);
-  REQUIRE(ta::detail::use_channel_plan(a));
-  const auto gw = random_tensor<T, 4>(s, 50);
-  ta::tensor<T, 4> dw(s), w = random_tensor<T, 4>(s, 51);
-  ta::flora<T, 4> grad;
-  ta::flora_weight_workspace<T, 4> ws;
+// The allocations of a second round of the weight-space calls (delta_weight, delta_weight_vjp, merge,
+// unmerge) for a weight of shape s, on a workspace the first round warmed; the second round must give the
+// first one's bits.
+template <class T, int N>
+long warm_weight_space_allocations(const ta::flora<T, N>& a, const ta::nondeduced<ta::shape<N>>& s,
+                                   std::uint64_t seed) {
+  const auto gw = random_tensor<T, N>(s, seed);
+  ta::tensor<T, N> dw(s), w = random_tensor<T, N>(s, seed + 1);
+  ta::flora<T, N> grad;
+  ta::flora_weight_workspace<T, N> ws;
   ta::delta_weight(a, dw, ws);
   ta::delta_weight_vjp(a, gw, grad, ws);
-  const ta::tensor<T, 4> dw_first = dw;
-  const ta::flora<T, 4> grad_first = grad;
+  const ta::tensor<T, N> dw_first = dw;
+  const ta::flora<T, N> grad_first = grad;
   long allocations = 0;
   {
     allocation_counter::scope counting;
@@ -50,67 +48,35 @@ TEMPLATE_TEST_CASE("FLoRA weight space makes no allocation with a warm workspace
     ta::unmerge(a, w, ws);
     allocations = counting.allocations();
   }
-  CHECK(allocations == 0);
   CHECK(bit_identical<T>(dw, dw_first));
   ta::for_each_parameter(grad, grad_first, [](const char*, auto& g, const auto& e) { CHECK(bit_identical<T>(g, e)); });
+  return allocations;
+}
 
-  // A linear weight.
-  const auto l = random_flora<T, 2>({20, 14}, {3, 5}, 2.0, 53);
+}  // namespace
+
+TEMPLATE_TEST_CASE("FLoRA weight space makes no allocation with a warm workspace", "[flora]", float, double) {
+  using T = TestType;
+  // The channel plan: a conv weight and a linear one.
+  const ta::shape<4> s4{12, 8, 3, 3};
+  const auto a = random_flora<T, 4>(s4, {4, 3, 2, 2}, 2.0, 49);
+  REQUIRE(ta::detail::use_channel_plan(a));
+  CHECK(warm_weight_space_allocations(a, s4, 50) == 0);
+  const ta::shape<2> s2{20, 14};
+  const auto l = random_flora<T, 2>(s2, {3, 5}, 2.0, 53);
   REQUIRE(ta::detail::use_channel_plan(l));
-  const auto lgw = random_tensor<T, 2>({20, 14}, 54);
-  ta::tensor<T, 2> ldw(20, 14);
-  ta::flora<T, 2> lgrad;
-  ta::flora_weight_workspace<T, 2> lws;
-  ta::delta_weight(l, ldw, lws);
-  ta::delta_weight_vjp(l, lgw, lgrad, lws);
-  {
-    allocation_counter::scope counting;
-    ta::delta_weight(l, ldw, lws);
-    ta::delta_weight_vjp(l, lgw, lgrad, lws);
-    allocations = counting.allocations();
-  }
-  CHECK(allocations == 0);
+  CHECK(warm_weight_space_allocations(l, s2, 54) == 0);
 
   // The chain plan (tucker.hpp's chains and its shared compressions), N = 3 and N = 5.
-  const auto c = random_flora<T, 3>({24, 4, 4}, {24, 1, 1}, 2.0, 55);
+  const ta::shape<3> s3{24, 4, 4};
+  const auto c = random_flora<T, 3>(s3, {24, 1, 1}, 2.0, 55);
   REQUIRE_FALSE(ta::detail::use_channel_plan(c));
-  const auto cgw = random_tensor<T, 3>({24, 4, 4}, 56);
-  ta::tensor<T, 3> cdw(24, 4, 4), cw = random_tensor<T, 3>({24, 4, 4}, 57);
-  ta::flora<T, 3> cgrad;
-  ta::flora_weight_workspace<T, 3> cws;
-  ta::delta_weight(c, cdw, cws);
-  ta::delta_weight_vjp(c, cgw, cgrad, cws);
-  const ta::flora<T, 3> cgrad_first = cgrad;
-  {
-    allocation_counter::scope counting;
-    ta::delta_weight(c, cdw, cws);
-    ta::delta_weight_vjp(c, cgw, cgrad, cws);
-    ta::merge(c, cw, cws);
-    ta::unmerge(c, cw, cws);
-    allocations = counting.allocations();
-  }
-  CHECK(allocations == 0);
-  ta::for_each_parameter(cgrad, cgrad_first,
-                         [](const char*, auto& g, const auto& e) { CHECK(bit_identical<T>(g, e)); });
-
+  CHECK(warm_weight_space_allocations(c, s3, 56) == 0);
   const ta::shape<5> s5{20, 5, 3, 2, 3};
   const auto f = random_flora<T, 5>(s5, {20, 2, 2, 1, 3}, 2.0, 58);
   REQUIRE_FALSE(ta::detail::use_channel_plan(f));
-  const auto fgw = random_tensor<T, 5>(s5, 59);
-  ta::tensor<T, 5> fdw(s5);
-  ta::flora<T, 5> fgrad;
-  ta::flora_weight_workspace<T, 5> fws;
-  ta::delta_weight(f, fdw, fws);
-  ta::delta_weight_vjp(f, fgw, fgrad, fws);
-  {
-    allocation_counter::scope counting;
-    ta::delta_weight(f, fdw, fws);
-    ta::delta_weight_vjp(f, fgw, fgrad, fws);
-    allocations = counting.allocations();
-  }
-  CHECK(allocations == 0);
+  CHECK(warm_weight_space_allocations(f, s5, 59) == 0);
 }
-
 
 TEMPLATE_TEST_CASE("FLoRA linear path makes no allocation once its workspace is warm", "[flora]", float, double) {
   using T = TestType;
