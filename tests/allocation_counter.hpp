@@ -11,7 +11,7 @@
 
 #define EIGEN_RUNTIME_NO_MALLOC
 #ifndef eigen_assert
-#define eigen_assert(x) ((x) ? (void)0 : ::allocation_counter::eigen_assert_failed())
+#define eigen_assert(x) ((x) ? (void)0 : ::allocation_counter::eigen_assert_failed(#x, __FILE__, __LINE__))
 #endif
 
 #include <atomic>
@@ -33,9 +33,9 @@ inline std::atomic<bool>& counting() {
 // Eigen's checks land here. While a scope is open each counts as an allocation ("malloc is not allowed
 // here" is one of them), so a scope that meets any failed check fails its count; outside a scope a failed
 // check ends the program, as Eigen's own eigen_assert does.
-inline void eigen_assert_failed() {
+inline void eigen_assert_failed(const char* condition, const char* file, int line) {
   if (!counting()) {
-    std::fputs("allocation_counter: an Eigen assertion failed\n", stderr);
+    std::fprintf(stderr, "%s:%d: Eigen assertion failed: %s\n", file, line, condition);
     std::abort();
   }
   ++count();

@@ -641,10 +641,12 @@ TEMPLATE_TEST_CASE("merges near the largest and the subnormal values of T", "[lo
   }
   SECTION("scale · (B · A) beyond max but w + ΔW in range: finite where the build fuses the two steps") {
     // B · A = max/2, scale 4: scale · (B · A) = 2·max alone, w + ΔW = −max + 2·max = max. Through the
-    // narrow kernel (fan-in 3) and the packed one (fan-in 40).
-    for (const ta::index fan_in : {ta::index(3), ta::index(40)}) {
-      const auto a = constant_lora<T>(3, fan_in, 1, max / 2, T(1), T(4));
-      ta::tensor<T, 2> w(3, fan_in);
+    // narrow kernel (8 × 3), the packed kernel's edge tiles (3 × 3, 3 × 5) and its micro-kernel (3 × 40).
+    const std::pair<ta::index, ta::index> shapes[] = {{8, 3}, {3, 3}, {3, 5}, {3, 40}};
+    for (const auto& [out, fan_in] : shapes) {
+      INFO(out << " x " << fan_in);
+      const auto a = constant_lora<T>(out, fan_in, 1, max / 2, T(1), T(4));
+      ta::tensor<T, 2> w(out, fan_in);
       w.setConstant(-max);
       ta::tensor<T, 2> safe = w;
       ta::merge(a, w);

@@ -224,7 +224,8 @@ void check_orders(std::mt19937_64& gen) {
     REQUIRE(is_permutation_of_modes<N>(c));
     REQUIRE(flops_of<N>(full, core, c) == cheapest_by_brute_force<N>(full, core));
     // Among orders of equal cost, the same one as std::stable_sort: the whole chain, and a subsequence
-    // of the modes in a scrambled order (as tucker_compress_all_but_one sorts them).
+    // of the modes in a scrambled order (beyond what tucker_compress_all_but_one, which sorts ascending
+    // runs, needs).
     std::vector<int> all(static_cast<std::size_t>(N));
     std::iota(all.begin(), all.end(), 0);
     REQUIRE(std::vector<int>(e.begin(), e.end()) == stable_sorted<N>(core, full, all));

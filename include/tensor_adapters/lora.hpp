@@ -214,8 +214,8 @@ lora<T> delta_weight_vjp(const lora<T>& a, const tensor<T, N>& gw) {
 // w ← w + ΔW.  w: (O, I1, …, Ik).  Throws (and leaves w untouched) if w does not fit the adapter.
 // ΔW is formed as scale · (B · A), the order PEFT uses, B · A summed over r in blocks of 256: where
 // B · A or w + ΔW exceeds T's range the result is ±Inf (NaN where infinities of both signs meet), even
-// if scale · B · A alone would be finite. Where the build has FMA instructions (any build for AVX2 or
-// AVX-512, -mfma, or -march= a machine with them) scaling a block's sum and adding it to w is one fused
+// if scale · B · A alone would be finite. Where the build has FMA instructions (-mfma, -march=haswell or
+// later, or -march=native on such a machine) scaling a block's sum and adding it to w is one fused
 // step, so where scale · (B · A) alone would overflow but w + ΔW is in range, the result is finite
 // (PEFT's is ±Inf); without them the two steps may round apart, and the result is then ±Inf as PEFT's.
 // safe_merge rejects a merge with a non-finite result. Subnormal values take part with no flush to zero.

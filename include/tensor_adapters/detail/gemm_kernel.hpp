@@ -257,6 +257,13 @@ inline void micro_kernel_rows(int mr, index kc, const T* a, const T* b, T* c, in
   }
 }
 
+// alpha · v + beta · x, rounded once where the target has FMA instructions (simd.hpp's fused), as the
+// vector stores are; with beta == 0, x is not read (its old contents may be NaN).
+template <class T>
+inline T scaled_add(T alpha, T v, T beta, T x) {
+  return beta == T(0) ? alpha * v : simd<T, scalar_isa>::fma(alpha, v, beta * x);
+}
+
 // A 64-byte aligned, grow-only scratch array.
 template <class T>
 class scratch {
@@ -433,7 +440,7 @@ void add_tile(index mr, index nr, const T* tile, T alpha, T beta, const grouped_
   for (index r = 0; r < mr; ++r)
     for (index t = 0; t < nr; ++t) {
       T& x = cp[r * c.rs + off[t]];
-      x = alpha * tile[r * NR + t] + (beta == T(0) ? T(0) : beta * x);
+      x = scaled_add(alpha, tile[r * NR + t], beta, x);
     }
 }
 
@@ -910,7 +917,7 @@ void columns_kernel(index m, index k, const T* a, index lda, const T* b, index b
     for (index r = 0; r < V * W; ++r)
       for (int j = 0; j < J; ++j) {
         T& x = c[(i0 + r) * ldc + j];
-        x = alpha * tile[(j * V + r / W) * W + r % W] + (beta == T(0) ? T(0) : beta * x);
+        x = scaled_add(alpha, tile[(j * V + r / W) * W + r % W], beta, x);
       }
   }
   // The last rows, fewer than V·width, counted down rather than compared with m: with the sizes known at
@@ -922,7 +929,7 @@ void columns_kernel(index m, index k, const T* a, index lda, const T* b, index b
     for (int j = 0; j < J; ++j) {
       T sum = T(0);
       for (index p = 0; p < k; ++p) sum += ai[p * lda] * b[p * b_rs + j * b_cs];
-      ci[j] = alpha * sum + (beta == T(0) ? T(0) : beta * ci[j]);
+      ci[j] = scaled_add(alpha, sum, beta, ci[j]);
     }
 }
 
@@ -1163,12 +1170,12 @@ void short_columns_serial(index p, index i, const T* x, const T* u, index us_j, 
     const T* xs = x + s * i * Q;
     T* ys = y + s * j * Q;
     for (index b = 0; b < panels; ++b) {
-      micro_kernel<T, Isa, Q, NV>(i, xs, ut + b * i * PW, tile, PW, alpha, T(0));
+      micro_kernel<T, Isa, Q, NV>(i, xs, ut + b * i * PW, tile, PW, T(1), T(0));
       const index width = std::min(PW, j - b * PW);
       for (index c = 0; c < width; ++c)
         for (int t = 0; t < Q; ++t) {
           T& out = ys[(b * PW + c) * Q + t];
-          out = tile[t * PW + c] + (beta == T(0) ? T(0) : beta * out);
+          out = scaled_add(alpha, tile[t * PW + c], beta, out);
         }
     }
   }
