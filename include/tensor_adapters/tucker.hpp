@@ -73,12 +73,6 @@ void cheapest_order(const shape<N>& from, const shape<N>& to, int* modes, int co
   cheapest_order(from.data(), to.data(), modes, count);
 }
 
-// check_extents, with the std::string of `name` built only to throw: a name past the small-string
-// buffer ("the expanded tensor") would otherwise be allocated on every call.
-template <class Dims>
-void check_extents_quietly(const Dims& dims, int rank, const char* function, const char* name) {
-  if (!extents_fit(dims, rank)) check_extents(dims, rank, function, name);
-}
 
 // The flops of applying `modes` in that order to a tensor of extents `dims`, mapping from[n] → to[n].
 template <int N>
@@ -133,7 +127,7 @@ void mode_chain(const T* x, shape<N> dims, const std::array<const T*, N>& u, con
 template <class T, int N>
 void check_factors(const std::array<const_tensor_view<T, 2>, N>& factors, const shape<N>& full, const shape<N>& core,
                    const char* function, const char* full_name, const char* core_name) {
-  check_extents_quietly(full, N, function, full_name);
+  check_extents(full, N, function, full_name);
   for (int n = 0; n < N; ++n) {
     const auto un = static_cast<std::size_t>(n);
     const auto& f = factors[un];
@@ -173,8 +167,8 @@ std::array<const_tensor_view<T, 2>, N> factor_views(const std::array<tensor<T, 2
 template <std::size_t N>
 std::array<int, N> expansion_order(const std::array<index, N>& core_extents, const std::array<index, N>& full_extents) {
   constexpr int rank = static_cast<int>(N);
-  detail::check_extents_quietly(core_extents, rank, "expansion_order", "the core");
-  detail::check_extents_quietly(full_extents, rank, "expansion_order", "the expanded tensor");
+  detail::check_extents(core_extents, rank, "expansion_order", "the core");
+  detail::check_extents(full_extents, rank, "expansion_order", "the expanded tensor");
   std::array<int, N> order{};
   std::iota(order.begin(), order.end(), 0);
   detail::cheapest_order<rank>(core_extents, full_extents, order.data(), rank);
@@ -188,8 +182,8 @@ template <std::size_t N>
 std::array<int, N> compression_order(const std::array<index, N>& full_extents,
                                      const std::array<index, N>& core_extents) {
   constexpr int rank = static_cast<int>(N);
-  detail::check_extents_quietly(full_extents, rank, "compression_order", "the tensor");
-  detail::check_extents_quietly(core_extents, rank, "compression_order", "the core");
+  detail::check_extents(full_extents, rank, "compression_order", "the tensor");
+  detail::check_extents(core_extents, rank, "compression_order", "the core");
   std::array<int, N> order{};
   std::iota(order.begin(), order.end(), 0);
   detail::cheapest_order<rank>(full_extents, core_extents, order.data(), rank);

@@ -70,11 +70,12 @@ bool extents_fit(const Dims& dims, int rank) {
   return true;
 }
 
-// Throws argument_error unless extents_fit. `name` names the tensor.
+// Throws argument_error unless extents_fit. `name` names the tensor (its message is built only to throw,
+// so a check makes no allocation).
 template <class Dims>
-void check_extents(const Dims& dims, int rank, const char* function, const std::string& name) {
+void check_extents(const Dims& dims, int rank, const char* function, const char* name) {
   TA_CHECK(extents_fit(dims, rank), function,
-           name + " has extents " + dims_string(dims, rank) + "; they must be at least 0, and their product one an " +
+           std::string(name) + " has extents " + dims_string(dims, rank) + "; they must be at least 0, and their product one an " +
                "index can count");
 }
 
