@@ -75,8 +75,8 @@ bool extents_fit(const Dims& dims, int rank) {
 template <class Dims>
 void check_extents(const Dims& dims, int rank, const char* function, const char* name) {
   TA_CHECK(extents_fit(dims, rank), function,
-           std::string(name) + " has extents " + dims_string(dims, rank) + "; they must be at least 0, and their product one an " +
-               "index can count");
+           std::string(name) + " has extents " + dims_string(dims, rank) +
+               "; they must be at least 0, and their product one an index can count");
 }
 
 // The number of elements of a tensor of these extents.
