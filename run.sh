@@ -4,6 +4,8 @@
 #   ./run.sh demo             build and run the demo (the main job)
 #   ./run.sh test             build everything and run the whole test suite
 #   ./run.sh test --sanitize  the unit tests under AddressSanitizer + UndefinedBehaviorSanitizer
+#   ./run.sh test --portable  the unit tests built by clang without -march flags: the scalar kernels,
+#                             not fused, as a build of yours without instruction-set flags gets them
 #   ./run.sh bench [filter]   build and run the microbenchmarks
 #   ./run.sh report [args]    run them all and render docs/BENCHMARKS.md with plots, beside PyTorch when
 #                             /usr/bin/python3 has torch (args go to benchmarks/report.py, e.g. --quick)
@@ -16,11 +18,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 usage() {
-  sed -n '2,14p' "$0"
+  sed -n '2,16p' "$0"
   exit 2
 }
 case "${1:-} ${2:-}" in
-  "demo "|"test "|"test --sanitize"|"bench "*|"report "*|"fuzz "*) ;;
+  "demo "|"test "|"test --sanitize"|"test --portable"|"bench "*|"report "*|"fuzz "*) ;;
   *) usage ;;
 esac
 case "${1}" in
@@ -53,10 +55,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 jobs=$(nproc 2>/dev/null || echo 2)
+native=ON  # -march=native for this project's own targets, but in the portable pass
 configure() {  # configure <build dir> [cmake args...]
   local dir=$1
   shift
-  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DTENSOR_ADAPTERS_NATIVE=ON "$@" >/dev/null
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DTENSOR_ADAPTERS_NATIVE=$native "$@" >/dev/null
   cmake --build "$dir" -j "$jobs"
 }
 
@@ -70,6 +73,13 @@ case "${1:-}" in
       dir=build/sanitize
       # The unit tests only: the examples and the packaging checks run in the plain pass.
       configure "$dir" -DTENSOR_ADAPTERS_SANITIZE=ON -DTENSOR_ADAPTERS_BUILD_TESTS=ON \
+        -DTENSOR_ADAPTERS_BUILD_EXAMPLES=OFF -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=OFF
+    elif [ "${2:-}" = "--portable" ]; then
+      dir=build/portable
+      # The unit tests for plain x86-64, by the other compiler: every kernel is the scalar one and its
+      # fma is a multiply and an add, so the promises of equal bits between paths are checked there too.
+      native=OFF
+      configure "$dir" -DCMAKE_CXX_COMPILER=clang++ -DTENSOR_ADAPTERS_BUILD_TESTS=ON \
         -DTENSOR_ADAPTERS_BUILD_EXAMPLES=OFF -DTENSOR_ADAPTERS_BUILD_BENCHMARKS=OFF
     else
       dir=build/release

@@ -659,11 +659,15 @@ void glora_lora_rows(index m, index I, index R, index ra, const T* ad, const T* 
           S::store(orow + i + v * W, S::add(y, acc_b[v]));
         }
       }
-      for (; i < i1; ++i) {  // fused as the registers above are, so that every column rounds alike
+      // One column at a time, fused exactly where the registers above are (scalar_isa's fma is fused
+      // where the target has FMA instructions, as every vector set here has), so that every column
+      // rounds alike, here and on the forward's panels (glora_panel_sum).
+      using one = simd<T, scalar_isa>;
+      for (; i < i1; ++i) {
         T sa = T(0), sb = T(0);
-        for (index r = 0; r < ra; ++r) sa = std::fma(ar[r], au[r * I + i], sa);
-        for (index r = 0; r < rb; ++r) sb = std::fma(br[r], bu[r * I + i], sb);
-        orow[i] = (add_w0 ? std::fma(wr[i], sa, wr[i]) : wr[i] * sa) + sb;
+        for (index r = 0; r < ra; ++r) sa = one::fma(ar[r], au[r * I + i], sa);
+        for (index r = 0; r < rb; ++r) sb = one::fma(br[r], bu[r * I + i], sb);
+        orow[i] = (add_w0 ? one::fma(wr[i], sa, wr[i]) : wr[i] * sa) + sb;
       }
     }
   }
