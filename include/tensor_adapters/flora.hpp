@@ -167,23 +167,13 @@ channel_dims channel_plan_dims(const flora<T, N>& a) {
   return d;
 }
 
-// expansion_order(r, w) without its checks (an adapter's extents are checked already), and like it
-// without allocating (the plan is chosen on every call of the workspace forms).
-template <int N>
-std::array<int, N> flora_expansion_order(const shape<N>& r, const shape<N>& w) {
-  std::array<int, N> order{};
-  for (int k = 0; k < N; ++k) order[static_cast<std::size_t>(k)] = k;
-  cheapest_order<N>(r, w, order.data(), N);
-  return order;
-}
-
 enum class flora_plan { automatic, chain, channel };
 
 template <class T, int N>
 bool use_channel_plan(const flora<T, N>& a, flora_plan plan = flora_plan::automatic) {
   if (plan != flora_plan::automatic) return plan == flora_plan::channel;
   const shape<N> w = weight_shape(a), r = ranks(a);
-  const std::array<int, N> order = flora_expansion_order<N>(r, w);
+  const std::array<int, N> order = expansion_order(r, w);
   const double chain = chain_flops<N>(r, w, order.data(), N);
   const channel_dims d = channel_plan_dims(a);
   const double channel = 2.0 * (double(d.r0 * d.r1) * double(d.rk * d.s) + double(d.r0 * d.r1) * double(d.s * d.i1) +
