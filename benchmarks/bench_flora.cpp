@@ -24,6 +24,7 @@
 
 #include <benchmark/benchmark.h>
 
+#include "fma_peak.hpp"
 #include "paired_calls.hpp"
 
 #ifdef _OPENMP
@@ -276,25 +277,11 @@ void gemm_of_last_step(benchmark::State& state) {
   set_rates(state, 2.0 * double(out) * double(rest) * double(r), sizeof(float) * double(out * rest));
 }
 
-// One core's FMA peak: 16 independent chains of 16-float vector FMAs (the compiler emits vfmadd on
-// AVX-512 with -march=native).
+// One core's FMA peak (fma_peak.hpp).
 void fma_peak(benchmark::State& state) {
-  typedef float v16 __attribute__((vector_size(64)));
-  constexpr int chains = 16;
-  constexpr long steps = 1 << 16;
-  v16 acc[chains];
-  v16 a, b;
-  for (int l = 0; l < 16; ++l) a[l] = 1.0f + 1e-7f * float(l), b[l] = 1e-7f;
-  for (int c = 0; c < chains; ++c)
-    for (int l = 0; l < 16; ++l) acc[c][l] = float(c);
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(a);
-    benchmark::DoNotOptimize(b);
-    for (long s = 0; s < steps; ++s)
-      for (int c = 0; c < chains; ++c) acc[c] = acc[c] * a + b;
-    for (int c = 0; c < chains; ++c) benchmark::DoNotOptimize(acc[c]);
-  }
-  set_rates(state, 2.0 * 16.0 * chains * double(steps), 0);
+  double flops = 0;
+  for (auto _ : state) flops = run_fma_chains<float>();
+  set_rates(state, flops, 0);
 }
 
 void conv_shapes(benchmark::internal::Benchmark* b) {

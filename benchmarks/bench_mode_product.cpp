@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "blas_baseline.hpp"
+#include "fma_peak.hpp"
 #include "paired_calls.hpp"
 
 #ifdef _OPENMP
@@ -184,26 +185,16 @@ void blas_gemm(benchmark::State& state, ta::shape<N> dims, int mode, ta::index j
   counters(state, pr);
 }
 
-// Independent FMA chains on registers: the machine's arithmetic peak on the native instruction set.
+// fma_peak.hpp's chains on each thread: the machine's arithmetic peak on the native instruction set.
 template <class T>
 void fma_peak(benchmark::State& state, int threads) {
-  using S = td::simd<T, td::native_isa>;
-  constexpr int chains = 16;
-  constexpr long steps = 1 << 16;
   set_threads(threads);
+  double flops = 0;
   for (auto _ : state) {
-#pragma omp parallel num_threads(threads)
-    {
-      typename S::reg acc[chains];
-      for (int c = 0; c < chains; ++c) acc[c] = S::broadcast(T(c) * T(1e-3));
-      const typename S::reg a = S::broadcast(T(0.999999)), b = S::broadcast(T(1e-7));
-      for (long s = 0; s < steps; ++s)
-#pragma GCC unroll 16
-        for (int c = 0; c < chains; ++c) acc[c] = S::fma(acc[c], a, b);
-      for (int c = 0; c < chains; ++c) benchmark::DoNotOptimize(acc[c]);
-    }
+    flops = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : flops)
+    flops += run_fma_chains<T>();
   }
-  const double flops = 2.0 * chains * S::width * double(steps) * threads;
   state.counters["GFLOP/s"] =
       benchmark::Counter(flops * double(state.iterations()) * 1e-9, benchmark::Counter::kIsRate);
   set_threads(1);
