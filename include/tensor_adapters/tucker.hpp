@@ -66,13 +66,12 @@ inline void cheapest_order(const index* from, const index* to, int* modes, int c
 }
 
 // The cheapest order of the modes in `modes` (a subsequence of 0..N-1) for products mapping from[n] →
-// to[n]; ties keep their order in `modes` (ascending in every caller: the lower mode first). With an empty extent every order costs nothing: the modes
-// keep their order. Makes no allocation.
+// to[n]; ties keep their order in `modes` (ascending in every caller: the lower mode first). With an
+// empty extent every order costs nothing: the modes keep their order. Makes no allocation.
 template <int N>
 void cheapest_order(const shape<N>& from, const shape<N>& to, int* modes, int count) {
   cheapest_order(from.data(), to.data(), modes, count);
 }
-
 
 // The flops of applying `modes` in that order to a tensor of extents `dims`, mapping from[n] → to[n].
 template <int N>

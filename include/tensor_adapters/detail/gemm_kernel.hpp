@@ -676,12 +676,10 @@ inline void dot_kernel(index k, const T* __restrict a, index lda, const T* __res
   }
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) {
-      // (One fused rounding, spelled out: left to the compiler's contraction, the rows of the R-row
-      // and 1-row kernels were fused differently, and C's last bits depended on the thread count. In
-      // a build without FMA instructions std::fma is a library call, once per element of C.)
+      // (Through scaled_add, spelled out: left to the compiler's contraction, the rows of the R-row and
+      // 1-row kernels were fused differently, and C's last bits depended on the thread count.)
       T& x = c[r * ldc + j];
-      const T sum = S::sum(acc[r][j]);
-      x = beta == T(0) ? alpha * sum : std::fma(alpha, sum, beta * x);
+      x = scaled_add(alpha, S::sum(acc[r][j]), beta, x);
     }
 }
 
