@@ -528,13 +528,14 @@ ta::glora_gradients<T> loop_backward(const ta::glora<T>& a, const ta::glora_conf
         }
     }
     if (k.kind == ta::glora_kind::scalar) gxd(0, 0) = static_cast<T>(total);
-    if (k.kind == ta::glora_kind::lora)
+    if (k.kind == ta::glora_kind::lora) {  // Σ_o over the rows of G in order, a row at a time
+      std::vector<long double> s(std::size_t(k.rank * I), 0);
+      for (ta::index o = 0; o < O; ++o)
+        for (ta::index j = 0; j < k.rank; ++j)
+          for (ta::index i = 0; i < I; ++i) s[std::size_t(j * I + i)] += static_cast<long double>(xd(o, j)) * G(o, i);
       for (ta::index j = 0; j < k.rank; ++j)
-        for (ta::index i = 0; i < I; ++i) {
-          long double s = 0;
-          for (ta::index o = 0; o < O; ++o) s += static_cast<long double>(xd(o, j)) * G(o, i);
-          gxu(j, i) = static_cast<T>(s);
-        }
+        for (ta::index i = 0; i < I; ++i) gxu(j, i) = static_cast<T>(s[std::size_t(j * I + i)]);
+    }
   };
   factor(c.A, a.Ad, a.Au, true, g.grad.Ad, g.grad.Au);
   factor(c.B, a.Bd, a.Bu, false, g.grad.Bd, g.grad.Bu);
@@ -561,12 +562,12 @@ ta::glora_gradients<T> loop_backward(const ta::glora<T>& a, const ta::glora_conf
   if (c.E.kind == ta::glora_kind::scalar) g.grad.E(0) = static_cast<T>(esum);
   const loop_layer<T> l = loop_merge(a, c, w0, b0);
   g.dx.resize(n, I);
-  for (ta::index r = 0; r < n; ++r)
-    for (ta::index i = 0; i < I; ++i) {
-      long double s = 0;
-      for (ta::index o = 0; o < O; ++o) s += static_cast<long double>(dy(r, o)) * l.w[std::size_t(o * I + i)];
-      g.dx(r, i) = static_cast<T>(s);
-    }
+  for (ta::index r = 0; r < n; ++r) {  // Σ_o over the rows of W_eff in order, a row at a time
+    std::vector<long double> s(std::size_t(I), 0);
+    for (ta::index o = 0; o < O; ++o)
+      for (ta::index i = 0; i < I; ++i) s[std::size_t(i)] += static_cast<long double>(dy(r, o)) * l.w[std::size_t(o * I + i)];
+    for (ta::index i = 0; i < I; ++i) g.dx(r, i) = static_cast<T>(s[std::size_t(i)]);
+  }
   (void)R;
   return g;
 }

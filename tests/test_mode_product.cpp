@@ -43,14 +43,17 @@ template <class T, int N>
 void reference(const ta::tensor<T, N>& x, const ta::tensor<T, 2>& u, bool transposed, int mode, T alpha, T beta,
                ta::tensor<T, N>& y, std::vector<double>& abs) {
   const ta::shape<N> dx = ta::shape_of(x), dy = ta::shape_of(y);
+  ta::index stride = 1;  // between x's elements along `mode`
+  for (int d = mode + 1; d < N; ++d) stride *= dx[std::size_t(d)];
   abs.assign(std::size_t(y.size()), 0.0);
   for (ta::index o = 0; o < y.size(); ++o) {
     ta::shape<N> i = unravel<N>(o, dy);
     const ta::index j = i[std::size_t(mode)];
+    i[std::size_t(mode)] = 0;
+    const T* fiber = x.data() + ravel<N>(i, dx);  // x's elements along `mode` that y's element o sums
     long double sum = 0, a = 0;
     for (ta::index k = 0; k < dx[std::size_t(mode)]; ++k) {
-      i[std::size_t(mode)] = k;
-      const long double t = (long double)(transposed ? u(k, j) : u(j, k)) * x.data()[ravel<N>(i, dx)];
+      const long double t = (long double)(transposed ? u(k, j) : u(j, k)) * fiber[k * stride];
       sum += t;
       a += std::fabs(t);
     }
