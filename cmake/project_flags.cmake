@@ -18,15 +18,15 @@ if(TENSOR_ADAPTERS_NATIVE)
 endif()
 
 if(TENSOR_ADAPTERS_SANITIZE)
-  # -Og (it follows, so overrides, the build type's -O3): the checks are the same, and the Eigen-heavy
-  # test programs compile in about half the time they take at -O1 (the whole sanitizer build: 190 s
-  # against 300 s on 2 cores; -O1 was itself about 3.5x faster than -O3). At -O0 they would run about 7x
-  # slower. -UNDEBUG turns Eigen's own index and size assertions on as well.
+  # -O0 (it follows, so overrides, the build type's -O3): the checks are the same, and the Eigen-heavy
+  # test programs, most of which run in a second or two, compile fastest so (test_peft_io 68 s against
+  # 93 s at -Og, test_lora 15 s against 27 s). The few that run longer choose their own level
+  # (tests/CMakeLists.txt). -UNDEBUG turns Eigen's own index and size assertions on as well.
   target_compile_options(tensor_adapters_project_options INTERFACE
-    -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -Og -UNDEBUG)
+    -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -O0 -UNDEBUG)
   if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
-    # g++ 12's use-before-set analysis at -Og under the sanitizers reports false positives in system
-    # headers: avx512fintrin.h's _mm512_undefined_pd() idiom inside Eigen's AVX-512 ptranspose (as
+    # g++ 12's use-before-set analysis under the sanitizers (-Og, -O1) reports false positives in
+    # system headers: avx512fintrin.h's _mm512_undefined_pd() idiom inside Eigen's AVX-512 ptranspose (as
     # -Wuninitialized), and libstdc++'s <regex> compiler (as -Wmaybe-uninitialized, without
     # -march=native). The same sources build with these warnings on, as errors, in the release build.
     target_compile_options(tensor_adapters_project_options INTERFACE -Wno-uninitialized -Wno-maybe-uninitialized)
@@ -55,7 +55,7 @@ target_link_libraries(tensor_adapters_kernels PUBLIC tensor_adapters_project_opt
 target_compile_definitions(tensor_adapters_kernels PUBLIC TENSOR_ADAPTERS_SEPARATE_KERNELS)
 if(TENSOR_ADAPTERS_SANITIZE)
   # Under the sanitizers the kernels, which every test program calls, stay at -O1 (a source's own options
-  # follow the target's, so this overrides the -Og above): the sanitizer tests took 100 s against 112 s.
+  # follow the target's, so this overrides the -O0 above): the sanitizer tests took 100 s against 112 s.
   set_source_files_properties(${CMAKE_CURRENT_BINARY_DIR}/kernel_instances.cpp PROPERTIES COMPILE_OPTIONS -O1)
 endif()
 
