@@ -218,11 +218,16 @@ inline void micro_kernel(index kc, const T* __restrict a, const T* __restrict b,
   };
   index p = 0;
 #ifndef __clang__
-  // g++ 12: two steps per iteration. On 16 panels of B in L2 (k 256, one thread, medians of 21–31) the
-  // 14-row kernel then ran at 93–100 % of the FMA loop beside it, one step at a time at 88–93 %. clang
-  // 14 spills accumulators when the loop takes two steps (the 14-row kernel at 23–70 % of the FMA loop,
-  // 512×4608 with k 32 2.5× the time), so with clang it takes one.
-  for (; p + 2 <= kc; p += 2) step(), step();
+  // g++ 12 on AVX-512: two steps per iteration. On 16 panels of B in L2 (k 256, one thread, medians of
+  // 21–31) the 14-row kernel then ran at 93–100 % of the FMA loop beside it, one step at a time at
+  // 88–93 %. clang 14 spills accumulators when the loop takes two steps (the 14-row kernel at 23–70 %
+  // of the FMA loop, 512×4608 with k 32 2.5× the time), so with clang it takes one. So does AVX2, whose
+  // 16 registers hold the 12 accumulators, B's two and a broadcast of A, but not a second step's: g++
+  // then read B from memory in every FMA (36 loads for 24 FMAs) and moved accumulators between
+  // registers, and the 6×16 float kernel ran at 41–61 % of the FMA loop on a Zen 3 core (A and B in
+  // L1, or 64–256 panels of B), one step at a time at 85–93 %.
+  if constexpr (sizeof(reg) == 64)
+    for (; p + 2 <= kc; p += 2) step(), step();
 #endif
   for (; p < kc; ++p) step();
   const reg va = S::broadcast(alpha);
