@@ -4,7 +4,9 @@
 // C = A·B and as C = A·Bᵀ (a linear layer's x·Wᵀ), float and double, one thread and two. Counter:
 // GFLOP/s (2·m·n·k per product). On one thread also both products call by call (gemm_paired), whose
 // ratio the report's 2-D goal reads. Where TENSOR_ADAPTERS_BENCH_BLAS names a BLAS (blas_baseline.hpp),
-// its GEMM on one thread as well (blas_product).
+// its GEMM on one thread as well (blas_product). And the native micro-kernel alone (micro_kernel): one
+// packed MR×256 panel of A against 1, 16, 64 and 256 packed panels of B (from L1 to beyond L2), beside
+// the FMA loop (fma_peak) it is measured against.
 //
 //   build/<dir>/benchmarks/bench_gemm --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <tensor_adapters/detail/gemm.hpp>
@@ -12,10 +14,12 @@
 #include <benchmark/benchmark.h>
 
 #include "blas_baseline.hpp"
+#include "fma_peak.hpp"
 #include "paired_calls.hpp"
 
 #include <Eigen/Core>
 #include <string>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -103,8 +107,41 @@ void paired(benchmark::State& state, index_t m, index_t n, index_t k, bool trans
   state.counters["ratio"] = eigen_t / ours_t;
 }
 
+// The micro-kernel's C tile += A panel · B panel over `panels` panels of B, kc = 256 (gemm_shape's).
+template <class T>
+void micro_kernel(benchmark::State& state, index_t panels) {
+  using shape = td::gemm_shape<T, td::native_isa>;
+  constexpr int MR = shape::mr, NR = shape::nv * td::simd<T, td::native_isa>::width;
+  const index_t kc = shape::kc;
+  td::scratch<T> a_store, b_store, c_store;
+  T* a = a_store.get(MR * kc);
+  T* b = b_store.get(kc * NR * panels);
+  T* c = c_store.get(MR * NR * panels);
+  std::fill(a, a + MR * kc, T(0.5));
+  std::fill(b, b + kc * NR * panels, T(0.25));
+  for (auto _ : state) {
+    for (index_t p = 0; p < panels; ++p)
+      td::micro_kernel<T, td::native_isa, MR, shape::nv>(kc, a, b + p * kc * NR, c + p * NR, NR * panels, T(1), T(0));
+    benchmark::DoNotOptimize(c);
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * MR * NR * double(kc * panels) * double(state.iterations()) * 1e-9,
+                                                 benchmark::Counter::kIsRate);
+}
+
+template <class T>
+void fma_peak(benchmark::State& state) {
+  double flops = 0;
+  for (auto _ : state) flops += run_fma_chains<T>();
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsRate);
+}
+
 template <class T>
 void register_type(const char* type) {
+  benchmark::RegisterBenchmark((std::string("fma_peak<") + type + ">").c_str(), fma_peak<T>);
+  for (const index_t panels : {1, 16, 64, 256})
+    benchmark::RegisterBenchmark(
+        (std::string("micro_kernel<") + type + ">/panels:" + std::to_string(panels)).c_str(), micro_kernel<T>, panels);
   struct shape {
     index_t m, n, k;
   };
