@@ -224,8 +224,8 @@ inline void micro_kernel(index kc, const T* __restrict a, const T* __restrict b,
   // of the FMA loop, 512×4608 with k 32 2.5× the time), so with clang it takes one. So does AVX2, whose
   // 16 registers hold the 12 accumulators, B's two and a broadcast of A, but not a second step's: g++
   // then read B from memory in every FMA (36 loads for 24 FMAs) and moved accumulators between
-  // registers, and the 6×16 float kernel ran at 41–61 % of the FMA loop on a Zen 3 core (A and B in
-  // L1, or 64–256 panels of B), one step at a time at 85–93 %.
+  // registers, and the 6×16 float kernel ran at 51–64 % of the FMA loop on a Zen 3 core, one step at a
+  // time at 79–98 % (bench_gemm's micro_kernel, 1 to 256 panels of B; docs/BENCHMARKS.md).
   if constexpr (sizeof(reg) == 64)
     for (; p + 2 <= kc; p += 2) step(), step();
 #endif
