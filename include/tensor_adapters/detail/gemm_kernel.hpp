@@ -340,6 +340,11 @@ void pack_b(index kc, index nc, const grouped_matrix<const T>& b, index c0, T* o
     // power-of-two stride (which thrashes one cache set and halves the packing speed).
     constexpr index PB = 8;
     const index full = nc / NR * NR;
+    // Rows less than a page apart (a middle mode's slices, rows of Q values) share their pages, which
+    // this order reads out of address order, and the hardware prefetcher falls behind: each row PB
+    // further down is requested as its value is read (256³'s middle mode on a Zen 3 core: the packing
+    // 1.57–1.64× faster, the product with J 64 1.07–1.11×).
+    const bool request_ahead = b.rs * index(sizeof(T)) < 4096;
     for (index p0 = 0; p0 < kc; p0 += PB) {
       const index p1 = std::min(kc, p0 + PB);
       for (index c = c0; c < c0 + nc;) {
@@ -350,8 +355,10 @@ void pack_b(index kc, index nc, const grouped_matrix<const T>& b, index c0, T* o
           const index lane = t % NR, chunk = std::min(NR - lane, len - e);
           T* dst = out + t / NR * NR * kc + lane;
           if (chunk == NR)
-            for (index p = p0; p < p1; ++p)
+            for (index p = p0; p < p1; ++p) {
+              if (request_ahead && p + PB < kc) __builtin_prefetch(src + (p + PB) * b.rs + e);
               std::memcpy(dst + p * NR, src + p * b.rs + e, sizeof(T) * NR);  // a fixed size: register moves
+            }
           else  // part of a panel: masked registers (std::memcpy of a run-time size is a call per row)
             for (index p = p0; p < p1; ++p)
               for (index v = 0; v < chunk; v += simd<T, Isa>::width) {
