@@ -6,7 +6,8 @@
 // ratio the report's 2-D goal reads. Where TENSOR_ADAPTERS_BENCH_BLAS names a BLAS (blas_baseline.hpp),
 // its GEMM on one thread as well (blas_product). And the native micro-kernel alone (micro_kernel): one
 // packed MR×256 panel of A against 1, 16, 64 and 256 packed panels of B (from L1 to beyond L2), beside
-// the FMA loop (fma_peak) it is measured against.
+// the FMA loop (fma_peak) it is measured against; also its first 4 and 3 rows only, the kernels of a
+// product's last rows (m % MR) and of a short trailing extent's strips (short_columns_product).
 //
 //   build/<dir>/benchmarks/bench_gemm --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <tensor_adapters/detail/gemm.hpp>
@@ -109,7 +110,7 @@ void paired(benchmark::State& state, index_t m, index_t n, index_t k, bool trans
 
 // The micro-kernel's C tile += A panel · B panel over `panels` panels of B, kc = 256 (gemm_shape's).
 template <class T>
-void micro_kernel(benchmark::State& state, index_t panels) {
+void micro_kernel(benchmark::State& state, int rows, index_t panels) {
   using shape = td::gemm_shape<T, td::native_isa>;
   constexpr int MR = shape::mr, NR = shape::nv * td::simd<T, td::native_isa>::width;
   const index_t kc = shape::kc;
@@ -121,12 +122,13 @@ void micro_kernel(benchmark::State& state, index_t panels) {
   std::fill(b, b + kc * NR * panels, T(0.25));
   for (auto _ : state) {
     for (index_t p = 0; p < panels; ++p)
-      td::micro_kernel<T, td::native_isa, MR, shape::nv>(kc, a, b + p * kc * NR, c + p * NR, NR * panels, T(1), T(0));
+      td::micro_kernel_rows<T, td::native_isa, shape::nv, MR>(rows, kc, a, b + p * kc * NR, c + p * NR, NR * panels,
+                                                              T(1), T(0));
     benchmark::DoNotOptimize(c);
     benchmark::ClobberMemory();
   }
-  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * MR * NR * double(kc * panels) * double(state.iterations()) * 1e-9,
-                                                 benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      2.0 * rows * NR * double(kc * panels) * double(state.iterations()) * 1e-9, benchmark::Counter::kIsRate);
 }
 
 template <class T>
@@ -139,9 +141,12 @@ void fma_peak(benchmark::State& state) {
 template <class T>
 void register_type(const char* type) {
   benchmark::RegisterBenchmark((std::string("fma_peak<") + type + ">").c_str(), fma_peak<T>);
-  for (const index_t panels : {1, 16, 64, 256})
-    benchmark::RegisterBenchmark(
-        (std::string("micro_kernel<") + type + ">/panels:" + std::to_string(panels)).c_str(), micro_kernel<T>, panels);
+  for (const int rows : {td::gemm_shape<T, td::native_isa>::mr, 4, 3})
+    for (const index_t panels : {1, 16, 64, 256})
+      benchmark::RegisterBenchmark((std::string("micro_kernel<") + type + ">/rows:" + std::to_string(rows) +
+                                    "/panels:" + std::to_string(panels))
+                                       .c_str(),
+                                   micro_kernel<T>, rows, panels);
   struct shape {
     index_t m, n, k;
   };

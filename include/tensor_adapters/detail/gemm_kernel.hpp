@@ -204,9 +204,18 @@ inline void micro_kernel(index kc, const T* __restrict a, const T* __restrict b,
         if (pf >= pf_end && ++pf_row < MR) pf = next_a + pf_row * lda, pf_end = pf + kc;
       }
     }
+    // B's registers are held: with fewer rows than MR (a product's last rows, the strips of
+    // short_columns_product) g++ 12 read B from memory in every multiply-add, three loads for two of
+    // them with 4 rows. On a Zen 3 core (bench_gemm's micro_kernel, two runs of each build): 4 rows
+    // 1.14–1.58× as fast in float and 1.09–1.36× in double, 3 rows 1.11–1.54× in double but
+    // 0.76–1.21× in float (latency-bound with 6 accumulators either way); 6 rows unchanged.
     reg bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = S::load(b + v * W);
+    for (int v = 0; v < NV; ++v) {
+      reg held = S::load(b + v * W);
+      S::hold(held);
+      bv[v] = held;
+    }
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) {
       const reg ai = S::broadcast(AS == 0 ? a[i * lda] : a[i]);
@@ -1158,14 +1167,31 @@ void stream_rows_product(index p, index i, index q, const T* x, const T* u, inde
 // A middle mode whose trailing extent q is short (2 to 12) and whose J is wide (> 16): a conv
 // kernel's 3×3 = 9 with a rank of 32 or 64. For each slice s, y_s (J, q) = alpha · op(u) · x_s (I, q) +
 // beta · y_s is computed transposed, y_sᵀ (Q, J) = x_sᵀ · op(u)ᵀ, with J along the vector lanes: x_s
-// (I, Q) row-major is already a packed Q-row panel of the micro-kernel's A (Q values per step), and
-// op(u)ᵀ is packed once per thread into panels of NV registers. Every lane does useful work (the
-// short-rows kernel fills only q of each register's lanes); each Q × NV·width tile is written to y_s
-// element by element (Q·J stores against I·Q·J multiply-adds).
+// (I, Q) row-major is already a packed panel of the micro-kernel's A (Q values per step, of which a
+// strip of rows t0 … reads those from t0 on), and op(u)ᵀ is packed once per thread into panels of two
+// registers. Every lane does useful work (the short-rows kernel fills only q of each register's lanes);
+// each Q × 2·width tile is written to y_s element by element (Q·J stores against I·Q·J multiply-adds).
+//
+// The tile's rows T0 … Q - 1 go in strips of equal height (±1), each with two registers of accumulators
+// per row and as many rows as fit (AVX2: 6, so q 9 is 5 + 4 rows; AVX-512: 12, one strip). One register
+// per row on AVX2 (a 9×8 tile) took a broadcast of x for every multiply-add, and bound the loop there.
+// In strips, with B held in registers (micro_kernel), the conv middle modes with J 64 ran 1.14–1.24×
+// faster on a Zen 3 core, and q from 3 to 12 with I 256 1.0–1.5× (one thread, float).
+template <class T, class Isa, int Q, int T0 = 0>
+inline void short_columns_strips(index i, const T* xs, const T* panel, T* tile) {
+  if constexpr (T0 < Q) {
+    constexpr int NV = 2, most = gemm_shape<T, Isa>::dot_acc / NV, strips = (Q + most - 1) / most;
+    constexpr int rows = std::min((Q + strips - 1) / strips, Q - T0);
+    constexpr index PW = NV * simd<T, Isa>::width;
+    micro_kernel<T, Isa, rows, NV, Q>(i, xs + T0, panel, tile + T0 * PW, PW, T(1), T(0));
+    short_columns_strips<T, Isa, Q, T0 + rows>(i, xs, panel, tile);
+  }
+}
+
 template <class T, class Isa, int Q>
 void short_columns_serial(index p, index i, const T* x, const T* u, index us_j, index us_r, index j, T alpha, T beta,
                           T* y) {
-  constexpr int NV = 2 * Q <= gemm_shape<T, Isa>::dot_acc ? 2 : 1;
+  constexpr int NV = 2;
   constexpr index PW = NV * simd<T, Isa>::width;
   const index panels = (j + PW - 1) / PW;
   T* ut = gemm_buffers<T, Isa>::local().b.get(panels * i * PW);  // panel b: (I, PW), zero past J
@@ -1180,7 +1206,7 @@ void short_columns_serial(index p, index i, const T* x, const T* u, index us_j, 
     const T* xs = x + s * i * Q;
     T* ys = y + s * j * Q;
     for (index b = 0; b < panels; ++b) {
-      micro_kernel<T, Isa, Q, NV>(i, xs, ut + b * i * PW, tile, PW, T(1), T(0));
+      short_columns_strips<T, Isa, Q>(i, xs, ut + b * i * PW, tile);
       const index width = std::min(PW, j - b * PW);
       for (index c = 0; c < width; ++c)
         for (int t = 0; t < Q; ++t) {

@@ -3,6 +3,8 @@
 //   simd<T, Isa>::reg            a register of `width` elements of T
 //   zero(), broadcast(x)         all lanes 0 / all lanes x
 //   load(p), store(p, v)         `width` elements at p (any alignment)
+//   hold(v)                      v unchanged, but the compiler may no longer fold the load it came
+//                                from into each instruction that uses it: it stays in a register
 //   load_first(p, n), store_first(p, n, v)
 //                                the first min(n, width) lanes only (the others read as 0, left
 //                                unwritten; memory past p[n − 1] is not touched); n ≥ width: all
@@ -55,6 +57,7 @@ struct simd<T, scalar_isa> {
   using reg = T;
   static constexpr int width = 1;
   static reg zero() { return T(0); }
+  static void hold(reg&) {}
   static reg broadcast(T x) { return x; }
   static reg load(const T* p) { return *p; }
   static void store(T* p, reg v) { *p = v; }
@@ -92,6 +95,7 @@ struct simd<float, avx2_isa> {
   static constexpr int width = 8;
   static constexpr bool fused = true;
   static reg zero() { return _mm256_setzero_ps(); }
+  static void hold(reg& v) { asm("" : "+v"(v)); }
   static reg broadcast(float x) { return _mm256_set1_ps(x); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
@@ -118,6 +122,7 @@ struct simd<double, avx2_isa> {
   static constexpr int width = 4;
   static constexpr bool fused = true;
   static reg zero() { return _mm256_setzero_pd(); }
+  static void hold(reg& v) { asm("" : "+v"(v)); }
   static reg broadcast(double x) { return _mm256_set1_pd(x); }
   static reg load(const double* p) { return _mm256_loadu_pd(p); }
   static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
@@ -190,6 +195,7 @@ struct simd<float, avx512_isa> {
   static constexpr int width = 16;
   static constexpr bool fused = true;
   static reg zero() { return _mm512_setzero_ps(); }
+  static void hold(reg& v) { asm("" : "+v"(v)); }
   static reg broadcast(float x) { return _mm512_set1_ps(x); }
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
@@ -218,6 +224,7 @@ struct simd<double, avx512_isa> {
   static constexpr int width = 8;
   static constexpr bool fused = true;
   static reg zero() { return _mm512_setzero_pd(); }
+  static void hold(reg& v) { asm("" : "+v"(v)); }
   static reg broadcast(double x) { return _mm512_set1_pd(x); }
   static reg load(const double* p) { return _mm512_loadu_pd(p); }
   static void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
