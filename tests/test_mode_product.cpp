@@ -14,6 +14,10 @@
 #include <random>
 #include <vector>
 
+#if defined(__unix__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 namespace ta = tensor_adapters;
 namespace td = tensor_adapters::detail;
@@ -373,6 +377,83 @@ TEMPLATE_TEST_CASE("an Inf or a NaN in x reaches exactly the outputs that depend
 #endif
     }
 }
+
+#if defined(__unix__)
+namespace {
+
+// n values that end where an unreadable page begins: reading or writing past the last one faults.
+template <class T>
+class guarded {
+ public:
+  explicit guarded(ta::index n) : n_(n) {
+    const std::size_t page = std::size_t(sysconf(_SC_PAGESIZE));
+    const std::size_t bytes = std::size_t(n) * sizeof(T);
+    size_ = (bytes + page - 1) / page * page + page;
+    void* base = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(base != MAP_FAILED);
+    base_ = static_cast<char*>(base);
+    REQUIRE(mprotect(base_ + size_ - page, page, PROT_NONE) == 0);
+    data_ = reinterpret_cast<T*>(base_ + size_ - page - bytes);
+  }
+  ~guarded() { munmap(base_, size_); }
+  guarded(const guarded&) = delete;
+  guarded& operator=(const guarded&) = delete;
+  T* data() const { return data_; }
+  ta::index size() const { return n_; }
+
+ private:
+  ta::index n_;
+  std::size_t size_ = 0;
+  char* base_ = nullptr;
+  T* data_ = nullptr;
+};
+
+// x ×1 op(u) for x (P, I, Q) with x, u and y each ending at an unreadable page, on instruction set Isa,
+// against the scalar kernel (with beta 1, so that y is read as well as written).
+template <class T, class Isa>
+void check_within_bounds(const ta::shape<3>& dims, ta::index j, bool transposed, std::mt19937_64& gen) {
+  const ta::index p = dims[0], i = dims[1], q = dims[2];
+  guarded<T> x(p * i * q), u(j * i), y(p * j * q);
+  std::normal_distribution<double> normal;
+  for (const guarded<T>* g : {&x, &u, &y})
+    for (ta::index e = 0; e < g->size(); ++e) g->data()[e] = T(normal(gen));
+  std::vector<T> want(y.data(), y.data() + y.size());
+  td::mode_product_kernel<T, td::scalar_isa>(x.data(), p, i, q, u.data(), transposed, j, T(1.5), T(1), want.data());
+  td::mode_product_kernel<T, Isa>(x.data(), p, i, q, u.data(), transposed, j, T(1.5), T(1), y.data());
+  const double eps = std::numeric_limits<T>::epsilon();
+  ta::index bad = -1;
+  for (ta::index e = 0; e < y.size() && bad < 0; ++e)
+    if (!(std::fabs(double(y.data()[e]) - double(want[std::size_t(e)])) <=
+          8 * eps * double(i + 2) * (1 + std::fabs(double(want[std::size_t(e)])))))
+      bad = e;
+  constexpr int width = td::simd<T, Isa>::width;
+  INFO("x " << td::dims_string(dims, 3) << " J " << j << " transposed " << transposed << " width " << width
+            << ": element " << bad);
+  REQUIRE(bad == -1);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("mode products touch no memory past x, u or y, on every path", "[mode_product]", float, double) {
+  using T = TestType;
+  std::mt19937_64 gen(57);
+  // Every kernel behind mode_product (see the empty-extent case above), and the short-rows kernel's
+  // rows read in whole registers (past q into the next row, but never past x): trailing extents of 2
+  // to 17 with J from 1 to 9, in slices of a few rows.
+  std::vector<std::pair<ta::shape<3>, ta::index>> cases = {
+      {{64, 3, 3}, 2}, {{4, 64, 5}, 29}, {{4, 3, 1100}, 4}, {{3, 40, 64}, 29}, {{5, 7, 6}, 3}, {{70, 5, 3}, 4},
+      {{80, 3, 1}, 5}, {{3, 70, 9}, 33}, {{2, 33, 300}, 8}};
+  for (const ta::index q : {2, 3, 5, 8, 9, 12, 17})
+    for (const ta::index j : {1, 5, 7, 8, 9}) cases.push_back({{3, q % 2 == 0 ? 4 : 3, q}, j});
+  for (const auto& [dims, j] : cases)
+    for (const bool transposed : {false, true}) {
+      check_within_bounds<T, td::native_isa>(dims, j, transposed, gen);
+#if defined(TA_HAVE_AVX512)
+      check_within_bounds<T, td::avx2_isa>(dims, j, transposed, gen);
+#endif
+    }
+}
+#endif
 
 TEMPLATE_TEST_CASE("mode products reject bad arguments before writing", "[mode_product]", float, double) {
   ta::tensor<TestType, 3> x(2, 3, 4), y(2, 5, 4);

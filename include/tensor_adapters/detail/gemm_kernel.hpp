@@ -975,81 +975,97 @@ void gemm_narrow_transposed(index m, index n, index k, T alpha, const T* a, inde
 // A middle mode with a small J whose trailing extent q is at most two registers wide: for each slice s
 // of the batch, y_s (J, q) = alpha · op(u) (J, I) · x_s (I, q) + beta · y_s. NV registers hold one row
 // x_s[r, 0:q] (the last only partly) and JB × NV accumulators the rows y_s[j, 0:q], each r adding
-// op(u)[j, r] · x_s[r, :]: x is read once and in place, y written once, and no tile is gathered or
-// scattered. op(u)[j, r] = u[j·us_j + r·us_r].
+// op(u)[j, r] · x_s[r, :]: x is read in place, y written once, and no tile is gathered or scattered.
+// op(u)[j, r] = u[j·us_j + r·us_r]. This is one tile: the columns c0 … c0 + NV·width of y_s's rows
+// j0 … j0 + JB (xs, uj and ys point at the slice and at row j0).
 //
 // With STRIPS, for wider rows (up to stream_rows_block, with J ≤ 8: 256³'s middle mode), each slice is
 // taken in strips of NV registers' columns, and as a strip passes row r it requests that row's lines of
-// the next strip (or of the next slice's first strip). Against the packed kernel, which copied x into
-// panels that only J ≤ 8 rows then read, the strips took 0.60–0.67× the time (256³ mode 1, J 2–8,
+// the next strip (or of the next slice's first strip): next. Against the packed kernel, which copied x
+// into panels that only J ≤ 8 rows then read, the strips took 0.60–0.67× the time (256³ mode 1, J 2–8,
 // interleaved, one thread); without the requests 1.1–1.7× (each strip reads 128 bytes of each row,
 // rows 1 KB apart, and the hardware prefetcher does not follow from one strip to the next).
-template <class T, class Isa, int JB, int NV, bool STRIPS>
-void short_rows_block(index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j, index j0,
-                      T alpha, T beta, T* y) {
+template <class T, class Isa, int JB, int NV>
+inline void short_rows_tile(index i, index q, index c0, const T* xs, const T* next, const T* uj, index us_j,
+                            index us_r, T alpha, T beta, T* ys) {
   using S = simd<T, Isa>;
   using reg = typename S::reg;
   constexpr int W = S::width;
-  constexpr index SW = NV * W;  // columns per strip
   const reg va = S::broadcast(alpha), vb = S::broadcast(beta);
-  const T* uj = u + j0 * us_j;
-  for (index s = 0; s < p; ++s) {
-    const T* xs = x + s * i * q;
-    T* ys = y + (s * j + j0) * q;
-    for (index c0 = 0; c0 < (STRIPS ? q : 1); c0 += SW) {
-      const T* next = !STRIPS ? nullptr : c0 + SW < q ? xs + c0 + SW : s + 1 < p ? xs + i * q : nullptr;
-      index left[NV];  // columns of the strip in each register
-      for (int v = 0; v < NV; ++v) left[v] = std::max<index>(0, q - c0 - v * W);
-      reg acc[JB][NV];
+  index left[NV];  // columns of the strip in each register
+  for (int v = 0; v < NV; ++v) left[v] = std::max<index>(0, q - c0 - v * W);
+  reg acc[JB][NV];
 #pragma GCC unroll 16
-      for (int b = 0; b < JB; ++b)
+  for (int b = 0; b < JB; ++b)
 #pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) acc[b][v] = S::zero();
-      for (index r = 0; r < i; ++r) {
-        reg xr[NV];
+    for (int v = 0; v < NV; ++v) acc[b][v] = S::zero();
+  // Row r: whole registers where they end within the slice, a register past q reading the start of the
+  // next row into lanes that are never stored; in the last rows only the strip's columns (a masked load
+  // in every row, which a Zen 3 core waited on, took 1.7–2.3× the time with q 9 and J 5 or 8).
+  const auto row = [&](index r, bool last) __attribute__((always_inline)) {
+    reg xr[NV];
 #pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) xr[v] = S::load_first(xs + r * q + c0 + v * W, left[v]);
-        if (next != nullptr) {
+    for (int v = 0; v < NV; ++v)
+      xr[v] = last ? S::load_first(xs + r * q + c0 + v * W, left[v]) : S::load(xs + r * q + c0 + v * W);
+    if (next != nullptr) {
 #pragma GCC unroll 2
-          for (int v = 0; v < NV; ++v) __builtin_prefetch(next + r * q + v * W);
-        }
-#pragma GCC unroll 16
-        for (int b = 0; b < JB; ++b) {
-          const reg ub = S::broadcast(uj[b * us_j + r * us_r]);
-#pragma GCC unroll 2
-          for (int v = 0; v < NV; ++v) acc[b][v] = S::fma(ub, xr[v], acc[b][v]);
-        }
-      }
-#pragma GCC unroll 16
-      for (int b = 0; b < JB; ++b)
-#pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) store_scaled_first<S>(ys + b * q + c0 + v * W, left[v], acc[b][v], va, vb, beta);
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(next + r * q + v * W);
     }
-  }
+#pragma GCC unroll 16
+    for (int b = 0; b < JB; ++b) {
+      const reg ub = S::broadcast(uj[b * us_j + r * us_r]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[b][v] = S::fma(ub, xr[v], acc[b][v]);
+    }
+  };
+  const index span = c0 + NV * W;  // from a row's start to its registers' end
+  const index whole = i * q >= span ? std::min(i, (i * q - span) / q + 1) : 0;
+  index r = 0;
+  for (; r < whole; ++r) row(r, false);
+  for (; r < i; ++r) row(r, true);
+#pragma GCC unroll 16
+  for (int b = 0; b < JB; ++b)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) store_scaled_first<S>(ys + b * q + c0 + v * W, left[v], acc[b][v], va, vb, beta);
 }
 
-// Blocks of up to short_rows_jb rows of op(u), so that a slice is read once for every J ≤ 8 where the
-// register file allows (JB·NV accumulators within the dot-product kernels' budget); jb = B rows for the
-// block at j0, chosen at run time.
+// Rows of op(u) per tile: at most short_rows_jb (JB·NV accumulators within the dot-product kernels'
+// budget: 8 with one register, 6 with two on AVX2, 8 on AVX-512); jb = B rows, chosen at run time.
 template <class T, class Isa, int NV>
 constexpr int short_rows_jb = std::min(8, gemm_shape<T, Isa>::dot_acc / NV);
 
-template <class T, class Isa, int NV, bool STRIPS, int B = short_rows_jb<T, Isa, NV>>
-void short_rows_rows(int jb, index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j,
-                     index j0, T alpha, T beta, T* y) {
+template <class T, class Isa, int NV, int B = short_rows_jb<T, Isa, NV>>
+inline void short_rows_tile_rows(int jb, index i, index q, index c0, const T* xs, const T* next, const T* uj,
+                                 index us_j, index us_r, T alpha, T beta, T* ys) {
   if constexpr (B >= 1) {
-    if (jb == B) return short_rows_block<T, Isa, B, NV, STRIPS>(p, i, q, x, u, us_j, us_r, j, j0, alpha, beta, y);
-    short_rows_rows<T, Isa, NV, STRIPS, B - 1>(jb, p, i, q, x, u, us_j, us_r, j, j0, alpha, beta, y);
+    if (jb == B) return short_rows_tile<T, Isa, B, NV>(i, q, c0, xs, next, uj, us_j, us_r, alpha, beta, ys);
+    short_rows_tile_rows<T, Isa, NV, B - 1>(jb, i, q, c0, xs, next, uj, us_j, us_r, alpha, beta, ys);
   }
 }
 
+// Slice by slice and strip by strip, all of J (tiles of short_rows_jb rows, the last the rest) before
+// the next strip, so that x is read from memory once: a J the registers do not hold at once (8 with two
+// registers on AVX2: 6 + 2 rows) takes its later tiles' x from cache. With the tiles' rows outermost, x
+// was streamed once per tile: on a Zen 3 core (one thread), 256³'s middle mode and the 512×512×3×3
+// conv weight's with J 8 moved 27 % and 24 % of the copy bandwidth, and took 1.4–2.1× and 1.8–2.3× the
+// time they take now (with the whole-register loads above). Tiles of equal height (4 + 4) took
+// 1.3–1.5× the time of 6 + 2 on the conv weights, 1.0–1.07× on 256³ (with J 7, 4 + 3 took 0.8× that of
+// 6 + 1).
 template <class T, class Isa, int NV, bool STRIPS>
 void short_rows_blocks(index p, index i, index q, const T* x, const T* u, index us_j, index us_r, index j, T alpha,
                        T beta, T* y) {
   constexpr int JB = short_rows_jb<T, Isa, NV>;
-  for (index j0 = 0; j0 < j; j0 += JB)
-    short_rows_rows<T, Isa, NV, STRIPS>(int(std::min<index>(JB, j - j0)), p, i, q, x, u, us_j, us_r, j, j0, alpha,
-                                        beta, y);
+  constexpr index SW = NV * simd<T, Isa>::width;  // columns per strip
+  for (index s = 0; s < p; ++s) {
+    const T* xs = x + s * i * q;
+    T* ys = y + s * j * q;
+    for (index c0 = 0; c0 < (STRIPS ? q : 1); c0 += SW) {
+      const T* next = !STRIPS ? nullptr : c0 + SW < q ? xs + c0 + SW : s + 1 < p ? xs + i * q : nullptr;
+      for (index j0 = 0; j0 < j; j0 += JB)
+        short_rows_tile_rows<T, Isa, NV>(int(std::min<index>(JB, j - j0)), i, q, c0, xs, j0 == 0 ? next : nullptr,
+                                         u + j0 * us_j, us_j, us_r, alpha, beta, ys + j0 * q);
+    }
+  }
 }
 
 template <class T, class Isa>
